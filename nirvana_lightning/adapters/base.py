@@ -1,0 +1,124 @@
+"""The adapter contract: the one place that maps Hugging Face attribute names to pruning roles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AttentionParts:
+    """The projections of one attention block, weights stored [out, in]."""
+
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+
+
+@dataclass(frozen=True)
+class MLPParts:
+    """The projections of one gated MLP block."""
+
+    gate: nn.Linear
+    up: nn.Linear
+    down: nn.Linear
+
+
+ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class ModelAdapter:
+    """Maps one model family's modules to roles and keeps module, config and tensors in agreement.
+
+    Subclasses set ``model_types`` and the attribute names; everything outside ``adapters/``
+    talks in roles (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``).
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: HF module attribute name for each role (used for LoRA target names and for lookup).
+    role_names: ClassVar[dict[str, str]] = {
+        "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+        "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
+    }
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+
+    # ----------------------------------------------------------------- structure
+    def layers(self) -> list[nn.Module]:
+        """The decoder layers, in order."""
+        return list(self._base_model().layers)
+
+    def attention(self, layer: nn.Module) -> AttentionParts:
+        attn = layer.self_attn
+        n = self.role_names
+        return AttentionParts(getattr(attn, n["q"]), getattr(attn, n["k"]), getattr(attn, n["v"]), getattr(attn, n["o"]))
+
+    def mlp(self, layer: nn.Module) -> MLPParts:
+        mlp = layer.mlp
+        n = self.role_names
+        return MLPParts(getattr(mlp, n["gate"]), getattr(mlp, n["up"]), getattr(mlp, n["down"]))
+
+    def _base_model(self) -> nn.Module:
+        return self.model.model
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def n_layer(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def n_head(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def n_kv_head(self) -> int:
+        return int(getattr(self.config, "num_key_value_heads", None) or self.n_head)
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width; read from the config when present, never assumed to be hidden/heads."""
+        hd = getattr(self.config, "head_dim", None)
+        return int(hd) if hd else int(self.config.hidden_size) // self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def intermediate_dim(self) -> int:
+        return int(self.config.intermediate_size)
+
+    def layer_geometry(self, layer: nn.Module) -> tuple[int, int]:
+        """(n_kv_group, mlp_dim) of one layer as its tensors say (layers differ after pruning)."""
+        parts = self.attention(layer)
+        return parts.k.weight.shape[0] // self.head_dim, self.mlp(layer).gate.weight.shape[0]
+
+    # --------------------------------------------------------------- LoRA roles
+    def lora_target_modules(self, roles: list[str] | tuple[str, ...] = ROLES) -> list[str]:
+        """HF module names for the given roles, as peft's ``target_modules`` expects."""
+        from ..errors import check_choice
+
+        return [self.role_names[check_choice("recovery.lora_targets", r, ROLES)] for r in roles]
+
+    # ------------------------------------------------------------------ surgery
+    def set_layer_attention_shape(self, layer: nn.Module, n_kv_group: int) -> None:
+        """Update module attributes after attention projections were sliced to ``n_kv_group`` groups."""
+        attn = layer.self_attn
+        g = self.n_head // self.n_kv_head
+        # Stock Llama/Qwen attention in transformers 5.x infers head counts from tensor shapes in
+        # forward; these attributes are kept in agreement for code that reads them.
+        for name, value in (("num_heads", n_kv_group * g), ("num_key_value_heads", n_kv_group)):
+            if hasattr(attn, name):
+                setattr(attn, name, value)
+        if hasattr(attn, "num_key_value_groups"):
+            attn.num_key_value_groups = g
+
+    def set_layer_mlp_shape(self, layer: nn.Module, mlp_dim: int) -> None:
+        """Update module attributes after MLP projections were sliced to ``mlp_dim`` neurons."""
+        if hasattr(layer.mlp, "intermediate_size"):
+            layer.mlp.intermediate_size = mlp_dim

@@ -1,0 +1,12 @@
+"""Data: text sources, packing, instruction templates, calibration windows and the datamodule."""
+
+from .calibration import sample_windows
+from .datamodule import NirvanaDataModule
+from .sft import ALPACA_TEMPLATE, build_sft_example
+from .sources import BUILTIN_SOURCES, read_records, validate_source_spec
+from .text import pack_documents, split_documents
+
+__all__ = [
+    "ALPACA_TEMPLATE", "BUILTIN_SOURCES", "NirvanaDataModule", "build_sft_example", "pack_documents",
+    "read_records", "sample_windows", "split_documents", "validate_source_spec",
+]

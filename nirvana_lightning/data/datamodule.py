@@ -1,0 +1,193 @@
+"""The LightningDataModule: language modelling or instruction SFT, plus calibration windows."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import ConfigError, check_choice, check_positive
+from ..loading import load_tokenizer, validate_source
+from .calibration import sample_windows
+from .sft import build_sft_example, collate_sft, format_prompt
+from .sources import read_records, validate_source_spec
+from .text import pack_documents, split_documents
+
+TASKS = ("lm", "sft")
+
+
+class _Rows(Dataset):
+    def __init__(self, rows) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _collate_windows(rows: list[torch.Tensor]) -> dict:
+    ids = torch.stack(rows)
+    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+class NirvanaDataModule(L.LightningDataModule):
+    """Text for recovery training, validation perplexity and pruning calibration.
+
+    Args:
+        tokenizer: model source whose tokenizer to use (linked to ``model.source`` by the CLI).
+        task: ``lm`` packs plain text into ``seq_len`` windows; ``sft`` builds Alpaca examples with
+            the prompt masked out of the loss.
+        sources: builtin corpora (``brown``, ``brown-alpaca``), local ``.txt``/``.jsonl``/``.json``
+            files, or ``hf:<dataset>``.
+        text_field: record field holding the text (``lm`` task, JSON sources).
+        hf_split: split of ``hf:`` sources.
+        seq_len: training / validation window (``lm``) or maximum example length (``sft``).
+        val_fraction: fraction of documents (or SFT records) held out for validation.
+        split_seed: seed of the train/val split.
+        max_train_windows / max_val_windows: optional caps (first windows after the split).
+        batch_size / eval_batch_size: per-device batch sizes.
+        num_workers: DataLoader workers.
+        calibration_sources: text for pruning calibration (default: ``sources``; for ``sft`` the
+            prompt+response text). Calibration windows come from the TRAIN side of the split.
+        calibration_samples / calibration_seq_len / calibration_seed: N windows x T tokens, seeded.
+        cache_dir: where embedded models are converted.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "smollm2-135m",
+        task: Literal["lm", "sft"] = "lm",
+        sources: list[str] | None = None,
+        text_field: str = "text",
+        hf_split: str = "train",
+        seq_len: int = 256,
+        val_fraction: float = 0.05,
+        split_seed: int = 0,
+        max_train_windows: int | None = None,
+        max_val_windows: int | None = None,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        calibration_sources: list[str] | None = None,
+        calibration_samples: int = 32,
+        calibration_seq_len: int = 128,
+        calibration_seed: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_choice("data.task", task, TASKS)
+        validate_source(tokenizer, "data.tokenizer")
+        sources = list(sources) if sources is not None else (["brown"] if task == "lm" else ["brown-alpaca"])
+        if not sources:
+            raise ConfigError("data.sources", sources, "at least one source")
+        for i, s in enumerate(sources):
+            validate_source_spec(s, f"data.sources[{i}]")
+        for i, s in enumerate(calibration_sources or []):
+            validate_source_spec(s, f"data.calibration_sources[{i}]")
+        for key, value in (("data.seq_len", seq_len), ("data.batch_size", batch_size),
+                           ("data.calibration_samples", calibration_samples),
+                           ("data.calibration_seq_len", calibration_seq_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(key, value, "a positive integer")
+        for key, value in (("data.max_train_windows", max_train_windows), ("data.max_val_windows", max_val_windows),
+                           ("data.eval_batch_size", eval_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(key, value, "a positive integer or null")
+        check_positive("data.num_workers", num_workers, allow_zero=True)
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError("data.val_fraction", val_fraction, "a fraction in [0, 1)")
+        self.save_hyperparameters()
+        self.tokenizer_source = tokenizer
+        self.task, self.sources, self.text_field, self.hf_split = task, sources, text_field, hf_split
+        self.seq_len, self.val_fraction, self.split_seed = seq_len, val_fraction, split_seed
+        self.max_train_windows, self.max_val_windows = max_train_windows, max_val_windows
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.calibration_sources = calibration_sources
+        self.calibration_samples, self.calibration_seq_len = calibration_samples, calibration_seq_len
+        self.calibration_seed, self.cache_dir = calibration_seed, cache_dir
+        self.tokenizer = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self._calibration_stream: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        """Tokenise once; later calls (every stage) reuse the result."""
+        if self.train_set is not None:
+            return
+        self.tokenizer = load_tokenizer(self.tokenizer_source, self.cache_dir)
+        records = [r for s in self.sources for r in read_records(s, hf_split=self.hf_split)]
+        train_idx, val_idx = split_documents(len(records), self.val_fraction, self.split_seed)
+        if self.task == "lm":
+            docs = self._tokenize([self._text(r, i) for i, r in enumerate(records)])
+            train = pack_documents([docs[i] for i in train_idx], self.seq_len, self.tokenizer.eos_token_id)
+            val = pack_documents([docs[i] for i in val_idx], self.seq_len, self.tokenizer.eos_token_id)
+            train, val = train[: self.max_train_windows], val[: self.max_val_windows]
+            if len(train) == 0:
+                raise ConfigError("data.seq_len", self.seq_len, "a window no longer than the training text")
+            self.train_set, self.val_set = _Rows(list(train)), _Rows(list(val))
+            self._calibration_stream = self._stream(
+                [docs[i] for i in train_idx] if self.calibration_sources is None else None)
+        else:
+            build = partial(build_sft_example, tokenizer=self.tokenizer, max_len=self.seq_len)
+            train = [build(records[i]) for i in train_idx][: self.max_train_windows]
+            val = [build(records[i]) for i in val_idx][: self.max_val_windows]
+            self.train_set, self.val_set = _Rows(train), _Rows(val)
+            texts = [format_prompt(records[i]) + records[i]["output"] for i in train_idx]
+            self._calibration_stream = self._stream(self._tokenize(texts) if self.calibration_sources is None else None)
+        rank_zero_info(
+            f"data: {len(self.train_set)} train / {len(self.val_set)} val examples ({self.task}, "
+            f"seq_len {self.seq_len}), {self._calibration_stream.numel()} calibration tokens"
+        )
+
+    def _text(self, record: dict, index: int) -> str:
+        if self.text_field not in record:
+            raise ConfigError("data.text_field", self.text_field, f"a field of record {index}: {sorted(record)}")
+        return record[self.text_field]
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def _stream(self, docs: list[list[int]] | None) -> torch.Tensor:
+        if docs is None:  # separate calibration sources
+            records = [r for s in self.calibration_sources for r in read_records(s, hf_split=self.hf_split)]
+            docs = self._tokenize([self._text(r, i) for i, r in enumerate(records)])
+        eos = self.tokenizer.eos_token_id
+        return torch.tensor([t for d in docs for t in (*d, eos)], dtype=torch.long)
+
+    # ------------------------------------------------------------- loaders
+    def _collate(self):
+        if self.task == "lm":
+            return _collate_windows
+        return partial(collate_sft, pad_id=self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=self._collate(),
+                          num_workers=self.num_workers, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self._collate(),
+                          num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def calibration_windows(self, n_window: int | None = None, seq_len: int | None = None,
+                            seed: int | None = None) -> torch.Tensor:
+        """Seeded calibration windows ``(N, T)`` from the training side of the split."""
+        if self._calibration_stream is None:
+            self.setup("fit")
+        return sample_windows(self._calibration_stream, n_window or self.calibration_samples,
+                              seq_len or self.calibration_seq_len,
+                              self.calibration_seed if seed is None else seed)
+
+    def calibration_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """The calibration windows as batches of token ids ``(B, T)``."""
+        return DataLoader(self.calibration_windows(), batch_size=batch_size or self.batch_size, shuffle=False)

@@ -1,0 +1,34 @@
+"""Plain-text language modelling: deterministic document splits and packing into windows."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+
+def split_documents(n_doc: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split document indices into (train, val), deterministically for a given seed.
+
+    The split is by document so no text appears on both sides. At least one document goes to
+    validation when ``val_fraction > 0`` and at least one stays for training.
+    """
+    order = list(range(n_doc))
+    random.Random(seed).shuffle(order)
+    n_val = 0 if val_fraction <= 0 else min(max(1, round(n_doc * val_fraction)), n_doc - 1)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def pack_documents(docs: list[list[int]], seq_len: int, separator_id: int | None) -> torch.Tensor:
+    """Concatenate token lists (``separator_id`` after each) and cut into full windows.
+
+    Returns:
+        LongTensor ``(n_window, seq_len)``; the trailing partial window is dropped.
+    """
+    stream: list[int] = []
+    for doc in docs:
+        stream.extend(doc)
+        if separator_id is not None:
+            stream.append(separator_id)
+    n_window = len(stream) // seq_len
+    return torch.tensor(stream[: n_window * seq_len], dtype=torch.long).view(n_window, seq_len)

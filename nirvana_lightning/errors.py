@@ -1,0 +1,35 @@
+"""User-facing configuration errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid.
+
+    The message always names the key as the user wrote it, shows the bad value and, when the
+    valid values form a small set, lists them.
+    """
+
+    def __init__(self, key: str, value: Any, expected: str | Iterable[Any]) -> None:
+        if not isinstance(expected, str):
+            expected = "one of: " + ", ".join(repr(c) for c in expected)
+        self.key, self.value, self.expected = key, value, expected
+        super().__init__(f"{key}={value!r} is invalid; expected {expected}")
+
+
+def check_choice(key: str, value: Any, choices: Iterable[Any]) -> Any:
+    """Return ``value`` if it is one of ``choices``, else raise :class:`ConfigError`."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(key, value, choices)
+    return value
+
+
+def check_positive(key: str, value: int | float, *, allow_zero: bool = False) -> int | float:
+    """Return ``value`` if it is > 0 (or >= 0 with ``allow_zero``), else raise :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, value, "a number >= 0" if allow_zero else "a number > 0")
+    return value

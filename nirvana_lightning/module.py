@@ -1,0 +1,153 @@
+"""The LightningModule: lifecycle glue around a Hugging Face causal LM (no pruning maths here)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning as L
+import torch
+from torchmetrics.aggregation import MeanMetric
+
+from .adapters import ROLES, unwrap_model
+from .errors import ConfigError, check_choice, check_positive
+from .eval.perplexity import lm_loss_and_count
+from .loading import DTYPES, load_model, validate_source
+from .recovery import RECOVERY_MODES, apply_recovery
+
+
+class NirvanaModule(L.LightningModule):
+    """Wraps a causal LM for recovery training and evaluation.
+
+    The model is loaded lazily by :meth:`build_model` (called by the pruning callback at setup,
+    or by :meth:`configure_model`), so a bad config fails before any weights are read and
+    pruning happens before adapters, optimizers and distributed wrappers exist.
+
+    Args:
+        source: embedded name (``smollm2-135m``), local HF directory or hub id.
+        dtype: weight dtype at load time; mixed precision comes from ``trainer.precision``.
+        cache_dir: where embedded models are converted.
+        recovery: ``lora``, ``full`` or ``none``.
+        lora_r / lora_alpha / lora_dropout: LoRA hyper-parameters.
+        lora_targets: roles (``q k v o gate up down``) that receive adapters.
+        lr / weight_decay / betas: AdamW settings.
+        warmup_steps: linear warmup steps, then cosine decay to ``min_lr_ratio * lr``.
+        gradient_checkpointing: recompute activations in backward to save memory.
+    """
+
+    def __init__(
+        self,
+        source: str = "smollm2-135m",
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        cache_dir: str | None = None,
+        recovery: Literal["lora", "full", "none"] = "lora",
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        lora_targets: list[str] | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 10,
+        min_lr_ratio: float = 0.1,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        validate_source(source, "model.source")
+        check_choice("model.dtype", dtype, DTYPES)
+        check_choice("model.recovery", recovery, RECOVERY_MODES)
+        lora_targets = list(lora_targets) if lora_targets is not None else list(ROLES)
+        for i, role in enumerate(lora_targets):
+            check_choice(f"model.lora_targets[{i}]", role, ROLES)
+        check_positive("model.lr", lr)
+        check_positive("model.lora_r", lora_r)
+        check_positive("model.warmup_steps", warmup_steps, allow_zero=True)
+        check_positive("model.weight_decay", weight_decay, allow_zero=True)
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ConfigError("model.lora_dropout", lora_dropout, "a probability in [0, 1)")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ConfigError("model.min_lr_ratio", min_lr_ratio, "a fraction in [0, 1]")
+        self.save_hyperparameters()
+        self.model: torch.nn.Module | None = None
+        self.tokenizer = None
+        self._recovery_applied = False
+        self.val_nll = MeanMetric()
+
+    # ------------------------------------------------------------ lifecycle
+    def build_model(self) -> torch.nn.Module:
+        """Load the base model once (idempotent) and return it (unwrapped, without adapters)."""
+        if self.model is None:
+            hp = self.hparams
+            self.model, self.tokenizer = load_model(hp.source, hp.dtype, cache_dir=hp.cache_dir)
+        return self.base_model
+
+    @property
+    def base_model(self) -> torch.nn.Module:
+        """The transformers model under any peft wrapper."""
+        if self.model is None:
+            raise RuntimeError("model not built yet: call build_model() first")
+        return unwrap_model(self.model)
+
+    def configure_model(self) -> None:
+        """Build the model and attach the recovery adapters (after any pruning at setup)."""
+        self.build_model()
+        if self._recovery_applied:
+            return
+        hp = self.hparams
+        self.model = apply_recovery(self.model, hp.recovery, lora_r=hp.lora_r, lora_alpha=hp.lora_alpha,
+                                    lora_dropout=hp.lora_dropout, lora_targets=hp.lora_targets)
+        if hp.gradient_checkpointing:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.base_model.config.use_cache = False
+        self.model.train()  # loaded in eval mode; dropout (LoRA) must be live during recovery
+        self._recovery_applied = True
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int):
+        loss, n_token = lm_loss_and_count(self.model, batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/tokens", float(n_token), reduce_fx="sum", batch_size=1)
+        if self.hparams.recovery == "none":
+            return None  # nothing is trainable: no backward
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, n_token = lm_loss_and_count(self.model, batch)
+        self.val_nll.update(loss.detach().float(), weight=n_token)
+
+    def on_validation_epoch_end(self) -> None:
+        nll = self.val_nll.compute()
+        self.val_nll.reset()
+        self.log("val/loss", nll, sync_dist=False)
+        self.log("val/ppl", torch.exp(nll), prog_bar=True, sync_dist=False)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        nll = self.val_nll.compute()
+        self.val_nll.reset()
+        self.log("test/loss", nll)
+        self.log("test/ppl", torch.exp(nll))
+
+    # ------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            return None
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(hp.warmup_steps, total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,38 @@
+"""Make the right parameters trainable for a recovery mode."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..adapters import ROLES, get_adapter
+from ..errors import check_choice
+
+RECOVERY_MODES = ("lora", "full", "none")
+
+
+def apply_recovery(
+    model: nn.Module,
+    mode: str,
+    *,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    lora_targets: list[str] | tuple[str, ...] = ROLES,
+) -> nn.Module:
+    """Return the model to train for ``mode``.
+
+    ``lora`` wraps the model with peft adapters on the projections of the given roles (resolved
+    to module names by the model family's adapter); ``full`` trains every parameter; ``none``
+    freezes everything (prune-only runs).
+    """
+    check_choice("model.recovery", mode, RECOVERY_MODES)
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = get_adapter(model).lora_target_modules(lora_targets)
+        config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                            target_modules=targets, task_type="CAUSAL_LM")
+        return get_peft_model(model, config)
+    for p in model.parameters():
+        p.requires_grad_(mode == "full")
+    return model
