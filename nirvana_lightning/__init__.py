@@ -1,11 +1,28 @@
 """nirvana-lightning: structured pruning of LLMs (NIRVANA) and recovery in one Lightning run."""
 
-from .callbacks import PerplexityCallback
+from .callbacks import NirvanaPruningCallback, PerplexityCallback
 from .data import NirvanaDataModule
 from .errors import ConfigError
 from .loading import load_model, load_tokenizer
 from .module import NirvanaModule
+from .pruning import (
+    PruningPlan,
+    UnitScores,
+    allocate,
+    apply_plan,
+    compute_output_functional,
+    compute_unit_scores,
+    count_parameters,
+    make_plan,
+    masked_units,
+    plan_from_scores,
+    prune,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "NirvanaDataModule", "NirvanaModule", "PerplexityCallback", "load_model", "load_tokenizer"]
+__all__ = [
+    "ConfigError", "NirvanaDataModule", "NirvanaModule", "NirvanaPruningCallback", "PerplexityCallback",
+    "PruningPlan", "UnitScores", "allocate", "apply_plan", "compute_output_functional", "compute_unit_scores",
+    "count_parameters", "load_model", "load_tokenizer", "make_plan", "masked_units", "plan_from_scores", "prune",
+]

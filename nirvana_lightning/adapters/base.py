@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,40 @@ class ModelAdapter:
     def _base_model(self) -> nn.Module:
         return self.model.model
 
+    def body(self) -> nn.Module:
+        """The decoder stack without the LM head; its output has ``last_hidden_state`` (B, T, hidden)."""
+        return self._base_model()
+
+    def lm_head(self) -> nn.Linear:
+        return self.model.lm_head
+
+    def block_linears(self) -> Iterator[tuple[int, str, nn.Linear]]:
+        """``(layer_index, role, module)`` for every prunable projection, layer-major, roles in ROLES order."""
+        for i, layer in enumerate(self.layers()):
+            attn, mlp = self.attention(layer), self.mlp(layer)
+            for role in ROLES:
+                yield i, role, getattr(attn if role in ("q", "k", "v", "o") else mlp, role)
+
+    @contextmanager
+    def checkpointed_layers(self) -> Iterator[None]:
+        """Recompute each decoder layer's activations in backward (non-reentrant), restoring after.
+
+        Independent of the HF ``gradient_checkpointing`` flag, which only acts in train mode.
+        """
+        layers = self.layers()
+        for layer in layers:
+            forward = layer.forward
+
+            def run(*args, _forward=forward, **kwargs):
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+            layer.forward = run
+        try:
+            yield
+        finally:
+            for layer in layers:
+                del layer.forward  # the instance attribute; the class method is visible again
+
     # ------------------------------------------------------------------ geometry
     @property
     def n_layer(self) -> int:
@@ -93,6 +131,11 @@ class ModelAdapter:
     def intermediate_dim(self) -> int:
         return int(self.config.intermediate_size)
 
+    @property
+    def n_query_per_kv(self) -> int:
+        """g: query heads per KV head (unchanged by pruning, which removes whole groups)."""
+        return self.n_head // self.n_kv_head
+
     def layer_geometry(self, layer: nn.Module) -> tuple[int, int]:
         """(n_kv_group, mlp_dim) of one layer as its tensors say (layers differ after pruning)."""
         parts = self.attention(layer)
@@ -109,7 +152,7 @@ class ModelAdapter:
     def set_layer_attention_shape(self, layer: nn.Module, n_kv_group: int) -> None:
         """Update module attributes after attention projections were sliced to ``n_kv_group`` groups."""
         attn = layer.self_attn
-        g = self.n_head // self.n_kv_head
+        g = self.n_query_per_kv
         # Stock Llama/Qwen attention in transformers 5.x infers head counts from tensor shapes in
         # forward; these attributes are kept in agreement for code that reads them.
         for name, value in (("num_heads", n_kv_group * g), ("num_key_value_heads", n_kv_group)):
@@ -117,6 +160,29 @@ class ModelAdapter:
                 setattr(attn, name, value)
         if hasattr(attn, "num_key_value_groups"):
             attn.num_key_value_groups = g
+
+    #: config attribute carrying per-layer widths after pruning (stock configs have one global value)
+    LAYER_WIDTHS_KEY: ClassVar[str] = "nirvana_layer_widths"
+
+    def record_layer_widths(self, n_kv_group: list[int], mlp_dim: list[int]) -> None:
+        """Write per-layer widths into the HF config so config and tensors agree.
+
+        ``head_dim`` is pinned explicitly (it must never be re-derived from hidden/heads). When
+        every layer has the same widths, the global fields are updated too, so a stock config
+        describes the model; otherwise the globals keep the dense values and the per-layer
+        lists in ``config.nirvana_layer_widths`` are authoritative.
+        """
+        g = self.n_query_per_kv
+        self.config.head_dim = self.head_dim
+        widths = {
+            "num_key_value_heads": list(n_kv_group),
+            "num_attention_heads": [n * g for n in n_kv_group],
+            "intermediate_size": list(mlp_dim),
+        }
+        setattr(self.config, self.LAYER_WIDTHS_KEY, widths)
+        if len(set(n_kv_group)) == 1 and len(set(mlp_dim)) == 1:
+            for key, values in widths.items():
+                setattr(self.config, key, values[0])
 
     def set_layer_mlp_shape(self, layer: nn.Module, mlp_dim: int) -> None:
         """Update module attributes after MLP projections were sliced to ``mlp_dim`` neurons."""

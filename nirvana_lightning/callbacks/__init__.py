@@ -1,5 +1,6 @@
 """Lightning callbacks: they decide when; library functions do the work."""
 
 from .perplexity import PerplexityCallback
+from .pruning import NirvanaPruningCallback
 
-__all__ = ["PerplexityCallback"]
+__all__ = ["NirvanaPruningCallback", "PerplexityCallback"]

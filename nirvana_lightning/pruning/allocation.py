@@ -1,0 +1,199 @@
+"""Pure allocation (METHOD.md section 3): unit scores in, sorted keep indices out.
+
+Attention units are ranked only against attention units, neurons only against neurons. With
+``c_a = 2(g+1)d`` and ``c_m = 3`` weight vectors (of length hidden) per attention unit and per
+neuron, removing a fraction ``p_attn`` of the prunable attention units and ``gamma * p_attn`` of the
+prunable neurons removes a fraction ``s`` of all block weights when
+
+    p_attn = s (c_a N_a + c_m N_m) / (c_a N_a' + gamma c_m N_m')
+
+where N are all current units and N' the prunable ones (layers not skipped). For a dense model
+with nothing skipped this is METHOD.md's ``p_attn = s (A + M) / (A + gamma M)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+
+MODES = ("global", "uniform")
+ROUND_TO_CHOICES = (1, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Keep indices per layer (sorted ascending) plus what the formula asked for."""
+
+    attention_keep: list[torch.Tensor]  # per layer (n_kv_group_kept,) int64
+    mlp_keep: list[torch.Tensor]  # per layer (mlp_dim_kept,) int64
+    p_attn: float
+    p_mlp: float
+    n_attn_requested: int
+    n_mlp_requested: int
+
+
+def validate_targets(sparsity: float, gamma: float, round_to: int, mode: str = "global") -> None:
+    """Check target settings; raises :class:`ConfigError` naming the key."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0 \
+            or math.isnan(sparsity):
+        raise ConfigError("sparsity", sparsity, "a fraction in [0, 1)")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0 or math.isinf(gamma):
+        raise ConfigError("gamma", gamma, "a finite number > 0 (1 gives uniform fractions)")
+    if round_to not in ROUND_TO_CHOICES:
+        raise ConfigError("round_to", round_to, ROUND_TO_CHOICES)
+    if mode not in MODES:
+        raise ConfigError("allocation", mode, MODES)
+
+
+def compute_prune_fractions(
+    sparsity: float, gamma: float, attn_cost: float, mlp_cost: float,
+    n_attn: int, n_mlp: int, n_attn_prunable: int, n_mlp_prunable: int,
+) -> tuple[float, float]:
+    """``(p_attn, p_mlp)``: fractions of the prunable units of each type to remove.
+
+    Raises:
+        ConfigError: when the target cannot be met (a fraction above 1).
+    """
+    total = attn_cost * n_attn + mlp_cost * n_mlp
+    prunable = attn_cost * n_attn_prunable + gamma * mlp_cost * n_mlp_prunable
+    if sparsity == 0:
+        return 0.0, 0.0
+    if prunable == 0:
+        raise ConfigError("sparsity", sparsity, "0 when every layer is skipped")
+    p_attn = sparsity * total / prunable
+    p_mlp = gamma * p_attn
+    if p_mlp > 1 or p_attn > 1:
+        worst = "MLP neurons" if p_mlp >= p_attn else "attention groups"
+        raise ConfigError(
+            "sparsity", sparsity,
+            f"a feasible target: with gamma={gamma} it asks to remove {max(p_mlp, p_attn):.1%} of the prunable "
+            f"{worst}; lower sparsity or move gamma toward {'1' if gamma > 1 else 'a larger value'}",
+        )
+    return p_attn, p_mlp
+
+
+def _stable_order(scores: torch.Tensor) -> torch.Tensor:
+    """Ascending order; ties keep index order (deterministic, never a threshold comparison)."""
+    return torch.sort(scores.double(), stable=True).indices
+
+
+def _select_lowest(scores: list[torch.Tensor], protected: list[torch.Tensor], n_remove: int,
+                   kind: str) -> list[torch.Tensor]:
+    """Boolean remove-masks per layer: the ``n_remove`` globally lowest unprotected units."""
+    flat = torch.cat([s.double() for s in scores]) if scores else torch.zeros(0, dtype=torch.float64)
+    blocked = torch.cat(protected) if protected else torch.zeros(0, dtype=torch.bool)
+    candidates = (~blocked).nonzero().squeeze(1)
+    if n_remove > candidates.numel():
+        raise ConfigError("sparsity", f"a target removing {n_remove} {kind}",
+                          f"at most {candidates.numel()} removable {kind} (the guards keep the rest)")
+    order = candidates[_stable_order(flat[candidates])]
+    remove = torch.zeros_like(blocked)
+    remove[order[:n_remove]] = True
+    return list(remove.split([s.numel() for s in scores]))
+
+
+def _protect_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Mask of the ``n_keep`` highest-scoring units (ties: lower index wins)."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    if n_keep > 0:
+        # descending by score with ties to the lower index: sort the negated scores stably
+        mask[torch.sort(-scores.double(), stable=True).indices[:n_keep]] = True
+    return mask
+
+
+def _round_up_keep(scores: torch.Tensor, remove: torch.Tensor, round_to: int) -> torch.Tensor:
+    """Keep indices after rounding the kept count up to a multiple of ``round_to`` (capped at the width).
+
+    The spared units are the highest-scoring among those selected for removal.
+    """
+    width = scores.numel()
+    n_keep = int((~remove).sum())
+    n_keep = min(width, math.ceil(n_keep / round_to) * round_to)
+    keep = _protect_top(torch.where(remove, scores.double(), math.inf), n_keep)
+    return keep.nonzero().squeeze(1)
+
+
+def allocate(
+    attention_scores: Sequence[torch.Tensor],
+    mlp_scores: Sequence[torch.Tensor],
+    *,
+    sparsity: float,
+    gamma: float = 1.0,
+    n_query_per_kv: int,
+    head_dim: int,
+    round_to: int = 8,
+    skip_layers: Sequence[int] = (),
+    mode: str = "global",
+) -> Allocation:
+    """Choose which units stay.
+
+    Args:
+        attention_scores: per layer ``(n_kv_group_l,)`` unit scores.
+        mlp_scores: per layer ``(mlp_dim_l,)`` unit scores.
+        sparsity: fraction of the current block linear weights to remove, in [0, 1).
+        gamma: (fraction of neurons pruned) / (fraction of attention groups pruned).
+        n_query_per_kv: g, query heads per KV head.
+        head_dim: d.
+        round_to: kept MLP width per layer is rounded up to a multiple of this.
+        skip_layers: layer indices left untouched.
+        mode: ``global`` ranks units of all layers together; ``uniform`` removes the same fraction
+            from every layer (ablation).
+
+    Returns:
+        :class:`Allocation` with sorted keep indices per layer.
+    """
+    validate_targets(sparsity, gamma, round_to, mode)
+    n_layer = len(attention_scores)
+    if len(mlp_scores) != n_layer:
+        raise ValueError(f"{n_layer} layers of attention scores but {len(mlp_scores)} of MLP scores")
+    skip = set(skip_layers)
+    for i in skip:
+        if not 0 <= i < n_layer:
+            raise ConfigError("skip_layers", i, f"layer indices in [0, {n_layer})")
+    attention_scores = [s.detach().cpu().double() for s in attention_scores]
+    mlp_scores = [s.detach().cpu().double() for s in mlp_scores]
+    # Guards: the best attention group of every layer and the best `round_to` neurons stay; so do skipped layers.
+    attn_protect = [torch.ones(s.numel(), dtype=torch.bool) if i in skip else _protect_top(s, 1)
+                    for i, s in enumerate(attention_scores)]
+    mlp_protect = [torch.ones(s.numel(), dtype=torch.bool) if i in skip else _protect_top(s, round_to)
+                   for i, s in enumerate(mlp_scores)]
+    n_attn = sum(s.numel() for s in attention_scores)
+    n_mlp = sum(s.numel() for s in mlp_scores)
+    n_attn_prunable = sum(s.numel() for i, s in enumerate(attention_scores) if i not in skip)
+    n_mlp_prunable = sum(s.numel() for i, s in enumerate(mlp_scores) if i not in skip)
+    attn_cost, mlp_cost = 2 * (n_query_per_kv + 1) * head_dim, 3
+    p_attn, p_mlp = compute_prune_fractions(sparsity, gamma, attn_cost, mlp_cost, n_attn, n_mlp,
+                                            n_attn_prunable, n_mlp_prunable)
+    if mode == "global":
+        n_attn_remove = math.floor(n_attn_prunable * p_attn)
+        n_mlp_remove = math.floor(n_mlp_prunable * p_mlp)
+        attn_remove = _select_lowest(attention_scores, attn_protect, n_attn_remove, "attention groups")
+        mlp_remove = _select_lowest(mlp_scores, mlp_protect, n_mlp_remove, "MLP neurons")
+    else:
+        attn_remove, mlp_remove, n_attn_remove, n_mlp_remove = [], [], 0, 0
+        for i in range(n_layer):
+            na = 0 if i in skip else math.floor(attention_scores[i].numel() * p_attn)
+            nm = 0 if i in skip else math.floor(mlp_scores[i].numel() * p_mlp)
+            attn_remove += _select_lowest([attention_scores[i]], [attn_protect[i]], na, f"attention groups in layer {i}")
+            mlp_remove += _select_lowest([mlp_scores[i]], [mlp_protect[i]], nm, f"MLP neurons in layer {i}")
+            n_attn_remove, n_mlp_remove = n_attn_remove + na, n_mlp_remove + nm
+    attention_keep = [(~r).nonzero().squeeze(1) for r in attn_remove]
+    mlp_keep = [_round_up_keep(s, r, round_to) for s, r in zip(mlp_scores, mlp_remove)]
+    return Allocation(attention_keep, mlp_keep, p_attn, p_mlp, n_attn_remove, n_mlp_remove)
+
+
+def sparsity_for_param_budget(n_param_total: int, n_param_block: int, budget: int) -> float:
+    """Block-weight sparsity that brings a model of ``n_param_total`` parameters down to ``budget``.
+
+    Only block linear weights are pruned, so the budget must exceed the non-block parameters.
+    """
+    fixed = n_param_total - n_param_block
+    if not fixed < budget <= n_param_total:
+        raise ConfigError("param_budget", budget,
+                          f"a parameter count in ({fixed:,}, {n_param_total:,}] (embeddings, norms and head are kept)")
+    return (n_param_total - budget) / n_param_block

@@ -1,0 +1,184 @@
+"""``prune``: score, allocate, plan, cut, in one call (the public entry point)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from ..adapters import get_adapter, unwrap_model
+from ..errors import ConfigError, check_choice
+from .allocation import MODES, allocate, sparsity_for_param_budget, validate_targets
+from .gradients import ACCUMULATE, UnitScores, as_batches, compute_unit_scores, fingerprint
+from .plan import PruningPlan, library_versions
+from .saliency import CRITERIA, FUNCTIONALS, check_finite
+from .surgery import apply_plan
+
+SCORING_DTYPES = ("float32", "model")
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Total parameters, block linear weights and the rest (embeddings, norms, head, biases)."""
+    model = unwrap_model(model)
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    block = sum(lin.weight.numel() for _, _, lin in get_adapter(model).block_linears())
+    return {"total": total, "block": block, "other": total - block}
+
+
+def plan_from_scores(
+    model: nn.Module,
+    scores: UnitScores,
+    *,
+    sparsity: float,
+    gamma: float = 1.0,
+    round_to: int = 8,
+    skip_layers: Sequence[int] = (),
+    allocation: str = "global",
+    provenance: dict | None = None,
+) -> PruningPlan:
+    """Allocate from unit scores and wrap the result as a :class:`PruningPlan` for ``model``."""
+    adapter = get_adapter(model)
+    check_finite(scores.attention, "attention")
+    check_finite(scores.mlp, "MLP")
+    geometry = [adapter.layer_geometry(layer) for layer in adapter.layers()]
+    result = allocate(scores.attention, scores.mlp, sparsity=sparsity, gamma=gamma,
+                      n_query_per_kv=adapter.n_query_per_kv, head_dim=adapter.head_dim, round_to=round_to,
+                      skip_layers=skip_layers, mode=allocation)
+    plan = PruningPlan(
+        attention_keep=[k.tolist() for k in result.attention_keep],
+        mlp_keep=[k.tolist() for k in result.mlp_keep],
+        n_kv_group_before=[a for a, _ in geometry],
+        mlp_dim_before=[m for _, m in geometry],
+        n_query_per_kv=adapter.n_query_per_kv,
+        head_dim=adapter.head_dim,
+        hidden_dim=adapter.hidden_dim,
+    )
+    plan.provenance = {
+        **(provenance or {}),
+        "sparsity": sparsity, "gamma": gamma, "round_to": round_to, "allocation": allocation,
+        "skip_layers": sorted(skip_layers), "p_attn": result.p_attn, "p_mlp": result.p_mlp,
+        "n_attn_removed_requested": result.n_attn_requested, "n_mlp_removed_requested": result.n_mlp_requested,
+        "realised_sparsity": plan.realised_sparsity,
+        "model_type": adapter.config.model_type,
+        "model_source": getattr(adapter.config, "_name_or_path", "") or "",
+        "versions": library_versions(),
+    }
+    return plan
+
+
+def make_plan(
+    model: nn.Module,
+    calibration: torch.Tensor | Iterable[torch.Tensor] | None,
+    *,
+    sparsity: float | None = None,
+    param_budget: int | None = None,
+    gamma: float = 1.0,
+    criterion: str = "nirvana",
+    functional: str = "max_over_seq",
+    round_to: int = 8,
+    skip_layers: Sequence[int] = (),
+    allocation: str = "global",
+    micro_batch_size: int | None = None,
+    accumulate: str = "gradient",
+    checkpointing: bool = True,
+    scoring_dtype: str = "float32",
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> PruningPlan:
+    """Score and allocate without cutting (see :func:`prune` for the arguments)."""
+    check_choice("criterion", criterion, CRITERIA)
+    check_choice("functional", functional, FUNCTIONALS)
+    check_choice("allocation", allocation, MODES)
+    check_choice("accumulate", accumulate, ACCUMULATE)
+    check_choice("scoring_dtype", scoring_dtype, SCORING_DTYPES)
+    model = unwrap_model(model)
+    get_adapter(model)  # unsupported families fail here, before any work
+    if (sparsity is None) == (param_budget is None):
+        raise ConfigError("sparsity", sparsity, "exactly one of sparsity and param_budget")
+    if param_budget is not None:
+        counts = count_parameters(model)
+        sparsity = sparsity_for_param_budget(counts["total"], counts["block"], param_budget)
+    validate_targets(sparsity, gamma, round_to, allocation)
+    batches: list[torch.Tensor] = []
+    if criterion in ("nirvana", "taylor"):
+        if calibration is None:
+            raise ConfigError("calibration", None, f"token ids for criterion {criterion!r}")
+        batches = as_batches(calibration, micro_batch_size)
+    start = time.perf_counter()
+    dtype = next(model.parameters()).dtype
+    upcast = scoring_dtype == "float32" and dtype != torch.float32 and criterion in ("nirvana", "taylor")
+    if upcast:
+        model.float()  # exact round trip back: every bf16/fp16 value is representable in fp32
+    try:
+        scores = compute_unit_scores(model, batches, criterion=criterion, functional=functional,
+                                     accumulate=accumulate, checkpointing=checkpointing, seed=seed, device=device)
+    finally:
+        if upcast:
+            model.to(dtype)
+    provenance = {
+        "criterion": criterion, "functional": functional if criterion == "nirvana" else None,
+        "calibration_fingerprint": fingerprint(batches) if batches else None,
+        "calibration_shape": [sum(b.shape[0] for b in batches), batches[0].shape[1]] if batches else None,
+        "micro_batches": len(batches), "accumulate": accumulate, "scoring_dtype": scoring_dtype, "seed": seed,
+        "scoring_seconds": round(time.perf_counter() - start, 3),
+    }
+    return plan_from_scores(model, scores, sparsity=sparsity, gamma=gamma, round_to=round_to,
+                            skip_layers=skip_layers, allocation=allocation, provenance=provenance)
+
+
+def prune(
+    model: nn.Module,
+    calibration: torch.Tensor | Iterable[torch.Tensor] | None,
+    *,
+    sparsity: float | None = None,
+    param_budget: int | None = None,
+    gamma: float = 1.0,
+    criterion: str = "nirvana",
+    functional: str = "max_over_seq",
+    round_to: int = 8,
+    skip_layers: Sequence[int] = (),
+    allocation: str = "global",
+    micro_batch_size: int | None = None,
+    accumulate: str = "gradient",
+    checkpointing: bool = True,
+    scoring_dtype: str = "float32",
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> PruningPlan:
+    """Structurally prune ``model`` in place with NIRVANA (or a baseline criterion).
+
+    Args:
+        model: a supported causal LM (Llama, Mistral, Qwen2, Qwen3).
+        calibration: LongTensor ``(N, T)`` of token ids or an iterable of ``(B, T)`` batches
+            (not needed for ``magnitude``/``random``).
+        sparsity: fraction of block linear weights to remove, in [0, 1).
+        param_budget: alternatively, the total parameter count to reach.
+        gamma: MLP-to-attention pruning-fraction ratio (1: uniform fractions).
+        criterion: ``nirvana`` | ``magnitude`` | ``taylor`` | ``random``.
+        functional: NIRVANA output functional: ``max_over_seq`` | ``max_over_vocab`` | ``sum_logits``.
+        round_to: kept MLP width per layer rounded up to a multiple of this.
+        skip_layers: layers left untouched.
+        allocation: ``global`` ranking or ``uniform`` per-layer fractions.
+        micro_batch_size / accumulate: see :mod:`nirvana_lightning.pruning.gradients`.
+        checkpointing: activation checkpointing during scoring.
+        scoring_dtype: ``float32`` (upcast for scoring, then back) or ``model``.
+        seed: seed of the ``random`` criterion (recorded in the plan).
+        device: scoring device (default: where the model is).
+
+    Returns:
+        The applied :class:`PruningPlan`. On any error the model is untouched.
+    """
+    plan = make_plan(model, calibration, sparsity=sparsity, param_budget=param_budget, gamma=gamma,
+                     criterion=criterion, functional=functional, round_to=round_to, skip_layers=skip_layers,
+                     allocation=allocation, micro_batch_size=micro_batch_size, accumulate=accumulate,
+                     checkpointing=checkpointing, scoring_dtype=scoring_dtype, seed=seed, device=device)
+    before = count_parameters(model)["total"]
+    apply_plan(model, plan)
+    after = count_parameters(model)["total"]
+    plan.provenance.update({"params_before": before, "params_after": after})
+    rank_zero_info(f"pruned {criterion} s={plan.provenance['sparsity']:.3f} gamma={gamma}: params {before:,} -> "
+                   f"{after:,}; block-weight sparsity {plan.realised_sparsity:.4f}")
+    return plan

@@ -1,0 +1,208 @@
+"""The scoring pass: forward/backward over calibration windows, reduced to unit scores on the fly.
+
+Memory: with ``lean=True`` every block weight's gradient is reduced to its unit scores by a
+post-accumulate-grad hook the moment it is complete, then freed, so at most one block gradient
+is alive at a time. The LM head is applied in vocabulary chunks for the NIRVANA functionals, so
+the full ``(B, T, V)`` logits are never materialised (``taylor`` uses the model's ordinary loss).
+
+Micro-batches and the absolute value: S = |w * sum_b grad_b| takes the absolute value AFTER the
+batch sum (the released semantics). Scoring the calibration in one pass (the default) is exact
+and lean. With several micro-batches, ``accumulate="gradient"`` (default) keeps the block
+gradients across micro-batches, which is exact but holds them all (like the released code);
+``accumulate="saliency"`` sums |w * grad_mb| per micro-batch instead: lean, but an upper bound of
+the exact score (triangle inequality) that differs from the released semantics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..adapters import get_adapter, unwrap_model
+from ..errors import ConfigError, check_choice
+from .saliency import CRITERIA, FUNCTIONALS, compute_output_functional, compute_weight_saliency, reduce_role_scores
+
+ACCUMULATE = ("gradient", "saliency")
+
+
+@dataclass
+class UnitScores:
+    """Per-layer unit scores (layers may differ in width after pruning)."""
+
+    attention: list[torch.Tensor]  # per layer (n_kv_group_l,) float32
+    mlp: list[torch.Tensor]  # per layer (mlp_dim_l,) float32
+
+
+def as_batches(calibration: torch.Tensor | Iterable[torch.Tensor], micro_batch_size: int | None) -> list[torch.Tensor]:
+    """Normalise calibration to a list of ``(B, T)`` LongTensors."""
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
+            raise ConfigError("calibration", f"tensor {tuple(calibration.shape)} {calibration.dtype}",
+                              "a LongTensor of token ids (N, T) or an iterable of such batches")
+        return list(calibration.split(micro_batch_size)) if micro_batch_size else [calibration]
+    batches = []
+    for b in calibration:
+        b = b["input_ids"] if isinstance(b, dict) else b
+        batches.extend(as_batches(b, micro_batch_size))
+    if not batches:
+        raise ConfigError("calibration", "an empty iterable", "at least one batch of token ids")
+    return batches
+
+
+def fingerprint(batches: list[torch.Tensor]) -> str:
+    """sha256 (first 16 hex digits) of the calibration token ids, for provenance."""
+    h = hashlib.sha256()
+    for b in batches:
+        h.update(b.to(torch.int64).cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _chunked_head_functional(hidden: torch.Tensor, head: nn.Linear, functional: str, chunk: int) -> None:
+    """Backpropagate f(head(hidden)) into ``hidden.grad`` one vocabulary chunk at a time.
+
+    ``hidden`` is a detached leaf ``(B, T, H)`` that requires grad. Equals autograd through the
+    full logits for ``max_over_seq`` and ``sum_logits`` (separable over the vocabulary); for
+    ``max_over_vocab`` the arg-max is found chunk-wise first (ties go to the first index).
+    """
+    weight, bias = head.weight, head.bias
+    n_vocab = weight.shape[0]
+    if functional in ("max_over_seq", "sum_logits"):
+        for start in range(0, n_vocab, chunk):
+            w = weight[start:start + chunk]
+            b = None if bias is None else bias[start:start + chunk]
+            logits = nn.functional.linear(hidden, w, b)  # (B, T, chunk)
+            if functional == "max_over_seq":
+                part = logits.amax(dim=1).float().sum() / (hidden.shape[0] * n_vocab)
+            else:
+                part = logits.float().sum()
+            part.backward()
+        return
+    with torch.no_grad():
+        best = torch.full(hidden.shape[:2], -torch.inf, device=hidden.device)
+        arg = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        for start in range(0, n_vocab, chunk):
+            logits = nn.functional.linear(hidden, weight[start:start + chunk],
+                                          None if bias is None else bias[start:start + chunk]).float()
+            value, index = logits.max(dim=2)
+            better = value > best
+            best = torch.where(better, value, best)
+            arg = torch.where(better, index + start, arg)
+    top = (hidden * weight[arg]).sum(-1)
+    if bias is not None:
+        top = top + bias[arg]
+    top.float().mean().backward()
+
+
+def compute_unit_scores(
+    model: nn.Module,
+    calibration: torch.Tensor | Iterable[torch.Tensor],
+    *,
+    criterion: str = "nirvana",
+    functional: str = "max_over_seq",
+    micro_batch_size: int | None = None,
+    accumulate: str = "gradient",
+    lean: bool = True,
+    checkpointing: bool = True,
+    head_chunk: int | None = 8192,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> UnitScores:
+    """Score every attention group and MLP neuron of ``model`` (weights are not modified).
+
+    Args:
+        model: a supported causal LM (peft wrappers are looked through).
+        calibration: LongTensor ``(N, T)`` or an iterable of ``(B, T)`` batches.
+        criterion: ``nirvana`` | ``magnitude`` | ``taylor`` | ``random``.
+        functional: output functional for ``nirvana`` (see :data:`FUNCTIONALS`).
+        micro_batch_size: split a tensor calibration into micro-batches of this size.
+        accumulate: ``gradient`` (exact) or ``saliency`` (lean with micro-batches); see module doc.
+        lean: reduce each gradient as soon as it is complete (False: keep all, then reduce; the
+            straightforward baseline the memory benchmark compares against).
+        checkpointing: recompute layer activations in backward.
+        head_chunk: vocabulary chunk for the NIRVANA functionals (None: full logits).
+        seed: seed of the ``random`` criterion.
+        device: where to score (default: the model's device).
+
+    Returns:
+        :class:`UnitScores` in float32 on the CPU.
+    """
+    check_choice("criterion", criterion, CRITERIA)
+    check_choice("functional", functional, FUNCTIONALS)
+    check_choice("accumulate", accumulate, ACCUMULATE)
+    model = unwrap_model(model)
+    adapter = get_adapter(model)
+    linears = list(adapter.block_linears())
+    widths = {}
+    for i, layer in enumerate(adapter.layers()):
+        widths[i] = adapter.layer_geometry(layer)
+    n_unit = {(i, r): widths[i][0] if r in ("q", "k", "v", "o") else widths[i][1] for i, r, _ in linears}
+    attention = [torch.zeros(widths[i][0]) for i in range(len(widths))]
+    mlp = [torch.zeros(widths[i][1]) for i in range(len(widths))]
+
+    def add(i: int, role: str, saliency: torch.Tensor) -> None:
+        target = attention if role in ("q", "k", "v", "o") else mlp
+        target[i] += reduce_role_scores(role, saliency, n_unit[(i, role)]).cpu()
+
+    if criterion == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return UnitScores([torch.rand(s.numel(), generator=gen) for s in attention],
+                          [torch.rand(s.numel(), generator=gen) for s in mlp])
+    if criterion == "magnitude":
+        for i, role, lin in linears:
+            add(i, role, compute_weight_saliency(lin.weight, None))
+        return UnitScores(attention, mlp)
+
+    batches = as_batches(calibration, micro_batch_size)
+    n_total = sum(b.shape[0] for b in batches)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    saved_flags = {p: p.requires_grad for p in model.parameters()}
+    saved_grads = {p: p.grad for p in model.parameters()}
+    was_training = model.training
+    handles, state = [], {"active": accumulate == "saliency"}
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        for i, role, lin in linears:
+            lin.weight.requires_grad_(True)
+            if lean:
+                def hook(param, _i=i, _role=role):
+                    if state["active"]:
+                        add(_i, _role, compute_weight_saliency(param, param.grad))
+                        param.grad = None
+                handles.append(lin.weight.register_post_accumulate_grad_hook(hook))
+        with adapter.checkpointed_layers() if checkpointing else nullcontext():
+            for n, batch in enumerate(batches):
+                if n == len(batches) - 1:
+                    state["active"] = True  # gradient mode: reduce only once the sum is complete
+                ids = batch.to(device)
+                scale = 1.0 if functional == "sum_logits" and criterion == "nirvana" else ids.shape[0] / n_total
+                if criterion == "taylor":
+                    (model(input_ids=ids, labels=ids).loss * scale).backward()
+                elif head_chunk:
+                    hidden = adapter.body()(input_ids=ids, use_cache=False).last_hidden_state
+                    leaf = hidden.detach().requires_grad_(True)
+                    _chunked_head_functional(leaf, adapter.lm_head(), functional, head_chunk)
+                    hidden.backward(leaf.grad * scale)
+                    del hidden, leaf
+                else:
+                    logits = model(input_ids=ids, use_cache=False).logits
+                    (compute_output_functional(logits, functional) * scale).backward()
+                    del logits
+        if not lean:
+            for i, role, lin in linears:
+                add(i, role, compute_weight_saliency(lin.weight, lin.weight.grad))
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in saved_flags.items():
+            p.requires_grad_(flag)
+            p.grad = saved_grads[p]
+        model.train(was_training)
+    return UnitScores(attention, mlp)

@@ -1,0 +1,92 @@
+"""Pure saliency maths (METHOD.md sections 1-2): tensors in, tensors out.
+
+A weight's saliency is ``S(w) = |w * df/dw|`` in float32, where ``f`` is a scalar of the model
+output (NIRVANA) or the LM loss (``taylor``). Units aggregate S entrywise (L1):
+
+* attention unit = one KV group h: q rows ``[h*g*d, (h+1)*g*d)``, k and v rows ``[h*d, (h+1)*d)``,
+  o columns ``[h*g*d, (h+1)*g*d)``;
+* MLP unit = neuron j: gate row j + up row j + down column j.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Output functionals f(Z) for logits Z of shape (B, T, V).
+FUNCTIONALS = ("max_over_seq", "max_over_vocab", "sum_logits")
+#: Criteria: NIRVANA (output functional), magnitude |w|, taylor (LM-loss gradient), random.
+CRITERIA = ("nirvana", "magnitude", "taylor", "random")
+
+
+def compute_output_functional(logits: torch.Tensor, functional: str = "max_over_seq") -> torch.Tensor:
+    """Scalar functional of the logits; reductions only, no copy of the (B, T, V) tensor.
+
+    Args:
+        logits: ``(B, T, V)`` in any float dtype.
+        functional: ``max_over_seq`` = mean over (b, v) of the max over t (the released code's
+            default); ``max_over_vocab`` = mean over (b, t) of the max over v; ``sum_logits``.
+
+    Returns:
+        0-dim float32 tensor.
+    """
+    if functional == "max_over_seq":
+        return logits.amax(dim=1).float().mean()
+    if functional == "max_over_vocab":
+        return logits.amax(dim=2).float().mean()
+    if functional == "sum_logits":
+        return logits.float().sum()
+    raise ValueError(f"functional={functional!r}; expected one of {FUNCTIONALS}")
+
+
+def compute_weight_saliency(weight: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    """``|w * grad|`` in float32, or ``|w|`` when ``grad`` is None (magnitude criterion)."""
+    w = weight.detach().float()
+    return w.abs() if grad is None else (w * grad.detach().float()).abs()
+
+
+def reduce_role_scores(role: str, saliency: torch.Tensor, n_unit: int) -> torch.Tensor:
+    """Sum one projection's weight saliencies ``(out, in)`` into its ``(n_unit,)`` unit scores.
+
+    Attention roles reduce to KV groups (q/k/v rows in contiguous blocks, o columns), MLP roles
+    to neurons (gate/up rows, down columns).
+    """
+    if role in ("q", "k", "v"):
+        return saliency.reshape(n_unit, -1).sum(1).float()
+    if role == "o":
+        return saliency.reshape(saliency.shape[0], n_unit, -1).sum((0, 2)).float()
+    if role in ("gate", "up"):
+        return saliency.sum(1).float()
+    if role == "down":
+        return saliency.sum(0).float()
+    raise ValueError(f"unknown role {role!r}")
+
+
+def reduce_attention_scores(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, n_kv_group: int
+) -> torch.Tensor:
+    """Per-KV-group sums of weight saliencies.
+
+    Args:
+        q: ``(n_kv_group*g*head_dim, hidden)``; k, v: ``(n_kv_group*head_dim, hidden)``;
+            o: ``(hidden, n_kv_group*g*head_dim)``.
+
+    Returns:
+        ``(n_kv_group,)`` float32.
+    """
+    return sum(reduce_role_scores(r, t, n_kv_group) for r, t in (("q", q), ("k", k), ("v", v), ("o", o)))
+
+
+def reduce_mlp_scores(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Per-neuron sums: gate row + up row + down column. ``(mlp_dim, hidden) x2, (hidden, mlp_dim) -> (mlp_dim,)``."""
+    n = gate.shape[0]
+    return sum(reduce_role_scores(r, t, n) for r, t in (("gate", gate), ("up", up), ("down", down)))
+
+
+def check_finite(scores: list[torch.Tensor], kind: str) -> None:
+    """Raise if any unit score is NaN or Inf (naming the layer), before anything is cut."""
+    for layer, s in enumerate(scores):
+        if not torch.isfinite(s).all():
+            raise FloatingPointError(
+                f"non-finite {kind} saliency in layer {layer} ({int((~torch.isfinite(s)).sum())} of {s.numel()} "
+                "units): the calibration pass overflowed or the weights hold NaN/Inf; try scoring in float32"
+            )
