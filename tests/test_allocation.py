@@ -1,0 +1,139 @@
+"""Allocation on hand-made score tensors (pure functions)."""
+
+import math
+
+import pytest
+import torch
+
+from nirvana_lightning.errors import ConfigError
+from nirvana_lightning.pruning.allocation import allocate, compute_prune_fractions, sparsity_for_param_budget
+
+
+def _alloc(attn, mlp, **kw):
+    kw.setdefault("n_query_per_kv", 3)
+    kw.setdefault("head_dim", 64)
+    kw.setdefault("round_to", 1)
+    return allocate(attn, mlp, **kw)
+
+
+def test_worked_example_smollm2_counts():
+    # METHOD.md: L=30, H=3, g=3, d=64, I=1536; gamma 3 -> s 0.2: 7 groups, 11,059 neurons; s 0.5: 18, 27,648
+    gen = torch.Generator().manual_seed(0)
+    attn = [torch.rand(3, generator=gen) for _ in range(30)]
+    mlp = [torch.rand(1536, generator=gen) for _ in range(30)]
+    for s, n_attn, n_mlp in ((0.2, 7, 11059), (0.5, 18, 27648)):
+        a = _alloc(attn, mlp, sparsity=s, gamma=3.0)
+        assert (a.n_attn_requested, a.n_mlp_requested) == (n_attn, n_mlp)
+        assert sum(3 - len(k) for k in a.attention_keep) == n_attn
+        assert sum(1536 - len(k) for k in a.mlp_keep) == n_mlp  # round_to=1: no rounding
+    a = _alloc(attn, mlp, sparsity=0.5, gamma=3.0, round_to=8)
+    removed = sum(1536 - len(k) for k in a.mlp_keep)
+    assert removed <= 27648 and 27648 - removed < 30 * 8  # rounding spares fewer than 8 per layer
+    assert all(len(k) % 8 == 0 for k in a.mlp_keep)
+
+
+def test_fraction_formula_matches_method():
+    A, M = 1536, 4608
+    p_attn, p_mlp = compute_prune_fractions(0.5, 3.0, 2 * 4 * 64, 3, 90, 46080, 90, 46080)
+    assert p_attn == pytest.approx(0.5 * (A + M) / (A + 3 * M))
+    assert p_mlp == pytest.approx(3 * p_attn)
+
+
+def test_lowest_scores_go_and_keep_sorted():
+    attn = [torch.tensor([5.0, 1.0, 3.0, 4.0]), torch.tensor([0.5, 9.0, 8.0, 7.0])]
+    mlp = [torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), torch.tensor([0.1, 0.2, 6.0, 7.0, 8.0])]
+    a = _alloc(attn, mlp, sparsity=0.4, gamma=1.0, n_query_per_kv=1, head_dim=1)
+    # cost per attention unit 2(g+1)d = 4, per neuron 3; total 4*8 + 3*10 = 62; p = 0.4
+    assert a.p_attn == pytest.approx(0.4)
+    # floor(8 * 0.4) = 3 groups go: 0.5 (layer 1), 1.0 and 3.0 (layer 0); floor(10 * 0.4) = 4 neurons
+    assert a.attention_keep[0].tolist() == [0, 3] and a.attention_keep[1].tolist() == [1, 2, 3]
+    assert a.mlp_keep[0].tolist() == [2, 3, 4] and a.mlp_keep[1].tolist() == [2, 3, 4]
+    for k in a.attention_keep + a.mlp_keep:
+        assert k.tolist() == sorted(k.tolist())
+
+
+def test_ties_are_broken_by_layer_then_index_deterministically():
+    attn = [torch.ones(4), torch.ones(4)]
+    mlp = [torch.ones(8), torch.ones(8)]
+    runs = [_alloc(attn, mlp, sparsity=0.3, gamma=1.0, n_query_per_kv=1, head_dim=1) for _ in range(3)]
+    for r in runs[1:]:
+        assert [k.tolist() for k in r.mlp_keep] == [k.tolist() for k in runs[0].mlp_keep]
+    # guard keeps index 0 of each layer (highest score, lowest index on ties); then lowest index goes first
+    assert runs[0].mlp_keep[0].tolist()[0] == 0
+    removed0 = sorted(set(range(8)) - set(runs[0].mlp_keep[0].tolist()))
+    assert removed0 == list(range(1, 1 + len(removed0)))
+
+
+def test_a_layer_losing_every_unit_keeps_its_best():
+    attn = [torch.tensor([0.1, 0.2, 0.3]), torch.tensor([10.0, 11.0, 12.0])]
+    mlp = [torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([10.0, 11.0, 12.0, 13.0])]
+    a = _alloc(attn, mlp, sparsity=0.5, gamma=1.0, n_query_per_kv=1, head_dim=1)
+    assert a.attention_keep[0].tolist() == [2]  # the best-scoring group of the weak layer survives
+    assert a.mlp_keep[0].tolist() == [3]
+    assert a.attention_keep[1].tolist() == [1, 2]  # the third removal falls to the next-lowest score
+
+
+def test_round_to_larger_than_layer_keeps_the_layer_whole():
+    attn = [torch.rand(2), torch.rand(2)]
+    mlp = [torch.rand(6), torch.rand(40)]
+    a = _alloc(attn, mlp, sparsity=0.3, gamma=1.0, n_query_per_kv=1, head_dim=1, round_to=8)
+    assert len(a.mlp_keep[0]) == 6
+    assert len(a.mlp_keep[1]) % 8 == 0 and len(a.mlp_keep[1]) >= 8
+
+
+def test_rounding_spares_the_highest_scoring_candidates():
+    mlp = [torch.arange(16, dtype=torch.float32)]
+    a = _alloc([torch.tensor([1.0, 2.0])], mlp, sparsity=0.2, gamma=2.0, n_query_per_kv=1, head_dim=1, round_to=8)
+    kept = a.mlp_keep[0].tolist()
+    assert kept == list(range(16 - len(kept), 16))  # a contiguous top block: spared the best
+
+
+def test_gamma_one_gives_equal_fractions():
+    attn = [torch.rand(8) for _ in range(4)]
+    mlp = [torch.rand(64) for _ in range(4)]
+    a = _alloc(attn, mlp, sparsity=0.25, gamma=1.0, n_query_per_kv=2, head_dim=4)
+    assert a.p_attn == pytest.approx(0.25) and a.p_mlp == pytest.approx(0.25)
+    assert a.n_attn_requested == 8 and a.n_mlp_requested == 64
+
+
+def test_infeasible_gamma_raises_clearly():
+    # SmolLM2 geometry: s=0.9, gamma=3 asks for p_mlp = 3 * 0.9 * 6144 / 15360 = 1.08 > 1
+    attn = [torch.rand(3)]
+    mlp = [torch.rand(1536)]
+    with pytest.raises(ConfigError, match=r"sparsity=0.9.*gamma=3.0.*108\.0% of the prunable MLP neurons"):
+        _alloc(attn, mlp, sparsity=0.9, gamma=3.0)
+
+
+@pytest.mark.parametrize("kw,key", [({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"),
+                                    ({"sparsity": 0.2, "gamma": 0.0}, "gamma"),
+                                    ({"sparsity": 0.2, "gamma": -1.0}, "gamma"),
+                                    ({"sparsity": 0.2, "round_to": 7}, "round_to"),
+                                    ({"sparsity": 0.2, "mode": "bogus"}, "allocation")])
+def test_bad_targets(kw, key):
+    with pytest.raises(ConfigError, match=f"^{key}="):
+        _alloc([torch.rand(4)], [torch.rand(16)], **kw)
+
+
+def test_sparsity_zero_keeps_everything():
+    a = _alloc([torch.rand(4)], [torch.rand(16)], sparsity=0.0, gamma=3.0, round_to=8)
+    assert a.attention_keep[0].tolist() == [0, 1, 2, 3] and a.mlp_keep[0].tolist() == list(range(16))
+
+
+def test_skip_layers_and_uniform_mode():
+    gen = torch.Generator().manual_seed(3)
+    attn = [torch.rand(4, generator=gen) for _ in range(3)]
+    mlp = [torch.rand(32, generator=gen) for _ in range(3)]
+    a = _alloc(attn, mlp, sparsity=0.3, gamma=1.0, n_query_per_kv=1, head_dim=1, skip_layers=[1])
+    assert len(a.attention_keep[1]) == 4 and len(a.mlp_keep[1]) == 32
+    u = _alloc(attn, mlp, sparsity=0.3, gamma=1.0, n_query_per_kv=1, head_dim=1, mode="uniform")
+    assert len({len(k) for k in u.mlp_keep}) == 1 and len({len(k) for k in u.attention_keep}) == 1
+    with pytest.raises(ConfigError, match="skip_layers"):
+        _alloc(attn, mlp, sparsity=0.3, skip_layers=[5])
+
+
+def test_param_budget():
+    s = sparsity_for_param_budget(1000, 800, 600)
+    assert s == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="param_budget"):
+        sparsity_for_param_budget(1000, 800, 150)
+    assert math.isclose(sparsity_for_param_budget(1000, 800, 1000), 0.0)

@@ -1,0 +1,130 @@
+"""Saliency: pure functions on small tensors, and the scoring pass against a straightforward computation."""
+
+import pytest
+import torch
+
+from nirvana_lightning.adapters import get_adapter
+from nirvana_lightning.errors import ConfigError
+from nirvana_lightning.pruning import (
+    compute_output_functional,
+    compute_unit_scores,
+    compute_weight_saliency,
+    reduce_attention_scores,
+    reduce_mlp_scores,
+)
+from nirvana_lightning.pruning.saliency import check_finite
+
+
+def test_functionals_on_a_small_tensor():
+    z = torch.tensor([[[1.0, 5.0], [3.0, 2.0]]])  # (B=1, T=2, V=2)
+    assert compute_output_functional(z, "max_over_seq").item() == pytest.approx((3.0 + 5.0) / 2)
+    assert compute_output_functional(z, "max_over_vocab").item() == pytest.approx((5.0 + 3.0) / 2)
+    assert compute_output_functional(z, "sum_logits").item() == pytest.approx(11.0)
+    with pytest.raises(ValueError, match="functional"):
+        compute_output_functional(z, "nope")
+
+
+def test_weight_saliency_is_abs_product_in_float32():
+    w = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.0], dtype=torch.bfloat16)
+    g = torch.tensor([-1.0, 1.0, 0.0, 2.0, 4.0], dtype=torch.bfloat16)
+    s = compute_weight_saliency(w, g)
+    assert s.dtype == torch.float32 and s.tolist() == [1.0, 2.0, 0.0, 1.0, 4.0]
+    assert compute_weight_saliency(w, None).tolist() == [1.0, 2.0, 3.0, 0.5, 1.0]
+
+
+def test_group_and_neuron_reduction_layout():
+    # 2 KV groups, g=2, d=1, hidden 3: q rows [0,1] belong to group 0, rows [2,3] to group 1
+    q = torch.tensor([[1.0] * 3, [1.0] * 3, [2.0] * 3, [2.0] * 3])
+    k = torch.tensor([[1.0] * 3, [5.0] * 3])
+    v = torch.zeros(2, 3)
+    o = torch.tensor([[1.0, 1.0, 0.0, 0.0]] * 3)  # columns of group 0
+    scores = reduce_attention_scores(q, k, v, o, n_kv_group=2)
+    assert scores.tolist() == [6 + 3 + 6, 12 + 15]
+    gate, up = torch.eye(2), 2 * torch.eye(2)
+    down = torch.tensor([[1.0, 0.0], [1.0, 4.0]])  # (hidden, mlp): column j is neuron j
+    assert reduce_mlp_scores(gate, up, down).tolist() == [1 + 2 + 2, 1 + 2 + 4]
+
+
+def test_non_finite_scores_name_the_layer():
+    with pytest.raises(FloatingPointError, match="layer 1"):
+        check_finite([torch.ones(2), torch.tensor([1.0, float("nan")])], "MLP")
+
+
+def _straightforward_scores(model, ids, loss_fn):
+    """Independent reference: autograd on the full model, then sum |w * grad| over each unit by hand."""
+    adapter = get_adapter(model)
+    model.zero_grad(set_to_none=True)
+    loss_fn(model, ids).backward()
+    g, d = adapter.n_query_per_kv, adapter.head_dim
+    attn, mlp = [], []
+    for layer in adapter.layers():
+        a, m = adapter.attention(layer), adapter.mlp(layer)
+        sal = {n: (p.weight * p.weight.grad).abs() for n, p in
+               (("q", a.q), ("k", a.k), ("v", a.v), ("o", a.o), ("gate", m.gate), ("up", m.up), ("down", m.down))}
+        n_group = a.k.weight.shape[0] // d
+        attn.append(torch.stack([
+            sal["q"][h * g * d:(h + 1) * g * d].sum() + sal["k"][h * d:(h + 1) * d].sum()
+            + sal["v"][h * d:(h + 1) * d].sum() + sal["o"][:, h * g * d:(h + 1) * g * d].sum()
+            for h in range(n_group)]))
+        mlp.append(torch.stack([sal["gate"][j].sum() + sal["up"][j].sum() + sal["down"][:, j].sum()
+                                for j in range(m.gate.weight.shape[0])]))
+    model.zero_grad(set_to_none=True)
+    return attn, mlp
+
+
+def _assert_close(got, want, rtol=1e-5):
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.detach().float(), rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("functional", ["max_over_seq", "max_over_vocab", "sum_logits"])
+def test_unit_scores_equal_straightforward_computation(tiny, calib, functional):
+    ref = _straightforward_scores(tiny, calib,
+                                  lambda m, x: compute_output_functional(m(input_ids=x).logits, functional))
+    for lean, ckpt, chunk in ((True, True, 100), (False, False, None), (True, False, None)):
+        got = compute_unit_scores(tiny, calib, functional=functional, lean=lean, checkpointing=ckpt, head_chunk=chunk)
+        _assert_close(got.attention, ref[0])
+        _assert_close(got.mlp, ref[1])
+
+
+def test_taylor_uses_the_loss_gradient(tiny, calib):
+    ref = _straightforward_scores(tiny, calib, lambda m, x: m(input_ids=x, labels=x).loss)
+    got = compute_unit_scores(tiny, calib, criterion="taylor")
+    _assert_close(got.mlp, ref[1])
+    _assert_close(got.attention, ref[0])
+
+
+def test_micro_batches_gradient_mode_is_exact_and_saliency_mode_bounds_it(tiny, calib):
+    whole = compute_unit_scores(tiny, calib)
+    exact = compute_unit_scores(tiny, calib, micro_batch_size=2, accumulate="gradient")
+    _assert_close(exact.mlp, whole.mlp)
+    _assert_close(exact.attention, whole.attention)
+    upper = compute_unit_scores(tiny, calib, micro_batch_size=2, accumulate="saliency")
+    for u, w in zip(upper.mlp + upper.attention, whole.mlp + whole.attention):
+        assert (u >= w * (1 - 1e-5)).all()  # triangle inequality: |sum| <= sum |.|
+
+
+def test_scoring_leaves_model_state_alone(tiny, calib):
+    before = {n: p.detach().clone() for n, p in tiny.named_parameters()}
+    flags = {n: p.requires_grad for n, p in tiny.named_parameters()}
+    compute_unit_scores(tiny, calib)
+    for n, p in tiny.named_parameters():
+        assert torch.equal(p, before[n]) and p.grad is None and p.requires_grad == flags[n]
+
+
+def test_magnitude_and_random(tiny):
+    mag = compute_unit_scores(tiny, None, criterion="magnitude")
+    layer = get_adapter(tiny).layers()[0]
+    expected = layer.mlp.gate_proj.weight.abs().sum(1) + layer.mlp.up_proj.weight.abs().sum(1) \
+        + layer.mlp.down_proj.weight.abs().sum(0)
+    torch.testing.assert_close(mag.mlp[0], expected.detach())
+    r1 = compute_unit_scores(tiny, None, criterion="random", seed=3)
+    r2 = compute_unit_scores(tiny, None, criterion="random", seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(r1.mlp, r2.mlp))
+
+
+def test_bad_calibration_input(tiny):
+    with pytest.raises(ConfigError, match="calibration"):
+        compute_unit_scores(tiny, torch.rand(2, 8))
+    with pytest.raises(ConfigError, match="criterion"):
+        compute_unit_scores(tiny, torch.zeros(2, 8, dtype=torch.long), criterion="fisher")

@@ -1,0 +1,186 @@
+"""Invariants of plan-then-cut, for every family: prune equals mask, zero sparsity is identity, ..."""
+
+import copy
+
+import pytest
+import torch
+
+from nirvana_lightning import PruningPlan, apply_plan, count_parameters, make_plan, masked_units, prune
+from nirvana_lightning.adapters import get_adapter
+from nirvana_lightning.errors import ConfigError
+from nirvana_lightning.pruning import UnitScores, plan_from_scores
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_pruned_logits_equal_masked_dense_logits(tiny, calib):
+    plan = make_plan(tiny, calib, sparsity=0.45, gamma=1.5, round_to=8)
+    assert plan.realised_sparsity > 0.2
+    dense = _logits(tiny, calib)
+    with masked_units(tiny, plan):
+        masked = _logits(tiny, calib)
+    assert not torch.allclose(dense, masked)
+    apply_plan(tiny, plan)
+    pruned = _logits(tiny, calib)
+    assert (pruned - masked).abs().max().item() <= 1e-5
+
+
+def test_masking_restores_the_model(tiny, calib):
+    plan = make_plan(tiny, calib, sparsity=0.45, gamma=1.5)
+    dense = _logits(tiny, calib)
+    with masked_units(tiny, plan):
+        pass
+    assert torch.equal(_logits(tiny, calib), dense)
+
+
+def test_zero_sparsity_is_identity(tiny, calib):
+    dense = _logits(tiny, calib)
+    state = {k: v.clone() for k, v in tiny.state_dict().items()}
+    plan = prune(tiny, calib, sparsity=0.0, gamma=3.0)
+    assert plan.realised_sparsity == 0.0
+    assert torch.equal(_logits(tiny, calib), dense)
+    assert all(torch.equal(v, state[k]) for k, v in tiny.state_dict().items())
+
+
+def test_realised_parameters_match_plan_and_formula(tiny, calib):
+    before = count_parameters(tiny)
+    plan = prune(tiny, calib, sparsity=0.4, gamma=2.0, round_to=8)
+    after = count_parameters(tiny)
+    assert before["block"] == plan.block_params_before
+    assert after["block"] == plan.block_params_after
+    removed_other = before["other"] - after["other"]  # only Qwen2 q/k/v biases leave with their rows
+    adapter = get_adapter(tiny)
+    if getattr(tiny.config, "attention_bias", False):
+        g, d = adapter.n_query_per_kv, adapter.head_dim
+        removed_groups = sum(plan.n_kv_group_before) - sum(plan.n_kv_group_after)
+        assert removed_other == removed_groups * (g + 2) * d
+    else:
+        assert removed_other == 0
+    # the formula: removed units as requested, minus what the multiple-of-8 rounding spared
+    p = plan.provenance
+    removed_neurons = sum(plan.mlp_dim_before) - sum(plan.mlp_dim_after)
+    assert removed_neurons <= p["n_mlp_removed_requested"] < removed_neurons + 8 * plan.n_layer
+    assert sum(plan.n_kv_group_before) - sum(plan.n_kv_group_after) == p["n_attn_removed_requested"]
+
+
+def test_slices_move_in_whole_group_blocks(tiny, calib):
+    adapter = get_adapter(tiny)
+    g, d = adapter.n_query_per_kv, adapter.head_dim
+    dense = copy.deepcopy(tiny)
+    # force group 0 out of layer 0 by giving it the lowest score
+    n_group, mlp_dim = adapter.layer_geometry(adapter.layers()[0])
+    scores = UnitScores([torch.tensor([0.0] + [1.0] * (n_group - 1)), torch.ones(n_group)],
+                        [torch.rand(mlp_dim), torch.rand(mlp_dim)])
+    plan = plan_from_scores(tiny, scores, sparsity=0.3, gamma=1.0, round_to=8)
+    assert 0 not in plan.attention_keep[0]
+    apply_plan(tiny, plan)
+    kept = plan.attention_keep[0]
+    a_new, a_old = adapter.attention(adapter.layers()[0]), get_adapter(dense).attention(get_adapter(dense).layers()[0])
+    for j, h in enumerate(kept):
+        assert torch.equal(a_new.q.weight[j * g * d:(j + 1) * g * d], a_old.q.weight[h * g * d:(h + 1) * g * d])
+        assert torch.equal(a_new.k.weight[j * d:(j + 1) * d], a_old.k.weight[h * d:(h + 1) * d])
+        assert torch.equal(a_new.v.weight[j * d:(j + 1) * d], a_old.v.weight[h * d:(h + 1) * d])
+        assert torch.equal(a_new.o.weight[:, j * g * d:(j + 1) * g * d], a_old.o.weight[:, h * g * d:(h + 1) * g * d])
+        if a_old.q.bias is not None:
+            assert torch.equal(a_new.q.bias[j * g * d:(j + 1) * g * d], a_old.q.bias[h * g * d:(h + 1) * g * d])
+            assert torch.equal(a_new.k.bias[j * d:(j + 1) * d], a_old.k.bias[h * d:(h + 1) * d])
+
+
+def test_modules_config_and_tensors_agree_and_generate_works(tiny, calib):
+    plan = prune(tiny, calib, sparsity=0.45, gamma=1.5, round_to=8)
+    adapter = get_adapter(tiny)
+    widths = tiny.config.nirvana_layer_widths
+    assert tiny.config.head_dim == adapter.head_dim
+    for i, layer in enumerate(adapter.layers()):
+        a, m = adapter.attention(layer), adapter.mlp(layer)
+        n_group = plan.n_kv_group_after[i]
+        assert widths["num_key_value_heads"][i] == n_group
+        assert a.k.out_features == a.k.weight.shape[0] == n_group * adapter.head_dim == a.v.out_features
+        assert widths["num_attention_heads"][i] * adapter.head_dim == a.q.out_features == a.o.in_features
+        assert widths["intermediate_size"][i] == plan.mlp_dim_after[i] == m.gate.out_features == m.down.in_features
+        if hasattr(layer.mlp, "intermediate_size"):
+            assert layer.mlp.intermediate_size == plan.mlp_dim_after[i]
+    prompt = calib[:1, :5]
+    out_cache = tiny.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+    out_plain = tiny.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert out_cache.shape == (1, 11) and torch.equal(out_cache, out_plain)
+
+
+def test_same_seed_same_plan(family, calib):
+    from nirvana_lightning.debug_models import build_tiny_model
+
+    plans = [make_plan(build_tiny_model(family), calib, sparsity=0.4, gamma=2.0) for _ in range(2)]
+    assert plans[0].fingerprint() == plans[1].fingerprint()
+    r = [make_plan(build_tiny_model(family), None, sparsity=0.4, criterion="random", seed=s) for s in (1, 1, 2)]
+    assert r[0].fingerprint() == r[1].fingerprint()
+
+
+def test_plan_json_round_trip_and_reapply(tiny, calib):
+    from nirvana_lightning.debug_models import build_tiny_model
+
+    plan = make_plan(tiny, calib, sparsity=0.45, gamma=1.5)
+    text = plan.to_json()
+    again = PruningPlan.from_json(text)
+    assert again == plan
+    other = build_tiny_model(f"tiny-{tiny.config.model_type}")
+    apply_plan(tiny, plan)
+    apply_plan(other, again)
+    assert torch.equal(_logits(tiny, calib), _logits(other, calib))
+
+
+def test_mismatched_plan_names_the_layer_and_leaves_model_untouched(tiny, calib):
+    plan = make_plan(tiny, calib, sparsity=0.45, gamma=1.5)
+    data = plan.to_dict()
+    data["mlp_keep"][1] = [0, 500]
+    with pytest.raises(ValueError, match="layer 1"):
+        PruningPlan.from_dict(data)
+    bad = PruningPlan.from_dict({**plan.to_dict(), "mlp_dim_before": [plan.mlp_dim_before[0], 999]})
+    state = {k: v.clone() for k, v in tiny.state_dict().items()}
+    with pytest.raises(ValueError, match="plan layer 1"):
+        apply_plan(tiny, bad)
+    assert all(torch.equal(v, state[k]) for k, v in tiny.state_dict().items())
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"sparsity": 1.0}, "sparsity=1.0"), ({"sparsity": -0.2}, "sparsity=-0.2"),
+    ({"sparsity": 0.3, "gamma": 0.0}, "gamma=0.0"), ({"sparsity": 0.3, "gamma": -2}, "gamma=-2"),
+    ({"sparsity": 0.3, "criterion": "wanda"}, "criterion='wanda'"),
+    ({"sparsity": None}, "exactly one of sparsity and param_budget"),
+])
+def test_bad_input_leaves_model_untouched(tiny, calib, kw, match):
+    state = {k: v.clone() for k, v in tiny.state_dict().items()}
+    with pytest.raises(ConfigError, match=match):
+        prune(tiny, calib, **kw)
+    assert all(torch.equal(v, state[k]) for k, v in tiny.state_dict().items())
+
+
+def test_nan_saliency_is_rejected_before_any_cut(tiny, calib):
+    layer = get_adapter(tiny).layers()[1]
+    with torch.no_grad():
+        layer.mlp.up_proj.weight[3, 0] = float("nan")
+    shapes = {k: v.shape for k, v in tiny.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="layer"):
+        prune(tiny, None, sparsity=0.3, criterion="magnitude")
+    assert {k: v.shape for k, v in tiny.state_dict().items()} == shapes
+
+
+def test_param_budget_target(tiny, calib):
+    total = count_parameters(tiny)["total"]
+    budget = total - count_parameters(tiny)["block"] // 3
+    plan = prune(tiny, calib, param_budget=budget, gamma=1.0, round_to=1)
+    assert count_parameters(tiny)["total"] >= budget  # flooring removes at most the requested amount
+    assert plan.provenance["sparsity"] == pytest.approx(1 / 3, rel=1e-6)
+
+
+def test_bf16_model_is_scored_in_float32_and_stays_bf16(family, calib):
+    from nirvana_lightning.debug_models import build_tiny_model
+
+    model = build_tiny_model(family).to(torch.bfloat16)
+    plan = prune(model, calib, sparsity=0.3, gamma=1.0)
+    assert plan.provenance["scoring_dtype"] == "float32"
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    reference = make_plan(build_tiny_model(family).to(torch.bfloat16).float(), calib, sparsity=0.3, gamma=1.0)
+    assert plan.fingerprint() == reference.fingerprint()
