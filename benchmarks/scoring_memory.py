@@ -23,7 +23,10 @@ training side of a 90/10 document split of the shipped Brown corpus: the same wi
 worker, checked by fingerprint), records RSS after loading, then resets the kernel's RSS
 high-water mark (``/proc/self/clear_refs``) and scores. Reported per run:
 
-    RSS after load        VmRSS just before scoring (model, tokenizer, calibration, Python, torch)
+    RSS after load        VmRSS just before scoring (model, tokenizer, calibration, Python, torch),
+                          after one no-grad forward of one window: load_model leaves the weights
+                          memory-mapped from the safetensors cache, resident only once read, so
+                          without it the first forward's page-ins would count as scoring memory
     scoring peak          VmHWM after scoring = the process's peak RSS during scoring
     scoring delta         scoring peak - RSS after load: the memory the scoring pass itself needs
     ru_maxrss             resource.getrusage(RUSAGE_SELF).ru_maxrss: whole-process peak, loading
@@ -31,7 +34,11 @@ high-water mark (``/proc/self/clear_refs``) and scores. Reported per run:
     wall                  seconds spent in compute_unit_scores
 
 The requirement is checked on total peak (ru_maxrss) and, more strictly, on the scoring delta.
-Each worker saves its unit scores; the parent asserts they agree within 1e-6 relative.
+Each worker saves its unit scores; the parent prints the largest elementwise relative difference
+(and the largest absolute difference relative to each layer's largest score) and asserts the
+elementwise one is within ``--rtol`` (default 1e-6). In fp32 the vocabulary-chunked head sums the
+hidden-state gradient in a different order than one full-logits GEMM, so the two approaches are
+equal only up to fp32 rounding amplified through the backward pass; checkpointing is bit-exact.
 
 Projection to Llama-3.1-8B (bf16 weights, bf16 gradients, B x T = 32 x 128 = N tokens, SDPA
 attention with a fused kernel, scoring in the model dtype, i.e. ``scoring_dtype="model"``).
@@ -88,7 +95,6 @@ LLAMA_31_8B = {
 }
 GIB = 1024**3
 REQUIRED_RATIO = 0.6
-REL_TOL = 1e-6
 
 
 # --------------------------------------------------------------------------- worker (one approach)
@@ -134,8 +140,14 @@ def run_worker(args: argparse.Namespace) -> None:
 
     model, tokenizer = load_model(args.model)
     calibration = build_calibration(tokenizer, args.n_window, args.seq_len, args.seed, args.val_fraction)
+    rss_file_untouched = _status_kib("RssFile")
+    # load_model's weights are memory-mapped from the safetensors cache and only become resident
+    # when first read: touch them (one no-grad forward) so the baseline holds the whole model.
+    with torch.no_grad():
+        model(input_ids=calibration[:1], use_cache=False)
     gc.collect()
     rss_load = _status_kib("VmRSS")
+    rss_file_load = _status_kib("RssFile")
     maxrss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reset_ok = _reset_peak_rss()
     start = time.perf_counter()
@@ -148,6 +160,7 @@ def run_worker(args: argparse.Namespace) -> None:
         "approach": args.worker, "threads": torch.get_num_threads(),
         "calibration_fingerprint": fingerprint([calibration]), "calibration_shape": list(calibration.shape),
         "rss_after_load_kib": rss_load, "ru_maxrss_after_load_kib": maxrss_load,
+        "rss_file_before_touch_kib": rss_file_untouched, "rss_file_after_load_kib": rss_file_load,
         "scoring_peak_kib": peak, "ru_maxrss_kib": maxrss, "wall_s": wall,
     }
     Path(args.result_out).write_text(json.dumps(result))
@@ -209,17 +222,23 @@ def spawn_worker(approach: str, args: argparse.Namespace, workdir: Path) -> tupl
     return json.loads(result_out.read_text()), scores_out
 
 
-def max_relative_difference(a_path: Path, b_path: Path) -> float:
-    """Largest elementwise |a - b| / |b| over every unit score of two saved runs."""
+def max_relative_difference(a_path: Path, b_path: Path) -> tuple[float, float]:
+    """Differences between the unit scores of two saved runs.
+
+    Returns:
+        ``(elementwise, layerwise)``: the largest ``|a - b| / |b|`` over every unit, and the largest
+        ``max|a - b| / max|b|`` over every layer's attention and MLP score vectors.
+    """
     import torch
 
     a, b = torch.load(a_path), torch.load(b_path)
-    worst = 0.0
+    elementwise = layerwise = 0.0
     for kind in ("attention", "mlp"):
         for x, y in zip(a[kind], b[kind], strict=True):
-            rel = (x.double() - y.double()).abs() / y.double().abs().clamp_min(torch.finfo(torch.float32).tiny)
-            worst = max(worst, float(rel.max()))
-    return worst
+            diff, ref = (x.double() - y.double()).abs(), y.double().abs()
+            elementwise = max(elementwise, float((diff / ref.clamp_min(torch.finfo(torch.float32).tiny)).max()))
+            layerwise = max(layerwise, float(diff.max() / ref.max()))
+    return elementwise, layerwise
 
 
 def gib(kib_or_bytes: float, kib: bool = True) -> str:
@@ -237,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="documents held out of the calibration side of the Brown split")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per approach; the order alternates (lean first, then straightforward first, ...)")
+    parser.add_argument("--rtol", type=float, default=1e-6,
+                        help="largest elementwise relative difference allowed between the two approaches' scores")
     parser.add_argument("--worker", choices=sorted(APPROACHES), help=argparse.SUPPRESS)
     parser.add_argument("--scores-out", help=argparse.SUPPRESS)
     parser.add_argument("--result-out", help=argparse.SUPPRESS)
@@ -256,12 +277,12 @@ def main(argv: list[str] | None = None) -> None:
         assert len(fingerprints) == 1, f"workers scored different calibration windows: {fingerprints}"
         lean_scores = next(p for res, p in runs if res["approach"] == "lean")
         full_scores = next(p for res, p in runs if res["approach"] == "straightforward")
-        max_rel = max_relative_difference(lean_scores, full_scores)
+        max_rel, max_rel_layer = max_relative_difference(lean_scores, full_scores)
         max_rel_repeat = 0.0
         for approach in APPROACHES:
             paths = [p for res, p in runs if res["approach"] == approach]
             for p in paths[1:]:
-                max_rel_repeat = max(max_rel_repeat, max_relative_difference(paths[0], p))
+                max_rel_repeat = max(max_rel_repeat, max_relative_difference(paths[0], p)[0])
 
     from transformers import AutoConfig, LlamaConfig
 
@@ -309,8 +330,13 @@ def main(argv: list[str] | None = None) -> None:
           f"{'HOLDS' if ok_total else 'FAILS'} on total peak (ratio {total['lean'] / total['straightforward']:.3f})"
           + (f"; {'HOLDS' if delta['lean'] <= REQUIRED_RATIO * delta['straightforward'] else 'FAILS'} on the "
              f"scoring delta (ratio {delta['lean'] / delta['straightforward']:.3f})" if delta else ""))
-    print(f"unit scores, lean vs straightforward: max relative difference {max_rel:.3e} (tolerance {REL_TOL:g})"
+    print(f"unit scores, lean vs straightforward: max elementwise relative difference {max_rel:.3e} "
+          f"(tolerance {args.rtol:g}: {'OK' if max_rel <= args.rtol else 'EXCEEDED'}); max |diff| / max |score| "
+          f"per layer {max_rel_layer:.3e}"
           + (f"; between repeats of one approach {max_rel_repeat:.3e}" if args.repeats > 1 else ""))
+    file_note = {res["approach"]: (res["rss_file_before_touch_kib"], res["rss_file_after_load_kib"]) for res, _ in runs}
+    print("file-backed RSS before / after touching the weights (GiB): "
+          + ", ".join(f"{a} {gib(b)} / {gib(t)}" for a, (b, t) in file_note.items()))
 
     # ---- projections: the benchmarked model (fp32, as a check of the activation model) and Llama-3.1-8B (bf16)
     n_token = args.n_window * args.seq_len
@@ -349,7 +375,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nprojected lean / straightforward: {ratio:.3f} (total), "
           f"{llama['lean']['total - weights'] / llama['straightforward']['total - weights']:.3f} (excluding weights)")
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
-    assert max_rel <= REL_TOL, f"lean and straightforward unit scores differ: max relative difference {max_rel:.3e}"
+    assert max_rel <= args.rtol, (
+        f"lean and straightforward unit scores differ: max elementwise relative difference {max_rel:.3e} > "
+        f"{args.rtol:g} (see the module docstring on fp32 summation order in the chunked head)")
 
 
 if __name__ == "__main__":

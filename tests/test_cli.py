@@ -1,0 +1,59 @@
+"""The command line, run as users run it (subprocesses)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "debug" / "tiny.yaml")
+
+
+def run(*args, cwd=REPO, timeout=600):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "nirvana_lightning", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_fast_dev_run(tmp_path):
+    r = run("fit", "--config", TINY, "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "validation perplexity after recovery" in r.stderr + r.stdout
+
+
+def test_tiny_fit_prunes_writes_plan_and_logs(tmp_path):
+    r = run("fit", "--config", TINY, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    log_dir = tmp_path / "lightning_logs" / "version_0"
+    plan = json.loads((log_dir / "plan.json").read_text())
+    assert plan["provenance"]["criterion"] == "nirvana" and plan["provenance"]["sparsity"] == 0.4
+    assert (log_dir / "plan.md").read_text().startswith("| layer |")
+    rows = list(csv.DictReader((log_dir / "metrics.csv").open()))
+    keys = {k for row in rows for k, v in row.items() if v}
+    assert {"prune/params_before", "prune/params_after", "ppl/dense", "ppl/before_recovery",
+            "ppl/after_recovery", "train/loss", "val/ppl"} <= keys
+    before = float(next(r["prune/params_before"] for r in rows if r["prune/params_before"]))
+    after = float(next(r["prune/params_after"] for r in rows if r["prune/params_after"]))
+    assert after < before
+    out = r.stderr + r.stdout
+    assert "dense (before pruning)" in out and "after recovery" in out
+
+
+def test_validate_and_print_config(tmp_path):
+    r = run("validate", "--config", TINY, f"--trainer.default_root_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run("fit", "--config", TINY, "--print_config")
+    assert r.returncode == 0 and "NirvanaPruningCallback" in r.stdout and "source: tiny-llama" in r.stdout
+
+
+def test_bad_values_fail_fast_naming_the_key(tmp_path):
+    for arg, needle in (("--model.source=nope", "model.source='nope'"),
+                        ("--data.seq_len=-1", "data.seq_len=-1"),
+                        ("--data.sources=[/missing.txt]", "data.sources[0]='/missing.txt'"),
+                        ("--model.recovery=qlora", "qlora")):
+        r = run("fit", "--config", TINY, arg, f"--trainer.default_root_dir={tmp_path / 'x'}", timeout=120)
+        assert r.returncode != 0, arg
+        assert needle in r.stderr, (arg, r.stderr[-2000:])
+        assert not (tmp_path / "x" / "lightning_logs").exists() or not any((tmp_path / "x").rglob("plan.json"))
