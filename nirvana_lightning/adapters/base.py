@@ -7,7 +7,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
