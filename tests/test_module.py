@@ -7,9 +7,9 @@ from nirvana_lightning import NirvanaModule
 from nirvana_lightning.data import NirvanaDataModule
 
 
-def _fit(recovery, tmp_path, steps=3):
+def _fit(recovery, tmp_path, steps=3, **kwargs):
     L.seed_everything(0)
-    module = NirvanaModule(source="tiny-llama", recovery=recovery, lr=1e-2, warmup_steps=1, lora_r=4)
+    module = NirvanaModule(source="tiny-llama", recovery=recovery, lr=1e-2, warmup_steps=1, lora_r=4, **kwargs)
     data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=32, max_val_windows=2,
                              batch_size=2)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -41,3 +41,11 @@ def test_full_changes_weights_and_schedule_warms_up(tmp_path):
     lrs = [scheduler.lr_lambdas[0](s) for s in range(4)]
     assert lrs[0] == 1.0 and lrs[-1] < lrs[1]  # warmup of 1 step, then cosine decay toward min_lr_ratio
     assert min(lrs) >= module.hparams.min_lr_ratio - 1e-9
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    plain, _, _ = _fit("full", tmp_path / "a", steps=2)
+    ckpt, _, _ = _fit("full", tmp_path / "b", steps=2, gradient_checkpointing=True)
+    assert ckpt.base_model.is_gradient_checkpointing
+    for (n, p), (_, q) in zip(plain.base_model.named_parameters(), ckpt.base_model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
