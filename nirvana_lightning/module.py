@@ -13,6 +13,7 @@ from .adapters import ROLES, unwrap_model
 from .errors import ConfigError, check_choice, check_positive
 from .eval.perplexity import lm_loss_and_count
 from .loading import DTYPES, load_model, validate_source
+from .pruning import PruningPlan, apply_plan
 from .recovery import RECOVERY_MODES, apply_recovery
 
 
@@ -70,6 +71,9 @@ class NirvanaModule(L.LightningModule):
         self.save_hyperparameters()
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
+        self.pruning_plan: PruningPlan | None = None
+        #: checkpoint the Trainer will restore (set by the CLI, or by hand before ``trainer.fit(ckpt_path=...)``)
+        self.resume_ckpt_path: str | None = None
         self._recovery_applied = False
         self.val_nll = MeanMetric()
 
@@ -79,7 +83,43 @@ class NirvanaModule(L.LightningModule):
         if self.model is None:
             hp = self.hparams
             self.model, self.tokenizer = load_model(hp.source, hp.dtype, cache_dir=hp.cache_dir)
+            self._restore_plan_from_checkpoint()
         return self.base_model
+
+    def _restore_plan_from_checkpoint(self) -> None:
+        """When the Trainer resumes from a checkpoint written after pruning, cut the same units now.
+
+        Lightning loads checkpoint weights after ``setup``/``configure_model``; the pruned shapes
+        must exist by then, and pruning must not be recomputed (calibration or code may differ).
+        """
+        ckpt_path = self.resume_ckpt_path
+        if not ckpt_path:
+            return
+        checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+        data = checkpoint.get(self.PLAN_KEY)
+        if data is not None:
+            self.pruning_plan = PruningPlan.from_dict(data)
+            apply_plan(self.model, self.pruning_plan)
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"restored pruning plan {self.pruning_plan.fingerprint()} from {ckpt_path}")
+
+    PLAN_KEY = "nirvana_pruning_plan"
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.pruning_plan is not None:
+            checkpoint[self.PLAN_KEY] = self.pruning_plan.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get(self.PLAN_KEY)
+        current = self.pruning_plan.fingerprint() if self.pruning_plan is not None else None
+        wanted = PruningPlan.from_dict(saved).fingerprint() if saved is not None else None
+        if current != wanted:
+            raise RuntimeError(
+                f"the checkpoint was written with pruning plan {wanted}, the model has {current}: set "
+                "module.resume_ckpt_path to the checkpoint before trainer.fit/validate/test (the CLI does "
+                "this for --ckpt_path) so the saved plan is applied instead of pruning again"
+            )
 
     @property
     def base_model(self) -> torch.nn.Module:
@@ -97,7 +137,12 @@ class NirvanaModule(L.LightningModule):
         self.model = apply_recovery(self.model, hp.recovery, lora_r=hp.lora_r, lora_alpha=hp.lora_alpha,
                                     lora_dropout=hp.lora_dropout, lora_targets=hp.lora_targets)
         if hp.gradient_checkpointing:
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base = self.base_model
+            kwargs = {"use_reentrant": False}
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             self.base_model.config.use_cache = False
         self.model.train()  # loaded in eval mode; dropout (LoRA) must be live during recovery
         self._recovery_applied = True

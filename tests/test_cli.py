@@ -57,3 +57,24 @@ def test_bad_values_fail_fast_naming_the_key(tmp_path):
         assert r.returncode != 0, arg
         assert needle in r.stderr, (arg, r.stderr[-2000:])
         assert not (tmp_path / "x" / "lightning_logs").exists() or not any((tmp_path / "x").rglob("plan.json"))
+
+
+def test_resume_from_pruned_checkpoint_does_not_prune_again(tmp_path):
+    common = ["--config", TINY, f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_checkpointing=true",
+              "--trainer.limit_val_batches=0"]
+    r = run("fit", *common, "--trainer.max_steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = next((tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt"))
+    plan = json.loads((tmp_path / "lightning_logs" / "version_0" / "plan.json").read_text())
+    r = run("fit", *common, "--trainer.max_steps=4", f"--ckpt_path={ckpt}")
+    out = r.stderr + r.stdout
+    assert r.returncode == 0, out[-3000:]
+    assert "not pruning again" in out and "pruned nirvana" not in out
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["nirvana_pruning_plan"]["mlp_keep"] == plan["mlp_keep"]
+    for i, width in enumerate(len(k) for k in plan["mlp_keep"]):
+        assert state["state_dict"][f"model.model.layers.{i}.mlp.gate_proj.weight"].shape[0] == width
+    r = run("validate", "--config", TINY, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={ckpt}")
+    assert r.returncode == 0 and "restored pruning plan" in r.stderr + r.stdout, r.stderr[-3000:]

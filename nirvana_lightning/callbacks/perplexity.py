@@ -41,6 +41,8 @@ class PerplexityCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or not self.dense or "dense" in self.results:
             return
+        if getattr(pl_module, "resume_ckpt_path", None):  # resuming: the dense value comes back with our state
+            return
         pl_module.build_model()
         if getattr(pl_module, "pruning_plan", None) is not None:
             raise ConfigError("trainer.callbacks", "PerplexityCallback after NirvanaPruningCallback",

@@ -99,6 +99,10 @@ class NirvanaPruningCallback(L.Callback):
         if stage != "fit" or self.plan is not None:
             return
         model = pl_module.build_model()
+        if getattr(pl_module, "pruning_plan", None) is not None:  # resumed from a pruned checkpoint
+            self.plan = pl_module.pruning_plan
+            rank_zero_info("model already pruned (plan restored from the checkpoint): not pruning again")
+            return
         before = count_parameters(model)["total"]
         if self.plan_path is not None:
             plan = PruningPlan.from_json(Path(self.plan_path).read_text())
