@@ -71,6 +71,7 @@ def test_calibration_windows_are_seeded():
     assert torch.equal(a, b) and a.shape == (8, 16)
     assert (a[:, 1:] - a[:, :-1] == 1).all()  # contiguous windows of the stream
     assert not torch.equal(a, sample_windows(stream, 8, 16, seed=4))
+    assert sample_windows(stream, 2, 1000, seed=0).shape == (2, 1000)  # exactly one window fits
     with pytest.raises(ValueError, match="shorter than one window of 2000"):
         sample_windows(stream, 1, 2000, seed=0)
 

@@ -128,3 +128,20 @@ def test_bad_calibration_input(tiny):
         compute_unit_scores(tiny, torch.rand(2, 8))
     with pytest.raises(ConfigError, match="criterion"):
         compute_unit_scores(tiny, torch.zeros(2, 8, dtype=torch.long), criterion="fisher")
+
+
+def test_checkpointing_restores_an_existing_instance_forward(tiny, calib):
+    layer = get_adapter(tiny).layers()[0]
+    calls = []
+    original = layer.forward
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    layer.forward = wrapped  # as accelerate's hooks do
+    compute_unit_scores(tiny, calib, checkpointing=True)
+    assert layer.__dict__["forward"] is wrapped
+    n = len(calls)
+    tiny(input_ids=calib)
+    assert len(calls) == n + 1

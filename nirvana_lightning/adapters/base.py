@@ -90,6 +90,8 @@ class ModelAdapter:
         Independent of the HF ``gradient_checkpointing`` flag, which only acts in train mode.
         """
         layers = self.layers()
+        # a layer may already carry an instance-level forward (accelerate hooks): put it back after
+        saved = [layer.__dict__.get("forward") for layer in layers]
         for layer in layers:
             forward = layer.forward
 
@@ -100,8 +102,11 @@ class ModelAdapter:
         try:
             yield
         finally:
-            for layer in layers:
-                del layer.forward  # the instance attribute; the class method is visible again
+            for layer, previous in zip(layers, saved):
+                if previous is None:
+                    del layer.forward  # the class method is visible again
+                else:
+                    layer.forward = previous
 
     # ------------------------------------------------------------------ geometry
     @property

@@ -14,7 +14,7 @@ def sample_windows(stream: torch.Tensor, n_window: int, seq_len: int, seed: int)
     Returns:
         LongTensor ``(n_window, seq_len)``; the same seed always gives the same windows.
     """
-    if stream.numel() < seq_len + 1:
+    if stream.numel() < seq_len:
         raise ValueError(
             f"calibration text has {stream.numel()} tokens, shorter than one window of {seq_len}; "
             "add calibration text or lower data.calibration_seq_len"

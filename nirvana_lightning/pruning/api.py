@@ -122,7 +122,7 @@ def make_plan(
         "criterion": criterion, "functional": functional if criterion == "nirvana" else None,
         "calibration_fingerprint": fingerprint(batches) if batches else None,
         "calibration_shape": [sum(b.shape[0] for b in batches), batches[0].shape[1]] if batches else None,
-        "micro_batches": len(batches), "accumulate": accumulate, "scoring_dtype": scoring_dtype, "seed": seed,
+        "micro_batches": len(batches), "accumulate": accumulate, "checkpointing": checkpointing, "scoring_dtype": scoring_dtype, "seed": seed,
         "scoring_seconds": round(time.perf_counter() - start, 3),
     }
     return plan_from_scores(model, scores, sparsity=sparsity, gamma=gamma, round_to=round_to,
