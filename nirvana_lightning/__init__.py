@@ -3,6 +3,7 @@
 from .callbacks import NirvanaPruningCallback, PerplexityCallback
 from .data import NirvanaDataModule
 from .errors import ConfigError
+from .export import load_pruned, load_pruned_adapter, save_pruned
 from .loading import load_model, load_tokenizer
 from .module import NirvanaModule
 from .pruning import (
@@ -24,5 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "NirvanaDataModule", "NirvanaModule", "NirvanaPruningCallback", "PerplexityCallback",
     "PruningPlan", "UnitScores", "allocate", "apply_plan", "compute_output_functional", "compute_unit_scores",
-    "count_parameters", "load_model", "load_tokenizer", "make_plan", "masked_units", "plan_from_scores", "prune",
+    "count_parameters", "load_model", "load_pruned", "load_pruned_adapter", "load_tokenizer", "make_plan",
+    "masked_units", "plan_from_scores", "prune", "save_pruned",
 ]

@@ -1,0 +1,217 @@
+"""On-disk format of a pruned model: a standard Hugging Face directory that reloads anywhere.
+
+Layout written by :func:`save_pruned`::
+
+    config.json             stock config + nirvana_layer_widths + head_dim + auto_map
+    model.safetensors       sliced weights (LoRA merged unless adapter_only)
+    modeling_nirvana.py     standalone classes for trust_remote_code loading
+    plan.json               the pruning plan with provenance
+    generation_config.json, tokenizer files, README.md (model card with provenance)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .adapters import get_adapter, remote_modeling, unwrap_model
+from .errors import check_choice
+from .pruning import PruningPlan, count_parameters
+from .pruning.plan import library_versions
+
+REMOTE_FILE = "modeling_nirvana.py"
+PLAN_FILE = "plan.json"
+BASE_FILE = "nirvana_base.json"
+
+
+def _prepare_target(path: Path, overwrite: bool) -> Path:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Move the finished temporary directory into place (replacing an old one only now)."""
+    tmp.chmod(0o755)
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def _model_card(model: nn.Module, plan: PruningPlan | None, extra: dict[str, Any]) -> str:
+    p = plan.provenance if plan is not None else {}
+    counts = count_parameters(model)
+    lines = [
+        "---", "library_name: transformers", "tags: [pruned, nirvana-lightning, structured-pruning]", "---", "",
+        "# Structurally pruned model (nirvana-lightning)", "",
+        "Pruned with NIRVANA-style structured pruning: whole GQA attention groups and MLP neurons removed.",
+        "Reload without nirvana-lightning: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`;",
+        "with it: `nirvana_lightning.load_pruned(path)` (executes no code from this directory).", "",
+        "| field | value |", "|---|---|",
+    ]
+    rows = {
+        "base model": extra.get("base_model") or p.get("model_source"),
+        "model type": model.config.model_type,
+        "criterion": p.get("criterion"), "functional": p.get("functional"),
+        "target sparsity": p.get("sparsity"), "gamma": p.get("gamma"), "round_to": p.get("round_to"),
+        "realised block-weight sparsity": plan.realised_sparsity if plan else None,
+        "calibration fingerprint": p.get("calibration_fingerprint"),
+        "calibration selection": p.get("selection"),
+        "params before": p.get("params_before"), "params after": counts["total"],
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
+    for key, value in {**rows, **{f"metric {k}": v for k, v in (extra.get("metrics") or {}).items()}}.items():
+        if value is not None:
+            lines.append(f"| {key} | {value} |")
+    lines += ["", "Library versions: `" + json.dumps(library_versions()) + "`", ""]
+    if plan is not None:
+        lines += ["## Per-layer widths", "", plan.table(), ""]
+    return "\n".join(lines)
+
+
+def save_pruned(
+    model: nn.Module,
+    tokenizer,
+    path: str | Path,
+    plan: PruningPlan | None = None,
+    *,
+    overwrite: bool = False,
+    adapter_only: bool = False,
+    base_model: str | None = None,
+    metrics: dict[str, float] | None = None,
+) -> Path:
+    """Write a pruned model as a Hugging Face directory, atomically.
+
+    Args:
+        model: the pruned model (plain transformers or peft-wrapped).
+        tokenizer: saved next to the weights (may be None).
+        path: destination directory; an existing non-empty one is refused unless ``overwrite``.
+        plan: the plan that produced the model (``plan.json`` and the model card).
+        adapter_only: for a peft model, write only the adapter + plan + base reference
+            (``nirvana_base.json``); otherwise LoRA adapters are merged (on a copy).
+        base_model: source of the dense model, recorded in the card and the base reference.
+        metrics: numbers to put in the model card.
+
+    Returns:
+        ``path``. On any failure nothing exists at ``path`` (or the old content is kept).
+    """
+    path = Path(path)
+    tmp = _prepare_target(path, overwrite)
+    try:
+        is_peft = unwrap_model(model) is not model
+        base = unwrap_model(model)
+        source = base_model or (plan.provenance.get("model_source") if plan else None) or base.config._name_or_path
+        if adapter_only:
+            if not is_peft:
+                raise ValueError("adapter_only=True needs a peft-wrapped model")
+            model.save_pretrained(tmp)
+            (tmp / BASE_FILE).write_text(json.dumps({"base_model": source, "dtype": str(base.dtype)}, indent=1))
+        else:
+            if is_peft:
+                base = copy.deepcopy(model).merge_and_unload()
+            get_adapter(base)  # supported family
+            config = base.config
+            config.auto_map = {"AutoModelForCausalLM": f"modeling_nirvana.{remote_modeling.PRUNED_CLASSES[config.model_type].__name__}"}
+            try:
+                base.save_pretrained(tmp, safe_serialization=True)
+            finally:
+                del config.auto_map
+            shutil.copyfile(remote_modeling.__file__, tmp / REMOTE_FILE)
+            (tmp / "README.md").write_text(_model_card(base, plan, {"base_model": source, "metrics": metrics}))
+        if plan is not None:
+            (tmp / PLAN_FILE).write_text(plan.to_json())
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _commit(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _check_plan_against_config(plan: PruningPlan, config) -> None:
+    widths = getattr(config, remote_modeling.WIDTHS_KEY, None)
+    if widths is None:
+        return
+    for i in range(max(plan.n_layer, len(widths["intermediate_size"]))):
+        if i >= plan.n_layer or i >= len(widths["intermediate_size"]):
+            raise ValueError(f"plan.json has {plan.n_layer} layers, config.json {len(widths['intermediate_size'])}")
+        if (plan.n_kv_group_after[i], plan.mlp_dim_after[i]) != (widths["num_key_value_heads"][i],
+                                                                   widths["intermediate_size"][i]):
+            raise ValueError(
+                f"plan.json and config.json disagree at layer {i}: plan keeps {plan.n_kv_group_after[i]} KV groups "
+                f"and {plan.mlp_dim_after[i]} neurons, config says {widths['num_key_value_heads'][i]} and "
+                f"{widths['intermediate_size'][i]}"
+            )
+
+
+def load_pruned(path: str | Path, dtype: str | None = None):
+    """Load a directory written by :func:`save_pruned` with the stock transformers class.
+
+    No code from the directory is executed: the classes come from this package.
+
+    Args:
+        path: the exported directory.
+        dtype: ``float32`` / ``bfloat16`` / ``float16``; default: as saved.
+
+    Returns:
+        ``(model, tokenizer)``; ``model.pruning_plan`` holds the plan when ``plan.json`` exists.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .loading import DTYPES
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a saved model directory")
+    config = AutoConfig.from_pretrained(path)
+    cls = remote_modeling.PRUNED_CLASSES.get(config.model_type)
+    if cls is None:
+        raise ValueError(f"model_type {config.model_type!r}; supported: {sorted(remote_modeling.PRUNED_CLASSES)}")
+    plan = None
+    if (path / PLAN_FILE).is_file():
+        try:
+            plan = PruningPlan.from_json((path / PLAN_FILE).read_text())
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"{path / PLAN_FILE} is corrupt: {err}") from err
+        _check_plan_against_config(plan, config)
+    kwargs = {"dtype": DTYPES[check_choice("dtype", dtype, DTYPES)]} if dtype else {"dtype": "auto"}
+    model = cls.from_pretrained(path, config=config, **kwargs)
+    model.eval()
+    model.pruning_plan = plan
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    return model, tokenizer
+
+
+def load_pruned_adapter(path: str | Path, base_model: nn.Module | None = None):
+    """Rebuild an adapter-only export: dense base (from the reference or given), plan applied, adapter loaded."""
+    from peft import PeftModel
+
+    from .loading import load_model
+    from .pruning import apply_plan
+
+    path = Path(path)
+    tokenizer = None
+    if base_model is None:
+        ref = json.loads((path / BASE_FILE).read_text())
+        base_model, tokenizer = load_model(ref["base_model"])
+    plan = PruningPlan.from_json((path / PLAN_FILE).read_text())
+    apply_plan(base_model, plan)
+    model = PeftModel.from_pretrained(base_model, path)
+    model.eval()
+    return model, tokenizer
+
+
+__all__ = ["load_pruned", "load_pruned_adapter", "save_pruned"]

@@ -1,0 +1,156 @@
+"""Pruned checkpoints reload anywhere: fresh processes, with and without nirvana_lightning."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from nirvana_lightning import prune
+from nirvana_lightning.debug_models import TINY_CONFIGS, build_tiny_model
+from nirvana_lightning.export import load_pruned, load_pruned_adapter, save_pruned
+from nirvana_lightning.recovery import apply_recovery
+
+IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
+
+# Runs in a fresh interpreter: logits and greedy tokens for every directory given.
+_RELOAD = textwrap.dedent('''
+    import importlib.util, json, sys
+    mode, ids_file, out_file, *dirs = sys.argv[1:]
+    if mode == "remote":
+        # prove nirvana_lightning is NOT importable: drop the repo from sys.path and the editable finder
+        sys.path = [p for p in sys.path if "nirvana" not in p and p not in ("", ".") and not p.endswith("/main")]
+        sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+        assert importlib.util.find_spec("nirvana_lightning") is None, "nirvana_lightning is importable"
+    import torch
+    ids = torch.load(ids_file)
+    out = {}
+    for d in dirs:
+        if mode == "remote":
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, dtype="auto").eval()
+        else:
+            from nirvana_lightning import load_pruned
+            model, _ = load_pruned(d)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        tokens = model.generate(ids[:1, :6], max_new_tokens=5, do_sample=False)
+        out[d] = {"logits": logits, "tokens": tokens, "dtype": str(logits.dtype), "cls": type(model).__name__,
+                  "tied": model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()}
+    torch.save(out, out_file)
+''')
+
+
+def _reload_in_fresh_process(mode, dirs, tmp_path, ids=IDS):
+    script, ids_file, out_file = tmp_path / "reload.py", tmp_path / "ids.pt", tmp_path / f"out_{mode}.pt"
+    script.write_text(_RELOAD)
+    torch.save(ids, ids_file)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cwd = tmp_path if mode == "remote" else Path(__file__).parents[1]
+    r = subprocess.run([sys.executable, str(script), mode, str(ids_file), str(out_file), *map(str, dirs)],
+                       cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return torch.load(out_file)
+
+
+def _reference(model, ids=IDS):
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    return logits, model.generate(ids[:1, :6], max_new_tokens=5, do_sample=False)
+
+
+def test_fresh_process_round_trip_every_family(tmp_path):
+    dirs, refs = [], {}
+    for name in sorted(TINY_CONFIGS):
+        model = build_tiny_model(name)
+        plan = prune(model, IDS, sparsity=0.45, gamma=1.5)
+        d = tmp_path / name
+        save_pruned(model, None, d, plan)
+        dirs.append(d)
+        refs[str(d)] = _reference(model)
+    for mode in ("package", "remote"):
+        out = _reload_in_fresh_process(mode, dirs, tmp_path)
+        for d, (logits, tokens) in refs.items():
+            assert torch.equal(out[d]["logits"], logits), (mode, d)  # fp32 bitwise
+            assert torch.equal(out[d]["tokens"], tokens), (mode, d)
+            assert out[d]["cls"].startswith("Nirvana")
+
+
+def test_smollm2_round_trip_bf16_and_tied_embeddings(smollm2, tmp_path):
+    import copy
+
+    model, tok = smollm2
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    ids = tok(["The history of the United States", "A small dog ran"], return_tensors="pt", padding=True).input_ids
+    prune(model, ids, sparsity=0.2, gamma=3.0)
+    assert model.config.tie_word_embeddings
+    save_pruned(model, tok, tmp_path / "smol", None)
+    logits, tokens = _reference(model, ids)
+    for mode in ("package", "remote"):
+        out = _reload_in_fresh_process(mode, [tmp_path / "smol"], tmp_path, ids)[str(tmp_path / "smol")]
+        assert out["dtype"] == "torch.bfloat16" and out["tied"], mode
+        assert torch.equal(out["logits"], logits) and torch.equal(out["tokens"], tokens), mode
+    assert (tmp_path / "smol" / "tokenizer.json").is_file() and (tmp_path / "smol" / "README.md").is_file()
+
+
+def test_lora_merged_export_equals_unmerged(tmp_path):
+    model = build_tiny_model("tiny-llama")
+    plan = prune(model, IDS, sparsity=0.4, gamma=1.5)
+    peft_model = apply_recovery(model, "lora", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)  # a trained adapter: B != 0 (LoRA deltas are small next to W)
+    peft_model.eval()
+    with torch.no_grad():
+        unmerged = peft_model(input_ids=IDS).logits
+    save_pruned(peft_model, None, tmp_path / "merged", plan)
+    reloaded, _ = load_pruned(tmp_path / "merged")
+    with torch.no_grad():
+        merged = reloaded(input_ids=IDS).logits
+    assert (merged - unmerged).abs().max().item() <= 1e-5
+    assert any("lora_" in n for n, _ in peft_model.named_parameters())  # merging worked on a copy
+    save_pruned(peft_model, None, tmp_path / "adapter", plan, adapter_only=True, base_model="tiny-llama")
+    rebuilt, _ = load_pruned_adapter(tmp_path / "adapter", base_model=build_tiny_model("tiny-llama"))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(input_ids=IDS).logits, unmerged)
+
+
+def test_writes_are_atomic_and_refuse_existing(tmp_path, monkeypatch):
+    model = build_tiny_model("tiny-qwen2")
+    plan = prune(model, IDS, sparsity=0.3)
+    target = tmp_path / "out"
+    import transformers
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned(model, None, target, plan)
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    save_pruned(model, None, target, plan)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_pruned(model, None, target, plan)
+    save_pruned(model, None, target, plan, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_corrupt_or_mismatched_plan_names_the_layer(tmp_path):
+    model = build_tiny_model("tiny-llama")
+    plan = prune(model, IDS, sparsity=0.45, gamma=1.5)
+    save_pruned(model, None, tmp_path / "m", plan)
+    data = json.loads((tmp_path / "m" / "plan.json").read_text())
+    data["mlp_keep"][1] = data["mlp_keep"][1][:-8]
+    data["mlp_dim_before"] = data["mlp_dim_before"]
+    (tmp_path / "m" / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="layer 1"):
+        load_pruned(tmp_path / "m")
+    (tmp_path / "m" / "plan.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_pruned(tmp_path / "m")
