@@ -1,6 +1,6 @@
 """nirvana-lightning: structured pruning of LLMs (NIRVANA) and recovery in one Lightning run."""
 
-from .callbacks import NirvanaPruningCallback, PerplexityCallback
+from .callbacks import ExportCallback, NirvanaPruningCallback, PerplexityCallback
 from .data import NirvanaDataModule
 from .errors import ConfigError
 from .export import load_pruned, load_pruned_adapter, save_pruned
@@ -23,7 +23,7 @@ from .pruning import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "NirvanaDataModule", "NirvanaModule", "NirvanaPruningCallback", "PerplexityCallback",
+    "ConfigError", "ExportCallback", "NirvanaDataModule", "NirvanaModule", "NirvanaPruningCallback", "PerplexityCallback",
     "PruningPlan", "UnitScores", "allocate", "apply_plan", "compute_output_functional", "compute_unit_scores",
     "count_parameters", "load_model", "load_pruned", "load_pruned_adapter", "load_tokenizer", "make_plan",
     "masked_units", "plan_from_scores", "prune", "save_pruned",

@@ -31,6 +31,27 @@ class _Rows(Dataset):
         return self.rows[i]
 
 
+class EpochSeededSampler(torch.utils.data.Sampler[int]):
+    """A shuffle that depends only on (seed, epoch): resuming at an epoch boundary replays the same order.
+
+    Lightning calls ``set_epoch`` at the start of every epoch (as for ``DistributedSampler``);
+    under DDP Lightning substitutes its distributed sampler, which is seeded the same way.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+
 def _collate_windows(rows: list[torch.Tensor]) -> dict:
     ids = torch.stack(rows)
     return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
@@ -49,7 +70,7 @@ class NirvanaDataModule(L.LightningDataModule):
         hf_split: split of ``hf:`` sources.
         seq_len: training / validation window (``lm``) or maximum example length (``sft``).
         val_fraction: fraction of documents (or SFT records) held out for validation.
-        split_seed: seed of the train/val split.
+        split_seed: seed of the train/val split and of the per-epoch training shuffle.
         max_train_windows / max_val_windows: optional caps (first windows after the split).
         batch_size / eval_batch_size: per-device batch sizes.
         num_workers: DataLoader workers.
@@ -169,7 +190,8 @@ class NirvanaDataModule(L.LightningDataModule):
         return partial(collate_sft, pad_id=self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=self._collate(),
+        sampler = EpochSeededSampler(len(self.train_set), self.split_seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self._collate(),
                           num_workers=self.num_workers, drop_last=False)
 
     def val_dataloader(self) -> DataLoader:

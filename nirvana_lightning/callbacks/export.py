@@ -1,0 +1,61 @@
+"""ExportCallback: write the pruned (and recovered) model as a Hugging Face directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from ..errors import ConfigError
+from ..export import save_pruned
+
+
+class ExportCallback(L.Callback):
+    """At fit end, export the model with :func:`nirvana_lightning.save_pruned`.
+
+    Args:
+        path: destination directory (relative paths are resolved against ``trainer.log_dir``).
+        overwrite: replace an existing non-empty destination.
+        adapter_only: write only the LoRA adapter, the plan and a base reference.
+        best: export the best checkpoint of the Trainer's ``ModelCheckpoint`` instead of the final
+            weights (they are loaded into the model first).
+    """
+
+    def __init__(self, path: str = "export", overwrite: bool = False, adapter_only: bool = False,
+                 best: bool = False) -> None:
+        if not path:
+            raise ConfigError("ExportCallback.path", path, "a directory path")
+        self.path, self.overwrite, self.adapter_only, self.best = path, overwrite, adapter_only, best
+        self.exported: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        target = self._target(trainer)
+        if target.exists() and any(target.iterdir()) and not self.overwrite:  # fail before any training
+            raise ConfigError("ExportCallback.path", str(target), "a new or empty directory, or overwrite: true")
+        if self.best and trainer.checkpoint_callback is None:
+            raise ConfigError("ExportCallback.best", True, "a ModelCheckpoint in trainer.callbacks")
+
+    def _target(self, trainer: L.Trainer) -> Path:
+        path = Path(self.path)
+        return path if path.is_absolute() else Path(trainer.log_dir or trainer.default_root_dir) / path
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.best:
+            ckpt = trainer.checkpoint_callback
+            if isinstance(ckpt, ModelCheckpoint) and ckpt.best_model_path:
+                import torch
+
+                state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+                pl_module.load_state_dict(state)
+        metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        self._export(trainer, pl_module, metrics)
+
+    @rank_zero_only
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, metrics: dict) -> None:
+        target = self._target(trainer)
+        self.exported = save_pruned(pl_module.model, pl_module.tokenizer, target, pl_module.pruning_plan,
+                                    overwrite=self.overwrite, adapter_only=self.adapter_only,
+                                    base_model=pl_module.hparams.source, metrics=metrics)
+        rank_zero_info(f"exported the model to {target}")
