@@ -78,3 +78,20 @@ def test_resume_from_pruned_checkpoint_does_not_prune_again(tmp_path):
         assert state["state_dict"][f"model.model.layers.{i}.mlp.gate_proj.weight"].shape[0] == width
     r = run("validate", "--config", TINY, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={ckpt}")
     assert r.returncode == 0 and "restored pruning plan" in r.stderr + r.stdout, r.stderr[-3000:]
+
+
+def test_prune_only_config_exports_a_reloadable_model(tmp_path):
+    config = str(REPO / "configs" / "prune_only.yaml")
+    r = run("fit", "--config", config, "--model.source=tiny-llama", f"--trainer.default_root_dir={tmp_path}",
+            "--data.max_train_windows=64")
+    assert r.returncode == 0, r.stderr[-3000:]
+    export = tmp_path / "lightning_logs" / "version_0" / "export"
+    assert (export / "model.safetensors").is_file() and (export / "modeling_nirvana.py").is_file()
+    card = (export / "README.md").read_text()
+    assert "criterion | nirvana" in card and "target sparsity | 0.2" in card
+    from nirvana_lightning import load_pruned
+
+    model, tokenizer = load_pruned(export)
+    plan = json.loads((export / "plan.json").read_text())
+    assert [len(k) for k in plan["mlp_keep"]] == [layer.mlp.gate_proj.out_features for layer in model.model.layers]
+    assert tokenizer is not None
