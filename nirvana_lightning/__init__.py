@@ -18,6 +18,7 @@ from .pruning import (
     masked_units,
     plan_from_scores,
     prune,
+    select_calibration,
 )
 
 __version__ = "0.1.0"
@@ -26,5 +27,5 @@ __all__ = [
     "ConfigError", "ExportCallback", "NirvanaDataModule", "NirvanaModule", "NirvanaPruningCallback", "PerplexityCallback",
     "PruningPlan", "UnitScores", "allocate", "apply_plan", "compute_output_functional", "compute_unit_scores",
     "count_parameters", "load_model", "load_pruned", "load_pruned_adapter", "load_tokenizer", "make_plan",
-    "masked_units", "plan_from_scores", "prune", "save_pruned",
+    "masked_units", "plan_from_scores", "prune", "save_pruned", "select_calibration",
 ]

@@ -68,7 +68,9 @@ def _model_card(model: nn.Module, plan: PruningPlan | None, extra: dict[str, Any
         "target sparsity": p.get("sparsity"), "gamma": p.get("gamma"), "round_to": p.get("round_to"),
         "realised block-weight sparsity": plan.realised_sparsity if plan else None,
         "calibration fingerprint": p.get("calibration_fingerprint"),
-        "calibration selection": p.get("selection"),
+        "calibration selection": (
+            f"KL, candidate {p['selection']['best_index']} of {len(p['selection']['kls'])} "
+            f"(KL {min(p['selection']['kls']):.5f})" if p.get("selection") else None),
         "params before": p.get("params_before"), "params after": counts["total"],
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     }

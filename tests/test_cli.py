@@ -95,3 +95,18 @@ def test_prune_only_config_exports_a_reloadable_model(tmp_path):
     plan = json.loads((export / "plan.json").read_text())
     assert [len(k) for k in plan["mlp_keep"]] == [layer.mlp.gate_proj.out_features for layer in model.model.layers]
     assert tokenizer is not None
+
+
+def test_kl_selection_in_the_callback(tmp_path):
+    r = run("fit", "--config", str(REPO / "configs" / "debug" / "tiny_select.yaml"),
+            f"--trainer.default_root_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    log_dir = tmp_path / "lightning_logs" / "version_0"
+    selection = json.loads((log_dir / "selection.json").read_text())
+    assert len(selection["kls"]) == 4 and selection["best_index"] == selection["kls"].index(min(selection["kls"]))
+    plan = json.loads((log_dir / "plan.json").read_text())
+    assert plan["provenance"]["selection"]["winner_fingerprint"] == selection["winner_fingerprint"]
+    assert "(selected)" in (log_dir / "selection.md").read_text()
+    rows = list(csv.DictReader((log_dir / "metrics.csv").open()))
+    assert any(r.get("select/kl_3") for r in rows)
+    assert "calibration selection" in (log_dir / "export" / "README.md").read_text()

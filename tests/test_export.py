@@ -81,10 +81,10 @@ def test_fresh_process_round_trip_every_family(tmp_path):
 
 
 def test_smollm2_round_trip_bf16_and_tied_embeddings(smollm2, tmp_path):
-    import copy
+    from nirvana_lightning import load_model
 
-    model, tok = smollm2
-    model = copy.deepcopy(model).to(torch.bfloat16)
+    # loaded in bf16 as users do (``.to(bfloat16)`` would also round RoPE's fp32 inv_freq buffer)
+    model, tok = load_model("smollm2-135m", dtype="bfloat16")
     ids = tok(["The history of the United States", "A small dog ran"], return_tensors="pt", padding=True).input_ids
     prune(model, ids, sparsity=0.2, gamma=3.0)
     assert model.config.tie_word_embeddings
@@ -97,14 +97,16 @@ def test_smollm2_round_trip_bf16_and_tied_embeddings(smollm2, tmp_path):
     assert (tmp_path / "smol" / "tokenizer.json").is_file() and (tmp_path / "smol" / "README.md").is_file()
 
 
-def test_lora_merged_export_equals_unmerged(tmp_path):
-    model = build_tiny_model("tiny-llama")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_lora_merged_export_equals_unmerged(tmp_path, dtype, tol):
+    torch.manual_seed(0)
+    model = build_tiny_model("tiny-llama").to(dtype)
     plan = prune(model, IDS, sparsity=0.4, gamma=1.5)
     peft_model = apply_recovery(model, "lora", lora_r=4, lora_alpha=8, lora_dropout=0.0)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
-                p.normal_(std=0.05)  # a trained adapter: B != 0 (LoRA deltas are small next to W)
+                p.normal_(std=0.02)  # a trained adapter: B != 0 (LoRA deltas are small next to W)
     peft_model.eval()
     with torch.no_grad():
         unmerged = peft_model(input_ids=IDS).logits
@@ -112,10 +114,13 @@ def test_lora_merged_export_equals_unmerged(tmp_path):
     reloaded, _ = load_pruned(tmp_path / "merged")
     with torch.no_grad():
         merged = reloaded(input_ids=IDS).logits
-    assert (merged - unmerged).abs().max().item() <= 1e-5
+    assert merged.dtype == dtype
+    # fp64: the merge is exact; fp32: only rounding, relative to the logit scale (the tiny fixtures use
+    # weights of std 0.2, 10x a real init, so their logits are large)
+    assert (merged - unmerged).abs().max().item() <= tol * max(1.0, unmerged.abs().max().item())
     assert any("lora_" in n for n, _ in peft_model.named_parameters())  # merging worked on a copy
     save_pruned(peft_model, None, tmp_path / "adapter", plan, adapter_only=True, base_model="tiny-llama")
-    rebuilt, _ = load_pruned_adapter(tmp_path / "adapter", base_model=build_tiny_model("tiny-llama"))
+    rebuilt, _ = load_pruned_adapter(tmp_path / "adapter", base_model=build_tiny_model("tiny-llama").to(dtype))
     with torch.no_grad():
         assert torch.equal(rebuilt(input_ids=IDS).logits, unmerged)
 

@@ -184,3 +184,14 @@ def test_bf16_model_is_scored_in_float32_and_stays_bf16(family, calib):
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     reference = make_plan(build_tiny_model(family).to(torch.bfloat16).float(), calib, sparsity=0.3, gamma=1.0)
     assert plan.fingerprint() == reference.fingerprint()
+
+
+def test_scoring_upcast_leaves_buffers_alone(family, calib):
+    from nirvana_lightning.loading import load_model
+
+    model, _ = load_model(family, dtype="bfloat16")
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    assert any(b.dtype == torch.float32 for b in buffers.values())  # RoPE inv_freq stays fp32 in a bf16 model
+    prune(model, calib, sparsity=0.3, gamma=1.0)
+    for n, b in model.named_buffers():
+        assert b.dtype == buffers[n].dtype and torch.equal(b, buffers[n]), n

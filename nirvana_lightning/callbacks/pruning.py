@@ -15,6 +15,7 @@ from ..pruning.allocation import MODES, ROUND_TO_CHOICES, validate_targets
 from ..pruning.api import SCORING_DTYPES, count_parameters
 from ..pruning.gradients import ACCUMULATE
 from ..pruning.saliency import CRITERIA, FUNCTIONALS
+from ..pruning.selection import select_calibration
 
 
 class NirvanaPruningCallback(L.Callback):
@@ -42,6 +43,10 @@ class NirvanaPruningCallback(L.Callback):
         micro_batch_size / accumulate / checkpointing / scoring_dtype: scoring-pass memory settings.
         seed: seed of the ``random`` criterion.
         plan_path: apply this saved plan instead of scoring.
+        select: ``kl`` tries ``num_candidates`` calibration sets and keeps the one whose pruned
+            model has the lowest KL to the dense model on a probe of held-out documents
+            (``probe_samples`` x ``probe_seq_len`` tokens); the table goes to ``selection.md``.
+        candidate_mode: ``random`` (seeded window draws) or ``document`` (one document each).
     """
 
     def __init__(
@@ -63,6 +68,12 @@ class NirvanaPruningCallback(L.Callback):
         scoring_dtype: Literal["float32", "model"] = "float32",
         seed: int = 0,
         plan_path: str | None = None,
+        select: Literal["none", "kl"] = "none",
+        num_candidates: int = 8,
+        candidate_mode: Literal["random", "document"] = "random",
+        probe_samples: int = 128,
+        probe_seq_len: int = 64,
+        probe_seed: int = 0,
     ) -> None:
         key = "NirvanaPruningCallback."
         check_choice(key + "criterion", criterion, CRITERIA)
@@ -82,6 +93,13 @@ class NirvanaPruningCallback(L.Callback):
             check_positive(key + "gamma", gamma)
         elif not Path(plan_path).is_file():
             raise ConfigError(key + "plan_path", plan_path, "an existing plan.json file")
+        check_choice(key + "select", select, ("none", "kl"))
+        check_choice(key + "candidate_mode", candidate_mode, ("random", "document"))
+        for name, value in (("num_candidates", num_candidates), ("probe_samples", probe_samples),
+                            ("probe_seq_len", probe_seq_len)):
+            check_positive(key + name, value)
+        if select == "kl" and criterion in ("magnitude", "random"):
+            raise ConfigError(key + "select", select, f"'none' with criterion {criterion!r} (it uses no calibration)")
         for name, value in (("calibration_samples", calibration_samples), ("calibration_seq_len", calibration_seq_len),
                             ("micro_batch_size", micro_batch_size), ("param_budget", param_budget)):
             if value is not None:
@@ -93,6 +111,9 @@ class NirvanaPruningCallback(L.Callback):
         self.calibration_seed, self.micro_batch_size, self.accumulate = calibration_seed, micro_batch_size, accumulate
         self.checkpointing, self.scoring_dtype, self.seed = checkpointing, scoring_dtype, seed
         self.plan_path = plan_path
+        self.select, self.num_candidates, self.candidate_mode = select, num_candidates, candidate_mode
+        self.probe_samples, self.probe_seq_len, self.probe_seed = probe_samples, probe_seq_len, probe_seed
+        self.selection = None
         self.plan: PruningPlan | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -112,16 +133,20 @@ class NirvanaPruningCallback(L.Callback):
             datamodule = trainer.datamodule
             if datamodule is None or not hasattr(datamodule, "calibration_windows"):
                 raise ConfigError("data", type(datamodule).__name__, "a datamodule with calibration_windows()")
-            calibration = None
-            if self.criterion in ("nirvana", "taylor"):
-                calibration = datamodule.calibration_windows(self.calibration_samples, self.calibration_seq_len,
-                                                             self.calibration_seed)
             model.to(trainer.strategy.root_device)
-            plan = prune(model, calibration, sparsity=self.sparsity, param_budget=self.param_budget,
-                         gamma=self.gamma, criterion=self.criterion, functional=self.functional,
-                         round_to=self.round_to, skip_layers=self.skip_layers, allocation=self.allocation,
-                         micro_batch_size=self.micro_batch_size, accumulate=self.accumulate,
-                         checkpointing=self.checkpointing, scoring_dtype=self.scoring_dtype, seed=self.seed)
+            settings = dict(sparsity=self.sparsity, param_budget=self.param_budget, gamma=self.gamma,
+                            criterion=self.criterion, functional=self.functional, round_to=self.round_to,
+                            skip_layers=self.skip_layers, allocation=self.allocation,
+                            micro_batch_size=self.micro_batch_size, accumulate=self.accumulate,
+                            checkpointing=self.checkpointing, scoring_dtype=self.scoring_dtype, seed=self.seed)
+            if self.select == "kl":
+                plan = self._select(trainer, model, datamodule, settings)
+            else:
+                calibration = None
+                if self.criterion in ("nirvana", "taylor"):
+                    calibration = datamodule.calibration_windows(self.calibration_samples, self.calibration_seq_len,
+                                                                 self.calibration_seed)
+                plan = prune(model, calibration, **settings)
         self.plan = plan
         pl_module.pruning_plan = plan
         after = plan.provenance["params_after"]
@@ -130,6 +155,35 @@ class NirvanaPruningCallback(L.Callback):
                                 "prune/sparsity": plan.realised_sparsity}, step=0)
         self._write(trainer, plan)
         rank_zero_info("pruning plan per layer:\n" + plan.table())
+
+    def _select(self, trainer: L.Trainer, model, datamodule, settings: dict) -> PruningPlan:
+        """KL selection among candidate calibration sets, then cut with the winner's plan."""
+        candidates, spans = datamodule.calibration_candidates(
+            self.num_candidates, self.calibration_samples, self.calibration_seq_len, self.calibration_seed,
+            mode=self.candidate_mode)
+        probe, probe_spans = datamodule.probe_windows(self.probe_samples, self.probe_seq_len, self.probe_seed)
+        result = select_calibration(model, candidates, probe, candidate_spans=spans, probe_spans=probe_spans,
+                                    **settings)
+        self.selection = result
+        before = count_parameters(model)["total"]
+        apply_plan(model, result.plan)
+        result.plan.provenance.update({"params_before": before, "params_after": count_parameters(model)["total"],
+                                       "candidate_mode": self.candidate_mode,
+                                       "probe_shape": list(probe.shape)})
+        for logger in trainer.loggers:
+            logger.log_metrics({f"select/kl_{i}": kl for i, kl in enumerate(result.kls)}
+                               | {"select/best_index": float(result.best_index)}, step=0)
+        self._write_selection(trainer, result)
+        rank_zero_info("KL calibration selection:\n" + result.table())
+        return result.plan
+
+    @rank_zero_only
+    def _write_selection(self, trainer: L.Trainer, result) -> None:
+        import json
+
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        write_text_atomic(log_dir / "selection.md", result.table() + "\n")
+        write_text_atomic(log_dir / "selection.json", json.dumps(result.to_dict(), indent=1))
 
     @rank_zero_only
     def _write(self, trainer: L.Trainer, plan: PruningPlan) -> None:

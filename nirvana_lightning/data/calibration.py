@@ -5,6 +5,17 @@ from __future__ import annotations
 import torch
 
 
+def sample_window_starts(n_token: int, n_window: int, seq_len: int, seed: int) -> list[int]:
+    """Seeded random start offsets of ``n_window`` windows of ``seq_len`` in a stream of ``n_token``."""
+    if n_token < seq_len:
+        raise ValueError(
+            f"calibration text has {n_token} tokens, shorter than one window of {seq_len}; "
+            "add calibration text or lower data.calibration_seq_len"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n_token - seq_len + 1, (n_window,), generator=gen).tolist()
+
+
 def sample_windows(stream: torch.Tensor, n_window: int, seq_len: int, seed: int) -> torch.Tensor:
     """Draw ``n_window`` windows of ``seq_len`` tokens at seeded random offsets of a token stream.
 
@@ -14,11 +25,5 @@ def sample_windows(stream: torch.Tensor, n_window: int, seq_len: int, seed: int)
     Returns:
         LongTensor ``(n_window, seq_len)``; the same seed always gives the same windows.
     """
-    if stream.numel() < seq_len:
-        raise ValueError(
-            f"calibration text has {stream.numel()} tokens, shorter than one window of {seq_len}; "
-            "add calibration text or lower data.calibration_seq_len"
-        )
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, stream.numel() - seq_len + 1, (n_window,), generator=gen)
-    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+    starts = sample_window_starts(stream.numel(), n_window, seq_len, seed)
+    return torch.stack([stream[s : s + seq_len] for s in starts])

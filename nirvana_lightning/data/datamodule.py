@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, check_choice, check_positive
 from ..loading import load_tokenizer, validate_source
-from .calibration import sample_windows
+from .calibration import sample_window_starts, sample_windows
 from .sft import build_sft_example, collate_sft, format_prompt
 from .sources import read_records, validate_source_spec
 from .text import pack_documents, split_documents
@@ -137,6 +137,8 @@ class NirvanaDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self._calibration_stream: torch.Tensor | None = None
+        self._calibration_doc_starts: list[int] = []
+        self._probe_stream: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str | None = None) -> None:
@@ -156,6 +158,7 @@ class NirvanaDataModule(L.LightningDataModule):
             self.train_set, self.val_set = _Rows(list(train)), _Rows(list(val))
             self._calibration_stream = self._stream(
                 [docs[i] for i in train_idx] if self.calibration_sources is None else None)
+            self._probe_stream = self._stream([docs[i] for i in val_idx], probe=True)
         else:
             build = partial(build_sft_example, tokenizer=self.tokenizer, max_len=self.seq_len)
             train = [build(records[i]) for i in train_idx][: self.max_train_windows]
@@ -163,6 +166,8 @@ class NirvanaDataModule(L.LightningDataModule):
             self.train_set, self.val_set = _Rows(train), _Rows(val)
             texts = [format_prompt(records[i]) + records[i]["output"] for i in train_idx]
             self._calibration_stream = self._stream(self._tokenize(texts) if self.calibration_sources is None else None)
+            val_texts = [format_prompt(records[i]) + records[i]["output"] for i in val_idx]
+            self._probe_stream = self._stream(self._tokenize(val_texts), probe=True)
         rank_zero_info(
             f"data: {len(self.train_set)} train / {len(self.val_set)} val examples ({self.task}, "
             f"seq_len {self.seq_len}), {self._calibration_stream.numel()} calibration tokens"
@@ -176,11 +181,18 @@ class NirvanaDataModule(L.LightningDataModule):
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
-    def _stream(self, docs: list[list[int]] | None) -> torch.Tensor:
+    def _stream(self, docs: list[list[int]] | None, probe: bool = False) -> torch.Tensor:
+        """Documents joined with EOS; for calibration, also remembers where each document starts."""
         if docs is None:  # separate calibration sources
             records = [r for s in self.calibration_sources for r in read_records(s, hf_split=self.hf_split)]
             docs = self._tokenize([self._text(r, i) for i, r in enumerate(records)])
         eos = self.tokenizer.eos_token_id
+        if not probe:
+            starts, offset = [], 0
+            for d in docs:
+                starts.append(offset)
+                offset += len(d) + 1
+            self._calibration_doc_starts = starts
         return torch.tensor([t for d in docs for t in (*d, eos)], dtype=torch.long)
 
     # ------------------------------------------------------------- loaders
@@ -209,6 +221,52 @@ class NirvanaDataModule(L.LightningDataModule):
         return sample_windows(self._calibration_stream, n_window or self.calibration_samples,
                               seq_len or self.calibration_seq_len,
                               self.calibration_seed if seed is None else seed)
+
+    def calibration_candidates(self, n_candidate: int, n_window: int | None = None, seq_len: int | None = None,
+                               seed: int | None = None, mode: str = "random"):
+        """Candidate calibration sets for KL selection, with their spans in the calibration stream.
+
+        ``random``: candidate i is N seeded windows (seed + i) of the training-side text.
+        ``document``: candidate i is one training document (its first N windows of T tokens),
+        documents taken in a seeded random order among those at least T tokens long.
+
+        Returns:
+            ``(candidates, spans)``: lists of ``(N_i, T)`` LongTensors and of ``(stream, start, T)``.
+        """
+        if self._calibration_stream is None:
+            self.setup("fit")
+        n = n_window or self.calibration_samples
+        t = seq_len or self.calibration_seq_len
+        seed = self.calibration_seed if seed is None else seed
+        stream = self._calibration_stream
+        if mode == "random":
+            starts = [sample_window_starts(stream.numel(), n, t, seed + i) for i in range(n_candidate)]
+        elif mode == "document":
+            bounds = list(zip(self._calibration_doc_starts, [*self._calibration_doc_starts[1:], stream.numel()]))
+            usable = [(a, b) for a, b in bounds if b - a > t]
+            if len(usable) < n_candidate:
+                raise ConfigError("num_candidates", n_candidate, f"at most {len(usable)} documents of > {t} tokens")
+            order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed))[:n_candidate]
+            starts = [list(range(usable[j][0], usable[j][1] - t + 1, t))[:n] for j in order.tolist()]
+        else:
+            raise ConfigError("candidate_mode", mode, ("random", "document"))
+        candidates = [torch.stack([stream[s:s + t] for s in st]) for st in starts]
+        return candidates, [[("calibration", s, t) for s in st] for st in starts]
+
+    def probe_windows(self, n_window: int = 128, seq_len: int = 64, seed: int = 0):
+        """Probe windows for KL selection from the VALIDATION documents (disjoint from calibration).
+
+        Returns:
+            ``(probe, spans)``: a ``(n_window, seq_len)`` LongTensor and its ``(stream, start, T)``.
+        """
+        if self._probe_stream is None:
+            self.setup("fit")
+        if self._probe_stream.numel() < seq_len:
+            raise ConfigError("data.val_fraction", self.val_fraction,
+                              f"a split whose held-out text has at least {seq_len} tokens for the probe")
+        starts = sample_window_starts(self._probe_stream.numel(), n_window, seq_len, seed)
+        probe = torch.stack([self._probe_stream[s:s + seq_len] for s in starts])
+        return probe, [("probe", s, seq_len) for s in starts]
 
     def calibration_dataloader(self, batch_size: int | None = None) -> DataLoader:
         """The calibration windows as batches of token ids ``(B, T)``."""

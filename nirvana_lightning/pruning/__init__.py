@@ -12,11 +12,13 @@ from .saliency import (
     reduce_attention_scores,
     reduce_mlp_scores,
 )
+from .selection import SelectionResult, check_disjoint, mean_token_kl, select_calibration
 from .surgery import apply_plan, masked_units
 
 __all__ = [
     "CRITERIA", "FUNCTIONALS", "Allocation", "PruningPlan", "UnitScores", "allocate", "apply_plan",
     "compute_output_functional", "compute_prune_fractions", "compute_unit_scores", "compute_weight_saliency",
     "count_parameters", "make_plan", "masked_units", "plan_from_scores", "prune", "reduce_attention_scores",
-    "reduce_mlp_scores", "sparsity_for_param_budget",
+    "reduce_mlp_scores", "sparsity_for_param_budget", "SelectionResult", "check_disjoint", "mean_token_kl",
+    "select_calibration",
 ]

@@ -111,13 +111,17 @@ def make_plan(
     dtype = next(model.parameters()).dtype
     upcast = scoring_dtype == "float32" and dtype != torch.float32 and criterion in ("nirvana", "taylor")
     if upcast:
-        model.float()  # exact round trip back: every bf16/fp16 value is representable in fp32
+        # parameters only (an exact round trip: every bf16/fp16 value is representable in fp32);
+        # buffers such as RoPE's fp32 inv_freq must not pass through the model dtype
+        for p in model.parameters():
+            p.data = p.data.float()
     try:
         scores = compute_unit_scores(model, batches, criterion=criterion, functional=functional,
                                      accumulate=accumulate, checkpointing=checkpointing, seed=seed, device=device)
     finally:
         if upcast:
-            model.to(dtype)
+            for p in model.parameters():
+                p.data = p.data.to(dtype)
     provenance = {
         "criterion": criterion, "functional": functional if criterion == "nirvana" else None,
         "calibration_fingerprint": fingerprint(batches) if batches else None,

@@ -1,0 +1,186 @@
+"""KL-divergence selection of calibration data (METHOD.md section 4).
+
+Each candidate calibration set is scored and allocated into a plan; the plan is evaluated by
+masking (no copy of the model, weights untouched); the candidate whose pruned model has the
+lowest mean per-token KL(P_dense || Q_pruned) on a probe set disjoint from every candidate wins.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters import unwrap_model
+from ..errors import ConfigError
+from .api import make_plan
+from .gradients import fingerprint
+from .plan import PruningPlan
+from .surgery import masked_units
+
+#: a window's origin: (stream name, start offset, length)
+Span = tuple[str, int, int]
+
+
+@dataclass
+class SelectionResult:
+    """Outcome of :func:`select_calibration`; lists are in candidate order."""
+
+    kls: list[float]
+    best_index: int
+    plan: PruningPlan
+    perplexities: list[float] | None = None
+    fingerprints: list[str] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    plans: list[PruningPlan] = field(default_factory=list)  # every candidate's plan, for analysis
+
+    def table(self) -> str:
+        rows = ["| candidate | calibration fingerprint | KL(dense ‖ pruned) / token | probe perplexity | seconds |",
+                "|---|---|---|---|---|"]
+        for i, kl in enumerate(self.kls):
+            ppl = f"{self.perplexities[i]:.3f}" if self.perplexities else "-"
+            mark = " (selected)" if i == self.best_index else ""
+            rows.append(f"| {i}{mark} | {self.fingerprints[i]} | {kl:.5f} | {ppl} | {self.seconds[i]:.1f} |")
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict:
+        return {"method": "kl", "kls": self.kls, "best_index": self.best_index, "perplexities": self.perplexities,
+                "fingerprints": self.fingerprints, "seconds": self.seconds,
+                "winner_fingerprint": self.fingerprints[self.best_index]}
+
+
+def check_disjoint(candidates: Sequence[torch.Tensor], probe: torch.Tensor,
+                   candidate_spans: Sequence[Sequence[Span]] | None = None,
+                   probe_spans: Sequence[Span] | None = None, ngram: int = 32) -> None:
+    """Raise if the probe overlaps any candidate.
+
+    With spans (window origins), any shared token position of the same stream is an overlap.
+    Without them, and in addition, any ``ngram``-token sequence shared by a probe window and a
+    candidate window is treated as an overlap (windows cut from overlapping text share one).
+    """
+    if candidate_spans is not None and probe_spans is not None:
+        for c, spans in enumerate(candidate_spans):
+            for stream, start, length in spans:
+                for p_stream, p_start, p_length in probe_spans:
+                    if stream == p_stream and start < p_start + p_length and p_start < start + length:
+                        raise ConfigError("probe", f"window at {p_stream}[{p_start}:{p_start + p_length}]",
+                                          f"a probe disjoint from candidate {c} (it uses {stream}[{start}:{start + length}])")
+    n = min(ngram, probe.shape[1], *(c.shape[1] for c in candidates))
+    seen: dict[tuple[int, ...], int] = {}
+    for c, cand in enumerate(candidates):
+        for row in cand.tolist():
+            for i in range(len(row) - n + 1):
+                seen.setdefault(tuple(row[i:i + n]), c)
+    for j, row in enumerate(probe.tolist()):
+        for i in range(len(row) - n + 1):
+            c = seen.get(tuple(row[i:i + n]))
+            if c is not None:
+                raise ConfigError("probe", f"window {j}", f"a probe disjoint from every candidate: it shares "
+                                  f"{n} consecutive tokens with candidate {c}")
+
+
+@torch.no_grad()
+def compute_dense_logprobs(model: nn.Module, probe: torch.Tensor, batch_size: int = 16) -> list[torch.Tensor]:
+    """Log-probabilities of the model on the probe, per batch, float32 on the CPU.
+
+    Returns:
+        list of ``(b, T, V)`` tensors; computed once and reused for every candidate.
+    """
+    device = next(model.parameters()).device
+    out = []
+    for batch in probe.split(batch_size):
+        logits = model(input_ids=batch.to(device)).logits
+        out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+        del logits
+    return out
+
+
+@torch.no_grad()
+def mean_token_kl(model: nn.Module, probe: torch.Tensor, dense_logprobs: list[torch.Tensor],
+                  batch_size: int = 16, token_chunk: int = 1024) -> tuple[float, float]:
+    """Mean per-token KL(P_dense || Q_model) and the model's probe perplexity.
+
+    Works one batch and ``token_chunk`` positions at a time, so memory stays bounded for
+    large vocabularies: at most ``token_chunk x V`` floats beyond one batch of logits.
+    """
+    device = next(model.parameters()).device
+    kl_sum, nll_sum, n_kl, n_nll = 0.0, 0.0, 0, 0
+    for batch, dense in zip(probe.split(batch_size), dense_logprobs):
+        logits = model(input_ids=batch.to(device)).logits  # (b, T, V)
+        flat_logits = logits.reshape(-1, logits.shape[-1])
+        flat_dense = dense.reshape(-1, dense.shape[-1])
+        for s in range(0, flat_logits.shape[0], token_chunk):
+            q = torch.log_softmax(flat_logits[s:s + token_chunk].float(), dim=-1)
+            p = flat_dense[s:s + token_chunk].to(q.device)
+            kl_sum += float((p.exp() * (p - q)).sum())
+            n_kl += q.shape[0]
+        targets = batch[:, 1:].to(device)
+        nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                          reduction="sum")
+        nll_sum += float(nll)
+        n_nll += targets.numel()
+        del logits
+    return kl_sum / n_kl, math.exp(nll_sum / n_nll)
+
+
+def select_calibration(
+    model: nn.Module,
+    candidates: Sequence[torch.Tensor],
+    probe: torch.Tensor,
+    *,
+    sparsity: float | None = None,
+    param_budget: int | None = None,
+    gamma: float = 1.0,
+    criterion: str = "nirvana",
+    candidate_spans: Sequence[Sequence[Span]] | None = None,
+    probe_spans: Sequence[Span] | None = None,
+    probe_batch_size: int = 16,
+    progress: bool = True,
+    **plan_kwargs,
+) -> SelectionResult:
+    """Pick the calibration candidate whose pruned model stays closest to the dense model.
+
+    Args:
+        model: the dense model (left bit-identical: candidates are evaluated by masking).
+        candidates: LongTensors ``(N, T)`` of token ids, one per candidate.
+        probe: LongTensor ``(P, T_probe)``, disjoint from every candidate (checked).
+        sparsity / param_budget / gamma / criterion / plan_kwargs: as :func:`make_plan`.
+        candidate_spans / probe_spans: window origins, for an exact disjointness check.
+        probe_batch_size: probe windows per forward pass.
+
+    Returns:
+        :class:`SelectionResult`; ``plan`` is the winner's (not applied) with the selection in
+        its provenance.
+    """
+    if len(candidates) < 1:
+        raise ConfigError("num_candidates", len(candidates), "at least 1 candidate")
+    check_disjoint(candidates, probe, candidate_spans, probe_spans)
+    model = unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    dense = compute_dense_logprobs(model, probe, probe_batch_size)
+    kls, ppls, plans, fps, secs = [], [], [], [], []
+    for i, cand in enumerate(tqdm(candidates, desc="KL calibration selection", disable=not progress)):
+        start = time.perf_counter()
+        plan = make_plan(model, cand, sparsity=sparsity, param_budget=param_budget, gamma=gamma,
+                         criterion=criterion, **plan_kwargs)
+        model.eval()
+        with masked_units(model, plan):
+            kl, ppl = mean_token_kl(model, probe, dense, probe_batch_size)
+        kls.append(kl)
+        ppls.append(ppl)
+        plans.append(plan)
+        fps.append(fingerprint([cand]))
+        secs.append(time.perf_counter() - start)
+        rank_zero_info(f"candidate {i}: KL {kl:.5f}, probe perplexity {ppl:.3f}")
+    model.train(was_training)
+    best = min(range(len(kls)), key=lambda i: (kls[i], i))
+    result = SelectionResult(kls, best, plans[best], ppls, fps, secs, plans)
+    result.plan.provenance["selection"] = result.to_dict()
+    return result
