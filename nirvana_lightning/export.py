@@ -45,7 +45,12 @@ def _commit(tmp: Path, path: Path) -> None:
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.rename(path, old)
-    os.rename(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)  # put the previous export back
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
@@ -118,18 +123,26 @@ def save_pruned(
         if adapter_only:
             if not is_peft:
                 raise ValueError("adapter_only=True needs a peft-wrapped model")
+            if plan is None:
+                raise ValueError("adapter_only=True needs the plan: the adapter only fits the pruned shapes")
             model.save_pretrained(tmp)
-            (tmp / BASE_FILE).write_text(json.dumps({"base_model": source, "dtype": str(base.dtype)}, indent=1))
+            dtype = str(next(base.parameters()).dtype).replace("torch.", "")
+            (tmp / BASE_FILE).write_text(json.dumps({"base_model": source, "dtype": dtype}, indent=1))
         else:
             if is_peft:
                 base = copy.deepcopy(model).merge_and_unload()
             get_adapter(base)  # supported family
             config = base.config
-            config.auto_map = {"AutoModelForCausalLM": f"modeling_nirvana.{remote_modeling.PRUNED_CLASSES[config.model_type].__name__}"}
+            previous = getattr(config, "auto_map", None)
+            cls_name = remote_modeling.PRUNED_CLASSES[config.model_type].__name__
+            config.auto_map = {"AutoModelForCausalLM": f"modeling_nirvana.{cls_name}"}
             try:
                 base.save_pretrained(tmp, safe_serialization=True)
             finally:
-                del config.auto_map
+                if previous is None:
+                    del config.auto_map
+                else:
+                    config.auto_map = previous
             shutil.copyfile(remote_modeling.__file__, tmp / REMOTE_FILE)
             (tmp / "README.md").write_text(_model_card(base, plan, {"base_model": source, "metrics": metrics}))
         if plan is not None:
@@ -208,7 +221,7 @@ def load_pruned_adapter(path: str | Path, base_model: nn.Module | None = None):
     tokenizer = None
     if base_model is None:
         ref = json.loads((path / BASE_FILE).read_text())
-        base_model, tokenizer = load_model(ref["base_model"])
+        base_model, tokenizer = load_model(ref["base_model"], dtype=ref.get("dtype", "float32"))
     plan = PruningPlan.from_json((path / PLAN_FILE).read_text())
     apply_plan(base_model, plan)
     model = PeftModel.from_pretrained(base_model, path)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 
 from .adapters import ROLES, unwrap_model
@@ -93,16 +95,17 @@ class NirvanaModule(L.LightningModule):
         must exist by then, and pruning must not be recomputed (calibration or code may differ).
         """
         ckpt_path = self.resume_ckpt_path
-        if not ckpt_path:
-            return
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return  # "last"/"best"/URLs: on_load_checkpoint rebuilds the shapes instead
         checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
-        data = checkpoint.get(self.PLAN_KEY)
-        if data is not None:
-            self.pruning_plan = PruningPlan.from_dict(data)
-            apply_plan(self.model, self.pruning_plan)
-            from lightning.pytorch.utilities import rank_zero_info
+        self._apply_saved_plan(checkpoint.get(self.PLAN_KEY), ckpt_path)
 
-            rank_zero_info(f"restored pruning plan {self.pruning_plan.fingerprint()} from {ckpt_path}")
+    def _apply_saved_plan(self, data: dict | None, origin: str) -> None:
+        if data is None:
+            return
+        self.pruning_plan = PruningPlan.from_dict(data)
+        apply_plan(self.base_model, self.pruning_plan)
+        rank_zero_info(f"restored pruning plan {self.pruning_plan.fingerprint()} from {origin}")
 
     PLAN_KEY = "nirvana_pruning_plan"
 
@@ -111,15 +114,25 @@ class NirvanaModule(L.LightningModule):
             checkpoint[self.PLAN_KEY] = self.pruning_plan.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Make the model's shapes those of the checkpoint before Lightning loads its weights.
+
+        Covers ``load_from_checkpoint``, ``--ckpt_path=last|best`` and Python ``trainer.fit(ckpt_path=...)``
+        without ``resume_ckpt_path``: when the model's plan differs from the saved one, the base
+        model is reloaded, the saved plan applied and the recovery adapters attached again.
+        Optimizers do not exist yet at this point, so nothing else holds the old parameters.
+        """
         saved = checkpoint.get(self.PLAN_KEY)
         current = self.pruning_plan.fingerprint() if self.pruning_plan is not None else None
         wanted = PruningPlan.from_dict(saved).fingerprint() if saved is not None else None
-        if current != wanted:
-            raise RuntimeError(
-                f"the checkpoint was written with pruning plan {wanted}, the model has {current}: set "
-                "module.resume_ckpt_path to the checkpoint before trainer.fit/validate/test (the CLI does "
-                "this for --ckpt_path) so the saved plan is applied instead of pruning again"
-            )
+        if current == wanted:
+            return
+        recovery_applied = self._recovery_applied
+        self.model, self.pruning_plan, self._recovery_applied = None, None, False
+        hp = self.hparams
+        self.model, self.tokenizer = load_model(hp.source, hp.dtype, cache_dir=hp.cache_dir)
+        self._apply_saved_plan(saved, "the checkpoint")
+        if recovery_applied:
+            self.configure_model()
 
     @property
     def base_model(self) -> torch.nn.Module:

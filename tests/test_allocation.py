@@ -137,3 +137,23 @@ def test_param_budget():
     with pytest.raises(ConfigError, match="param_budget"):
         sparsity_for_param_budget(1000, 800, 150)
     assert math.isclose(sparsity_for_param_budget(1000, 800, 1000), 0.0)
+
+
+def test_counts_are_exact_for_decimal_targets():
+    # 0.35 * 46080 = 16128 exactly; binary floating point gives 16127.999... and floor loses a unit
+    attn = [torch.rand(3) for _ in range(30)]
+    mlp = [torch.rand(1536) for _ in range(30)]
+    a = _alloc(attn, mlp, sparsity=0.35, gamma=1.0)
+    assert a.n_mlp_requested == 16128 and a.n_attn_requested == math.floor(90 * 0.35)
+    # 0.7 * 90 = 63 groups exactly (not 62); the guards keep one per layer, so only 60 can go
+    with pytest.raises(ConfigError, match="removing 63 attention groups.*at most 60"):
+        _alloc(attn, mlp, sparsity=0.7, gamma=1.0)
+
+
+def test_ties_across_layers_go_to_the_lower_layer_first():
+    attn = [torch.ones(4), torch.ones(4)]
+    mlp = [torch.ones(8), torch.ones(8)]
+    a = _alloc(attn, mlp, sparsity=0.25, gamma=1.0, n_query_per_kv=1, head_dim=1)
+    removed = [8 - len(k) for k in a.mlp_keep]
+    assert sum(removed) == a.n_mlp_requested > 0
+    assert removed[0] == min(a.n_mlp_requested, 7) and removed[1] == a.n_mlp_requested - removed[0]

@@ -152,7 +152,6 @@ def test_corrupt_or_mismatched_plan_names_the_layer(tmp_path):
     save_pruned(model, None, tmp_path / "m", plan)
     data = json.loads((tmp_path / "m" / "plan.json").read_text())
     data["mlp_keep"][1] = data["mlp_keep"][1][:-8]
-    data["mlp_dim_before"] = data["mlp_dim_before"]
     (tmp_path / "m" / "plan.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="layer 1"):
         load_pruned(tmp_path / "m")

@@ -31,6 +31,10 @@ class ExportCallback(L.Callback):
         self.exported: Path | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.adapter_only and pl_module.hparams.get("recovery") != "lora":
+            raise ConfigError("ExportCallback.adapter_only", True, "false unless model.recovery is 'lora'")
         target = self._target(trainer)
         if target.exists() and any(target.iterdir()) and not self.overwrite:  # fail before any training
             raise ConfigError("ExportCallback.path", str(target), "a new or empty directory, or overwrite: true")
@@ -44,11 +48,13 @@ class ExportCallback(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.best:
             ckpt = trainer.checkpoint_callback
-            if isinstance(ckpt, ModelCheckpoint) and ckpt.best_model_path:
-                import torch
+            if not (isinstance(ckpt, ModelCheckpoint) and ckpt.best_model_path):
+                raise RuntimeError("ExportCallback(best=True): the ModelCheckpoint saved no best checkpoint "
+                                   "(set its monitor and make sure validation runs)")
+            import torch
 
-                state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
-                pl_module.load_state_dict(state)
+            state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+            pl_module.load_state_dict(state)
         metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         self._export(trainer, pl_module, metrics)
 

@@ -10,9 +10,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from ..errors import ConfigError, check_choice, check_positive
 from ..io import write_text_atomic
-from ..pruning import PruningPlan, apply_plan, prune
+from ..pruning import PruningPlan, make_plan
 from ..pruning.allocation import MODES, ROUND_TO_CHOICES, validate_targets
-from ..pruning.api import SCORING_DTYPES, count_parameters
+from ..pruning.api import SCORING_DTYPES, cut
 from ..pruning.gradients import ACCUMULATE
 from ..pruning.saliency import CRITERIA, FUNCTIONALS
 from ..pruning.selection import select_calibration
@@ -93,6 +93,8 @@ class NirvanaPruningCallback(L.Callback):
             check_positive(key + "gamma", gamma)
         elif not Path(plan_path).is_file():
             raise ConfigError(key + "plan_path", plan_path, "an existing plan.json file")
+        elif select != "none":
+            raise ConfigError(key + "select", select, "'none' when plan_path is set (the plan is applied as saved)")
         check_choice(key + "select", select, ("none", "kl"))
         check_choice(key + "candidate_mode", candidate_mode, ("random", "document"))
         for name, value in (("num_candidates", num_candidates), ("probe_samples", probe_samples),
@@ -124,11 +126,8 @@ class NirvanaPruningCallback(L.Callback):
             self.plan = pl_module.pruning_plan
             rank_zero_info("model already pruned (plan restored from the checkpoint): not pruning again")
             return
-        before = count_parameters(model)["total"]
         if self.plan_path is not None:
             plan = PruningPlan.from_json(Path(self.plan_path).read_text())
-            apply_plan(model, plan)
-            plan.provenance["params_before"], plan.provenance["params_after"] = before, count_parameters(model)["total"]
         else:
             datamodule = trainer.datamodule
             if datamodule is None or not hasattr(datamodule, "calibration_windows"):
@@ -139,25 +138,38 @@ class NirvanaPruningCallback(L.Callback):
                             skip_layers=self.skip_layers, allocation=self.allocation,
                             micro_batch_size=self.micro_batch_size, accumulate=self.accumulate,
                             checkpointing=self.checkpointing, scoring_dtype=self.scoring_dtype, seed=self.seed)
-            if self.select == "kl":
-                plan = self._select(trainer, model, datamodule, settings)
-            else:
-                calibration = None
-                if self.criterion in ("nirvana", "taylor"):
-                    calibration = datamodule.calibration_windows(self.calibration_samples, self.calibration_seq_len,
-                                                                 self.calibration_seed)
-                plan = prune(model, calibration, **settings)
+            try:
+                if self.select == "kl":
+                    plan = self._select(trainer, model, datamodule, settings)
+                else:
+                    calibration = None
+                    if self.criterion in ("nirvana", "taylor"):
+                        calibration = datamodule.calibration_windows(self.calibration_samples,
+                                                                     self.calibration_seq_len, self.calibration_seed)
+                    plan = make_plan(model, calibration, **settings)
+            except ConfigError as err:  # name the key as the user wrote it
+                raise ConfigError(f"NirvanaPruningCallback.{err.key}", err.value, err.expected) from None
+            plan = self._agree(trainer, plan)
+        cut(model, plan)
         self.plan = plan
         pl_module.pruning_plan = plan
-        after = plan.provenance["params_after"]
         for logger in trainer.loggers:
-            logger.log_metrics({"prune/params_before": float(before), "prune/params_after": float(after),
+            logger.log_metrics({"prune/params_before": float(plan.provenance["params_before"]),
+                                "prune/params_after": float(plan.provenance["params_after"]),
                                 "prune/sparsity": plan.realised_sparsity}, step=0)
         self._write(trainer, plan)
         rank_zero_info("pruning plan per layer:\n" + plan.table())
 
+    @staticmethod
+    def _agree(trainer: L.Trainer, plan: PruningPlan) -> PruningPlan:
+        """Every rank cuts rank 0's plan (scores can differ in the last bits across ranks: non-deterministic
+        attention kernels, near-ties), so all ranks end with identical shapes."""
+        if trainer.world_size <= 1:
+            return plan
+        return PruningPlan.from_dict(trainer.strategy.broadcast(plan.to_dict(), src=0))
+
     def _select(self, trainer: L.Trainer, model, datamodule, settings: dict) -> PruningPlan:
-        """KL selection among candidate calibration sets, then cut with the winner's plan."""
+        """KL selection among candidate calibration sets; returns the winner's plan (not yet cut)."""
         candidates, spans = datamodule.calibration_candidates(
             self.num_candidates, self.calibration_samples, self.calibration_seq_len, self.calibration_seed,
             mode=self.candidate_mode)
@@ -165,11 +177,7 @@ class NirvanaPruningCallback(L.Callback):
         result = select_calibration(model, candidates, probe, candidate_spans=spans, probe_spans=probe_spans,
                                     **settings)
         self.selection = result
-        before = count_parameters(model)["total"]
-        apply_plan(model, result.plan)
-        result.plan.provenance.update({"params_before": before, "params_after": count_parameters(model)["total"],
-                                       "candidate_mode": self.candidate_mode,
-                                       "probe_shape": list(probe.shape)})
+        result.plan.provenance.update({"candidate_mode": self.candidate_mode, "probe_shape": list(probe.shape)})
         for logger in trainer.loggers:
             logger.log_metrics({f"select/kl_{i}": kl for i, kl in enumerate(result.kls)}
                                | {"select/best_index": float(result.best_index)}, step=0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -59,20 +60,36 @@ def compute_prune_fractions(
     Raises:
         ConfigError: when the target cannot be met (a fraction above 1).
     """
+    p_attn, p_mlp = _exact_prune_fractions(sparsity, gamma, attn_cost, mlp_cost, n_attn, n_mlp,
+                                           n_attn_prunable, n_mlp_prunable)
+    return float(p_attn), float(p_mlp)
+
+
+def _decimal(x: float) -> Fraction:
+    """The number the user wrote (0.35 is 7/20, not the binary float just below it)."""
+    return Fraction(repr(float(x)))
+
+
+def _exact_prune_fractions(
+    sparsity: float, gamma: float, attn_cost: int, mlp_cost: int,
+    n_attn: int, n_mlp: int, n_attn_prunable: int, n_mlp_prunable: int,
+) -> tuple[Fraction, Fraction]:
+    """As :func:`compute_prune_fractions`, in exact rational arithmetic (so floors never lose a unit)."""
+    s, g = _decimal(sparsity), _decimal(gamma)
     total = attn_cost * n_attn + mlp_cost * n_mlp
-    prunable = attn_cost * n_attn_prunable + gamma * mlp_cost * n_mlp_prunable
-    if sparsity == 0:
-        return 0.0, 0.0
+    prunable = attn_cost * n_attn_prunable + g * mlp_cost * n_mlp_prunable
+    if s == 0:
+        return Fraction(0), Fraction(0)
     if prunable == 0:
         raise ConfigError("sparsity", sparsity, "0 when every layer is skipped")
-    p_attn = sparsity * total / prunable
-    p_mlp = gamma * p_attn
+    p_attn = s * total / prunable
+    p_mlp = g * p_attn
     if p_mlp > 1 or p_attn > 1:
         worst = "MLP neurons" if p_mlp >= p_attn else "attention groups"
         raise ConfigError(
             "sparsity", sparsity,
-            f"a feasible target: with gamma={gamma} it asks to remove {max(p_mlp, p_attn):.1%} of the prunable "
-            f"{worst}; lower sparsity or move gamma toward {'1' if gamma > 1 else 'a larger value'}",
+            f"a feasible target: with gamma={gamma} it asks to remove {float(max(p_mlp, p_attn)):.1%} of the "
+            f"prunable {worst}; lower sparsity or move gamma toward {'1' if gamma > 1 else 'a larger value'}",
         )
     return p_attn, p_mlp
 
@@ -167,8 +184,8 @@ def allocate(
     n_attn_prunable = sum(s.numel() for i, s in enumerate(attention_scores) if i not in skip)
     n_mlp_prunable = sum(s.numel() for i, s in enumerate(mlp_scores) if i not in skip)
     attn_cost, mlp_cost = 2 * (n_query_per_kv + 1) * head_dim, 3
-    p_attn, p_mlp = compute_prune_fractions(sparsity, gamma, attn_cost, mlp_cost, n_attn, n_mlp,
-                                            n_attn_prunable, n_mlp_prunable)
+    p_attn, p_mlp = _exact_prune_fractions(sparsity, gamma, attn_cost, mlp_cost, n_attn, n_mlp,
+                                           n_attn_prunable, n_mlp_prunable)
     if mode == "global":
         n_attn_remove = math.floor(n_attn_prunable * p_attn)
         n_mlp_remove = math.floor(n_mlp_prunable * p_mlp)
@@ -184,7 +201,7 @@ def allocate(
             n_attn_remove, n_mlp_remove = n_attn_remove + na, n_mlp_remove + nm
     attention_keep = [(~r).nonzero().squeeze(1) for r in attn_remove]
     mlp_keep = [_round_up_keep(s, r, round_to) for s, r in zip(mlp_scores, mlp_remove)]
-    return Allocation(attention_keep, mlp_keep, p_attn, p_mlp, n_attn_remove, n_mlp_remove)
+    return Allocation(attention_keep, mlp_keep, float(p_attn), float(p_mlp), n_attn_remove, n_mlp_remove)
 
 
 def sparsity_for_param_budget(n_param_total: int, n_param_block: int, budget: int) -> float:

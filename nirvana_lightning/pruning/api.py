@@ -66,6 +66,9 @@ def plan_from_scores(
         "model_source": getattr(adapter.config, "_name_or_path", "") or "",
         "versions": library_versions(),
     }
+    if sparsity > 0 and abs(plan.realised_sparsity - sparsity) > 0.02:
+        rank_zero_info(f"note: realised block-weight sparsity {plan.realised_sparsity:.4f} vs target {sparsity} "
+                       f"({allocation} allocation floors per-unit counts and rounds MLP widths up to {round_to})")
     return plan
 
 
@@ -86,9 +89,11 @@ def make_plan(
     checkpointing: bool = True,
     scoring_dtype: str = "float32",
     seed: int = 0,
-    device: torch.device | str | None = None,
 ) -> PruningPlan:
-    """Score and allocate without cutting (see :func:`prune` for the arguments)."""
+    """Score and allocate without cutting (see :func:`prune` for the arguments).
+
+    Scoring runs where the model is (move it first to score on an accelerator).
+    """
     check_choice("criterion", criterion, CRITERIA)
     check_choice("functional", functional, FUNCTIONALS)
     check_choice("allocation", allocation, MODES)
@@ -102,6 +107,13 @@ def make_plan(
         counts = count_parameters(model)
         sparsity = sparsity_for_param_budget(counts["total"], counts["block"], param_budget)
     validate_targets(sparsity, gamma, round_to, allocation)
+    # Feasibility (fractions <= 1, guards, skip_layers) depends only on the geometry: check it on
+    # placeholder scores now rather than after minutes of scoring.
+    adapter = get_adapter(model)
+    geometry = [adapter.layer_geometry(layer) for layer in adapter.layers()]
+    allocate([torch.zeros(a) for a, _ in geometry], [torch.zeros(m) for _, m in geometry], sparsity=sparsity,
+             gamma=gamma, n_query_per_kv=adapter.n_query_per_kv, head_dim=adapter.head_dim, round_to=round_to,
+             skip_layers=skip_layers, mode=allocation)
     batches: list[torch.Tensor] = []
     if criterion in ("nirvana", "taylor"):
         if calibration is None:
@@ -117,7 +129,7 @@ def make_plan(
             p.data = p.data.float()
     try:
         scores = compute_unit_scores(model, batches, criterion=criterion, functional=functional,
-                                     accumulate=accumulate, checkpointing=checkpointing, seed=seed, device=device)
+                                     accumulate=accumulate, checkpointing=checkpointing, seed=seed)
     finally:
         if upcast:
             for p in model.parameters():
@@ -150,7 +162,6 @@ def prune(
     checkpointing: bool = True,
     scoring_dtype: str = "float32",
     seed: int = 0,
-    device: torch.device | str | None = None,
 ) -> PruningPlan:
     """Structurally prune ``model`` in place with NIRVANA (or a baseline criterion).
 
@@ -170,7 +181,6 @@ def prune(
         checkpointing: activation checkpointing during scoring.
         scoring_dtype: ``float32`` (upcast for scoring, then back) or ``model``.
         seed: seed of the ``random`` criterion (recorded in the plan).
-        device: scoring device (default: where the model is).
 
     Returns:
         The applied :class:`PruningPlan`. On any error the model is untouched.
@@ -178,11 +188,17 @@ def prune(
     plan = make_plan(model, calibration, sparsity=sparsity, param_budget=param_budget, gamma=gamma,
                      criterion=criterion, functional=functional, round_to=round_to, skip_layers=skip_layers,
                      allocation=allocation, micro_batch_size=micro_batch_size, accumulate=accumulate,
-                     checkpointing=checkpointing, scoring_dtype=scoring_dtype, seed=seed, device=device)
+                     checkpointing=checkpointing, scoring_dtype=scoring_dtype, seed=seed)
+    return cut(model, plan)
+
+
+def cut(model: nn.Module, plan: PruningPlan) -> PruningPlan:
+    """Apply ``plan`` and record the parameter counts before and after in its provenance."""
     before = count_parameters(model)["total"]
     apply_plan(model, plan)
     after = count_parameters(model)["total"]
     plan.provenance.update({"params_before": before, "params_after": after})
-    rank_zero_info(f"pruned {criterion} s={plan.provenance['sparsity']:.3f} gamma={gamma}: params {before:,} -> "
-                   f"{after:,}; block-weight sparsity {plan.realised_sparsity:.4f}")
+    p = plan.provenance
+    rank_zero_info(f"pruned ({p.get('criterion', 'saved plan')}, s={p.get('sparsity')}, gamma={p.get('gamma')}): "
+                   f"params {before:,} -> {after:,}; block-weight sparsity {plan.realised_sparsity:.4f}")
     return plan

@@ -47,7 +47,12 @@ def as_batches(calibration: torch.Tensor | Iterable[torch.Tensor], micro_batch_s
         return list(calibration.split(micro_batch_size)) if micro_batch_size else [calibration]
     batches = []
     for b in calibration:
-        b = b["input_ids"] if isinstance(b, dict) else b
+        if isinstance(b, dict):
+            mask = b.get("attention_mask")
+            if mask is not None and not bool(mask.all()):
+                raise ConfigError("calibration", "a padded batch", "full windows without padding (pack the text, "
+                                  "e.g. NirvanaDataModule.calibration_windows)")
+            b = b["input_ids"]
         batches.extend(as_batches(b, micro_batch_size))
     if not batches:
         raise ConfigError("calibration", "an empty iterable", "at least one batch of token ids")
@@ -110,7 +115,6 @@ def compute_unit_scores(
     checkpointing: bool = True,
     head_chunk: int | None = 8192,
     seed: int = 0,
-    device: torch.device | str | None = None,
 ) -> UnitScores:
     """Score every attention group and MLP neuron of ``model`` (weights are not modified).
 
@@ -126,7 +130,6 @@ def compute_unit_scores(
         checkpointing: recompute layer activations in backward.
         head_chunk: vocabulary chunk for the NIRVANA functionals (None: full logits).
         seed: seed of the ``random`` criterion.
-        device: where to score (default: the model's device).
 
     Returns:
         :class:`UnitScores` in float32 on the CPU.
@@ -134,6 +137,8 @@ def compute_unit_scores(
     check_choice("criterion", criterion, CRITERIA)
     check_choice("functional", functional, FUNCTIONALS)
     check_choice("accumulate", accumulate, ACCUMULATE)
+    if not lean and accumulate == "saliency":
+        raise ConfigError("accumulate", accumulate, "'gradient' when lean=False (the baseline keeps every gradient)")
     model = unwrap_model(model)
     adapter = get_adapter(model)
     linears = list(adapter.block_linears())
@@ -159,7 +164,7 @@ def compute_unit_scores(
 
     batches = as_batches(calibration, micro_batch_size)
     n_total = sum(b.shape[0] for b in batches)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = next(model.parameters()).device  # score where the model is
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     saved_grads = {p: p.grad for p in model.parameters()}
     was_training = model.training
