@@ -56,11 +56,10 @@ class ExportCallback(L.Callback):
             state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
             pl_module.load_state_dict(state)
         metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        self._export(trainer, pl_module, metrics)
+        self._export(self._target(trainer), pl_module, metrics)  # _target on every rank: log_dir broadcasts
 
     @rank_zero_only
-    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, metrics: dict) -> None:
-        target = self._target(trainer)
+    def _export(self, target: Path, pl_module: L.LightningModule, metrics: dict) -> None:
         self.exported = save_pruned(pl_module.model, pl_module.tokenizer, target, pl_module.pruning_plan,
                                     overwrite=self.overwrite, adapter_only=self.adapter_only,
                                     base_model=pl_module.hparams.source, metrics=metrics)

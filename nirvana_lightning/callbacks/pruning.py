@@ -157,7 +157,8 @@ class NirvanaPruningCallback(L.Callback):
             logger.log_metrics({"prune/params_before": float(plan.provenance["params_before"]),
                                 "prune/params_after": float(plan.provenance["params_after"]),
                                 "prune/sparsity": plan.realised_sparsity}, step=0)
-        self._write(trainer, plan)
+        # trainer.log_dir is a collective under DDP (it broadcasts): read it on every rank, write on rank 0
+        self._write(Path(trainer.log_dir or trainer.default_root_dir), plan)
         rank_zero_info("pruning plan per layer:\n" + plan.table())
 
     @staticmethod
@@ -181,21 +182,19 @@ class NirvanaPruningCallback(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics({f"select/kl_{i}": kl for i, kl in enumerate(result.kls)}
                                | {"select/best_index": float(result.best_index)}, step=0)
-        self._write_selection(trainer, result)
+        self._write_selection(Path(trainer.log_dir or trainer.default_root_dir), result)
         rank_zero_info("KL calibration selection:\n" + result.table())
         return result.plan
 
     @rank_zero_only
-    def _write_selection(self, trainer: L.Trainer, result) -> None:
+    def _write_selection(self, log_dir: Path, result) -> None:
         import json
 
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         write_text_atomic(log_dir / "selection.md", result.table() + "\n")
         write_text_atomic(log_dir / "selection.json", json.dumps(result.to_dict(), indent=1))
 
     @rank_zero_only
-    def _write(self, trainer: L.Trainer, plan: PruningPlan) -> None:
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    def _write(self, log_dir: Path, plan: PruningPlan) -> None:
         write_text_atomic(log_dir / "plan.json", plan.to_json())
         write_text_atomic(log_dir / "plan.md", plan.table() + "\n")
         rank_zero_info(f"wrote {log_dir / 'plan.json'} and plan.md")

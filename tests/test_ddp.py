@@ -1,0 +1,30 @@
+"""Two CPU processes (gloo DDP): both ranks cut the same plan and hold identical weights after training."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_two_process_ddp_same_plan_and_weights(tmp_path):
+    cfg = yaml.safe_load((REPO / "configs" / "debug" / "tiny_ddp.yaml").read_text())
+    cfg["trainer"]["default_root_dir"] = str(tmp_path / "run")
+    cfg["trainer"]["callbacks"].append({"class_path": "rank_record.RecordRankState",
+                                        "init_args": {"out_dir": str(tmp_path)}})
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "nirvana_lightning", "fit", "--config", str(config)], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] == cfg["trainer"]["max_steps"]
+    assert ranks[0]["plan"] == ranks[1]["plan"]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    plan = json.loads(next((tmp_path / "run").rglob("plan.json")).read_text())
+    assert plan["provenance"]["sparsity"] == 0.4
