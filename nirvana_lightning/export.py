@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,36 +21,13 @@ from torch import nn
 
 from .adapters import get_adapter, remote_modeling, unwrap_model
 from .errors import check_choice
+from .io import write_dir_atomic
 from .pruning import PruningPlan, count_parameters
 from .pruning.plan import library_versions
 
 REMOTE_FILE = "modeling_nirvana.py"
 PLAN_FILE = "plan.json"
 BASE_FILE = "nirvana_base.json"
-
-
-def _prepare_target(path: Path, overwrite: bool) -> Path:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    """Move the finished temporary directory into place (replacing an old one only now)."""
-    tmp.chmod(0o755)
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        if old is not None:
-            os.rename(old, path)  # put the previous export back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
 def _model_card(model: nn.Module, plan: PruningPlan | None, extra: dict[str, Any]) -> str:
@@ -114,46 +89,41 @@ def save_pruned(
     Returns:
         ``path``. On any failure nothing exists at ``path`` (or the old content is kept).
     """
-    path = Path(path)
-    tmp = _prepare_target(path, overwrite)
-    try:
-        is_peft = unwrap_model(model) is not model
-        base = unwrap_model(model)
-        source = base_model or (plan.provenance.get("model_source") if plan else None) or base.config._name_or_path
+    is_peft = unwrap_model(model) is not model
+    base = unwrap_model(model)
+    source = base_model or (plan.provenance.get("model_source") if plan else None) or base.config._name_or_path
+    if adapter_only and not is_peft:
+        raise ValueError("adapter_only=True needs a peft-wrapped model")
+    if adapter_only and plan is None:
+        raise ValueError("adapter_only=True needs the plan: the adapter only fits the pruned shapes")
+
+    def write(tmp: Path) -> None:
         if adapter_only:
-            if not is_peft:
-                raise ValueError("adapter_only=True needs a peft-wrapped model")
-            if plan is None:
-                raise ValueError("adapter_only=True needs the plan: the adapter only fits the pruned shapes")
             model.save_pretrained(tmp)
             dtype = str(next(base.parameters()).dtype).replace("torch.", "")
             (tmp / BASE_FILE).write_text(json.dumps({"base_model": source, "dtype": dtype}, indent=1))
         else:
-            if is_peft:
-                base = copy.deepcopy(model).merge_and_unload()
-            get_adapter(base)  # supported family
-            config = base.config
+            merged = copy.deepcopy(model).merge_and_unload() if is_peft else base
+            get_adapter(merged)  # supported family
+            config = merged.config
             previous = getattr(config, "auto_map", None)
             cls_name = remote_modeling.PRUNED_CLASSES[config.model_type].__name__
             config.auto_map = {"AutoModelForCausalLM": f"modeling_nirvana.{cls_name}"}
             try:
-                base.save_pretrained(tmp, safe_serialization=True)
+                merged.save_pretrained(tmp, safe_serialization=True)
             finally:
                 if previous is None:
                     del config.auto_map
                 else:
                     config.auto_map = previous
             shutil.copyfile(remote_modeling.__file__, tmp / REMOTE_FILE)
-            (tmp / "README.md").write_text(_model_card(base, plan, {"base_model": source, "metrics": metrics}))
+            (tmp / "README.md").write_text(_model_card(merged, plan, {"base_model": source, "metrics": metrics}))
         if plan is not None:
             (tmp / PLAN_FILE).write_text(plan.to_json())
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _commit(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return write_dir_atomic(path, write, overwrite=overwrite)
 
 
 def _check_plan_against_config(plan: PruningPlan, config) -> None:

@@ -1,9 +1,11 @@
-"""Atomic file writes: write to a temporary sibling, then rename."""
+"""Atomic writes: write to a temporary sibling, then rename."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -20,3 +22,37 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_dir_atomic(target: str | Path, write: Callable[[Path], None], *, overwrite: bool = False) -> Path:
+    """Run ``write(tmp_dir)`` in a temporary sibling directory, then rename it to ``target``.
+
+    An existing non-empty ``target`` is refused (``FileExistsError``) before anything is written,
+    unless ``overwrite``; then the old directory is replaced only once the new one is complete,
+    and put back if the final rename fails. On any failure nothing half-written remains.
+    """
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    old = None
+    try:
+        write(tmp)
+        tmp.chmod(0o755)  # mkdtemp creates 0700
+        if overwrite and target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.rename(old, target)  # put the previous content back
+                old = None
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    return target

@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from .debug_models import TINY_CONFIGS, build_tiny_model
 from .errors import ConfigError, check_choice
+from .io import write_dir_atomic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -86,23 +85,14 @@ def resolve_source(source: str, cache_dir: str | Path | None = None) -> str:
     return str(path) if path.is_dir() else source
 
 
-def _write_atomically(target: Path, write) -> Path:
-    """Run ``write(tmp_dir)`` then rename tmp_dir to ``target``; nothing half-written survives."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+def _write_cache_dir(target: Path, write) -> Path:
+    """Write a cache directory atomically; losing a race to another process that finished is fine."""
     try:
-        write(tmp)
-        tmp.chmod(0o755)  # mkdtemp creates 0700
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # lost a race only if the winner finished
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+        return write_dir_atomic(target, write)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        return target
 
 
 def build_tiny_directory(name: str, cache_dir: str | Path | None = None) -> Path:
@@ -118,7 +108,7 @@ def build_tiny_directory(name: str, cache_dir: str | Path | None = None) -> Path
         build_tiny_model(name, vocab_size=len(tokenizer)).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _write_atomically(target, write)
+    return _write_cache_dir(target, write)
 
 
 def convert_embedded(name: str, cache_dir: str | Path | None = None) -> Path:
@@ -152,7 +142,7 @@ def convert_embedded(name: str, cache_dir: str | Path | None = None) -> Path:
         clean.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    _write_atomically(target, write)
+    _write_cache_dir(target, write)
     rank_zero_info(f"Converted {name!r} into {target} in {time.perf_counter() - start:.0f} s")
     return target
 

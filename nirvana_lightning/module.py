@@ -176,20 +176,20 @@ class NirvanaModule(L.LightningModule):
         loss, n_token = lm_loss_and_count(self.model, batch)
         self.val_nll.update(loss.detach().float(), weight=n_token)
 
-    def on_validation_epoch_end(self) -> None:
-        nll = self.val_nll.compute()
+    def _log_epoch_nll(self, prefix: str) -> None:
+        nll = self.val_nll.compute()  # token-weighted, already reduced across ranks by torchmetrics
         self.val_nll.reset()
-        self.log("val/loss", nll, sync_dist=False)
-        self.log("val/ppl", torch.exp(nll), prog_bar=True, sync_dist=False)
+        self.log(f"{prefix}/loss", nll)
+        self.log(f"{prefix}/ppl", torch.exp(nll), prog_bar=prefix == "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_nll("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
-        nll = self.val_nll.compute()
-        self.val_nll.reset()
-        self.log("test/loss", nll)
-        self.log("test/ppl", torch.exp(nll))
+        self._log_epoch_nll("test")
 
     # ------------------------------------------------------------ optimizer
     def configure_optimizers(self):

@@ -10,6 +10,8 @@ from typing import ClassVar
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .remote_modeling import WIDTHS_KEY
+
 
 @dataclass(frozen=True)
 class AttentionParts:
@@ -166,7 +168,7 @@ class ModelAdapter:
             attn.num_key_value_groups = g
 
     #: config attribute carrying per-layer widths after pruning (stock configs have one global value)
-    LAYER_WIDTHS_KEY: ClassVar[str] = "nirvana_layer_widths"
+    LAYER_WIDTHS_KEY: ClassVar[str] = WIDTHS_KEY
 
     def record_layer_widths(self, n_kv_group: list[int], mlp_dim: list[int]) -> None:
         """Write per-layer widths into the HF config so config and tensors agree.
