@@ -1,6 +1,13 @@
 """nirvana-lightning: structured pruning of LLMs (NIRVANA) and recovery in one Lightning run."""
 
-from .callbacks import ExportCallback, NirvanaPruningCallback, PerplexityCallback
+from .callbacks import (
+    ExportCallback,
+    KLToDenseCallback,
+    NirvanaPruningCallback,
+    PerplexityCallback,
+    PruningReportCallback,
+    RunSummaryCallback,
+)
 from .data import NirvanaDataModule
 from .errors import ConfigError
 from .export import load_pruned, load_pruned_adapter, save_pruned
@@ -24,7 +31,8 @@ from .pruning import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "ExportCallback", "NirvanaDataModule", "NirvanaModule", "NirvanaPruningCallback", "PerplexityCallback",
+    "ConfigError", "ExportCallback", "KLToDenseCallback", "NirvanaDataModule", "NirvanaModule", "NirvanaPruningCallback",
+    "PerplexityCallback", "PruningReportCallback", "RunSummaryCallback",
     "PruningPlan", "UnitScores", "allocate", "apply_plan", "compute_output_functional", "compute_unit_scores",
     "count_parameters", "load_model", "load_pruned", "load_pruned_adapter", "load_tokenizer", "make_plan",
     "masked_units", "plan_from_scores", "prune", "save_pruned", "select_calibration",

@@ -13,10 +13,13 @@ from torchmetrics.aggregation import MeanMetric
 
 from .adapters import ROLES, unwrap_model
 from .errors import ConfigError, check_choice, check_positive
+from .eval.kl import target_mask, token_kl
 from .eval.perplexity import lm_loss_and_count
 from .loading import DTYPES, load_model, validate_source
 from .pruning import PruningPlan, apply_plan
 from .recovery import RECOVERY_MODES, apply_recovery
+
+OBJECTIVES = ("lm", "kd")
 
 
 class NirvanaModule(L.LightningModule):
@@ -36,6 +39,13 @@ class NirvanaModule(L.LightningModule):
         lr / weight_decay / betas: AdamW settings.
         warmup_steps: linear warmup steps, then cosine decay to ``min_lr_ratio * lr``.
         gradient_checkpointing: recompute activations in backward to save memory.
+        objective: ``lm`` (next-token loss) or ``kd`` (distillation from the dense model).
+        kd_temperature: softmax temperature tau of both teacher and student in ``kd``; the KL term
+            is scaled by tau**2 so its gradient scale does not depend on tau.
+        kd_alpha: weight of the KL term; the loss is ``kd_alpha * KL + (1 - kd_alpha) * LM``.
+        teacher_device: where the frozen dense teacher lives (default: the training device),
+            e.g. ``cpu`` or ``cuda:1``.
+        teacher_dtype: teacher weight dtype (default: ``dtype``), e.g. ``bfloat16`` to halve its memory.
     """
 
     def __init__(
@@ -54,6 +64,11 @@ class NirvanaModule(L.LightningModule):
         warmup_steps: int = 10,
         min_lr_ratio: float = 0.1,
         gradient_checkpointing: bool = False,
+        objective: Literal["lm", "kd"] = "lm",
+        kd_temperature: float = 1.0,
+        kd_alpha: float = 1.0,
+        teacher_device: str | None = None,
+        teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     ) -> None:
         super().__init__()
         validate_source(source, "model.source")
@@ -70,6 +85,19 @@ class NirvanaModule(L.LightningModule):
             raise ConfigError("model.lora_dropout", lora_dropout, "a probability in [0, 1)")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ConfigError("model.min_lr_ratio", min_lr_ratio, "a fraction in [0, 1]")
+        check_choice("model.objective", objective, OBJECTIVES)
+        check_positive("model.kd_temperature", kd_temperature)
+        if not 0.0 <= kd_alpha <= 1.0:
+            raise ConfigError("model.kd_alpha", kd_alpha, "a weight in [0, 1]")
+        if teacher_dtype is not None:
+            check_choice("model.teacher_dtype", teacher_dtype, DTYPES)
+        if teacher_device is not None:
+            try:
+                torch.device(teacher_device)
+            except (RuntimeError, TypeError):
+                raise ConfigError("model.teacher_device", teacher_device, "a torch device such as cpu or cuda:1") from None
+        if objective == "kd" and recovery == "none":
+            raise ConfigError("model.objective", objective, "'lm' when recovery is 'none' (nothing is trained)")
         self.save_hyperparameters()
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
@@ -87,6 +115,26 @@ class NirvanaModule(L.LightningModule):
             self.model, self.tokenizer = load_model(hp.source, hp.dtype, cache_dir=hp.cache_dir)
             self._restore_plan_from_checkpoint()
         return self.base_model
+
+    def dense_reference(self, device: torch.device | str | None = None) -> torch.nn.Module:
+        """The frozen dense model (the distillation teacher and the KL reference), loaded once.
+
+        Loaded from ``source`` (not copied from the student, which may already be pruned or
+        resumed), in ``teacher_dtype``, on ``teacher_device`` or else ``device`` or else the
+        module's device. It is not a submodule: it is never in checkpoints, optimizers,
+        distributed wrappers or ``parameters()``. Later calls return the same object.
+        """
+        teacher = self.__dict__.get("_dense_reference")
+        if teacher is None:
+            hp = self.hparams
+            teacher, _ = load_model(hp.source, hp.teacher_dtype or hp.dtype, cache_dir=hp.cache_dir)
+            teacher.requires_grad_(False)
+            teacher.eval()
+            teacher.to(hp.teacher_device or device or self.device)
+            self.__dict__["_dense_reference"] = teacher  # bypasses nn.Module registration on purpose
+            rank_zero_info(f"dense reference loaded on {next(teacher.parameters()).device} "
+                           f"({next(teacher.parameters()).dtype})")
+        return teacher
 
     def _restore_plan_from_checkpoint(self) -> None:
         """When the Trainer resumes from a checkpoint written after pruning, cut the same units now.
@@ -165,12 +213,33 @@ class NirvanaModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int):
-        loss, n_token = lm_loss_and_count(self.model, batch)
+        if self.hparams.objective == "kd":
+            loss, n_token = self._distillation_loss(batch)
+        else:
+            loss, n_token = lm_loss_and_count(self.model, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/tokens", float(n_token), reduce_fx="sum", batch_size=1)
         if self.hparams.recovery == "none":
             return None  # nothing is trainable: no backward
         return loss
+
+    def _distillation_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
+        """``alpha * tau^2 * KL(teacher_tau || student_tau) + (1 - alpha) * LM`` per scored token."""
+        hp = self.hparams
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+        teacher = self.dense_reference()
+        teacher_device = next(teacher.parameters()).device
+        with torch.no_grad():
+            mask = batch.get("attention_mask")
+            teacher_logits = teacher(input_ids=batch["input_ids"].to(teacher_device),
+                                     attention_mask=None if mask is None else mask.to(teacher_device)).logits
+        kl_sum, n_token = token_kl(teacher_logits, out.logits, target_mask(batch), temperature=hp.kd_temperature)
+        kd = kl_sum / max(1, n_token) * hp.kd_temperature ** 2
+        bs = batch["input_ids"].shape[0]
+        self.log("train/kd", kd.detach(), batch_size=bs)
+        self.log("train/lm_loss", out.loss.detach(), batch_size=bs)
+        loss = hp.kd_alpha * kd + (1 - hp.kd_alpha) * out.loss if hp.kd_alpha < 1 else kd
+        return loss, n_token
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, n_token = lm_loss_and_count(self.model, batch)

@@ -20,7 +20,7 @@ def run(*args, cwd=REPO, timeout=600):
 def test_fast_dev_run(tmp_path):
     r = run("fit", "--config", TINY, "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "validation perplexity after recovery" in r.stderr + r.stdout
+    assert "after recovery: validation perplexity" in r.stderr + r.stdout
 
 
 def test_tiny_fit_prunes_writes_plan_and_logs(tmp_path):
@@ -32,13 +32,24 @@ def test_tiny_fit_prunes_writes_plan_and_logs(tmp_path):
     assert (log_dir / "plan.md").read_text().startswith("| layer |")
     rows = list(csv.DictReader((log_dir / "metrics.csv").open()))
     keys = {k for row in rows for k, v in row.items() if v}
-    assert {"prune/params_before", "prune/params_after", "ppl/dense", "ppl/before_recovery",
-            "ppl/after_recovery", "train/loss", "val/ppl"} <= keys
+    assert {"prune/params_before", "prune/params_after", "ppl/val/dense", "ppl/val/pruned", "ppl/val/recovered",
+            "ppl/alpaca/recovered", "ppl/val", "kl/val/pruned", "kl/val/recovered", "train/loss", "val/ppl",
+            "report/mlp_kept/layer_0"} <= keys
+    # the periodic evaluations ran at step 4 of 8 (not at the last step: fit end covers it)
+    assert (log_dir / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((log_dir / "summary.json").read_text())
+    assert set(summary["rows"]["validation perplexity"]) == {"dense", "pruned", "recovered"}
+    assert summary["rows"]["KL to dense (nats/token)"]["dense"] == 0.0
+    assert summary["rows"]["KL to dense (nats/token)"]["pruned"] > 0
+    assert summary["rows"]["params (total)"]["pruned"] < summary["rows"]["params (total)"]["dense"]
+    assert summary["rows"]["params (total)"]["pruned"] == float(plan["provenance"]["params_after"])
+    assert any(k.startswith("prefill tokens/s") for k in summary["rows"])
+    assert (log_dir / "summary.md").read_text().startswith("# Run summary")
     before = float(next(r["prune/params_before"] for r in rows if r["prune/params_before"]))
     after = float(next(r["prune/params_after"] for r in rows if r["prune/params_after"]))
     assert after < before
     out = r.stderr + r.stdout
-    assert "dense (before pruning)" in out and "after recovery" in out
+    assert "dense (before pruning)" in out and "after recovery" in out and "run summary" in out
 
 
 def test_validate_and_print_config(tmp_path):

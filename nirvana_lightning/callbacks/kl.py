@@ -1,0 +1,53 @@
+"""KL divergence from the dense model to the model being pruned and recovered."""
+
+from __future__ import annotations
+
+from itertools import islice
+from typing import Literal
+
+import lightning as L
+
+from ..errors import check_choice, check_positive
+from ..eval.kl import compute_kl
+from .staged import StagedEvaluation
+
+
+class KLToDenseCallback(StagedEvaluation):
+    """Mean per-token ``KL(P_dense || Q_model)`` on the validation set: after pruning, every N
+    steps and after recovery (the dense stage is 0 by definition and not measured).
+
+    The dense model is the module's reference copy (:meth:`NirvanaModule.dense_reference`): the
+    distillation teacher when ``objective: kd``, otherwise loaded once from ``model.source``
+    when this callback first needs it, and kept only while the callback exists.
+
+    Args:
+        every_n_steps: also measure every N optimizer steps.
+        device: ``model`` keeps the dense copy on the training device; ``cpu`` keeps it in host
+            memory (slower, no accelerator memory).
+        max_batches: validation batches to use (default all).
+    """
+
+    prefix = "kl"
+
+    def __init__(self, every_n_steps: int | None = None, device: Literal["model", "cpu"] = "model",
+                 max_batches: int | None = None) -> None:
+        super().__init__(dense=False, every_n_steps=every_n_steps)
+        check_choice("KLToDenseCallback.device", device, ("model", "cpu"))
+        if max_batches is not None:
+            check_positive("KLToDenseCallback.max_batches", max_batches)
+        self.device, self.max_batches = device, max_batches
+
+    def metric_label(self, metric: str) -> str:
+        return "KL to dense (nats/token)"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not hasattr(pl_module, "dense_reference"):
+            from ..errors import ConfigError
+
+            raise ConfigError("model", type(pl_module).__name__, "a NirvanaModule (KLToDenseCallback needs its dense reference)")
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:
+        device = trainer.strategy.root_device
+        reference = pl_module.dense_reference(device="cpu" if self.device == "cpu" else device)
+        batches = islice(trainer.datamodule.val_dataloader(), self.max_batches)
+        return {"val": compute_kl(pl_module.model, reference, batches, device=device)}

@@ -1,0 +1,123 @@
+"""Shared timing of evaluation callbacks: dense (before pruning), pruned, every N steps, recovered."""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..errors import ConfigError
+
+#: the stages a run summary compares, in order
+SUMMARY_STAGES = ("dense", "pruned", "recovered")
+_LABELS = {"dense": "dense (before pruning)", "pruned": "pruned, before recovery", "recovered": "after recovery"}
+
+
+def check_every_n_steps(key: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ConfigError(key, value, "a positive integer (steps between evaluations) or null")
+
+
+class StagedEvaluation(L.Callback):
+    """Runs :meth:`evaluate` at the stages of a prune-then-recover run and keeps the results.
+
+    * ``dense`` (when ``dense=True``): in ``setup``, before pruning. List the callback BEFORE
+      ``NirvanaPruningCallback`` in ``trainer.callbacks`` (callbacks run in list order); a model
+      that is already pruned at that point is an error.
+    * ``pruned``: at fit start, after pruning, before any training step.
+    * ``step_<n>``: every ``every_n_steps`` optimizer steps during recovery.
+    * ``recovered``: at fit end.
+
+    ``results`` maps stage to ``{metric: value}``. Every value goes to every logger twice: as
+    a curve ``<prefix>/<metric>`` at the current global step (all stages but dense) and, for the
+    three named stages, as ``<prefix>/<metric>/<stage>``. The results are part of the callback's
+    state, so a resumed run keeps its dense and pruned values.
+    """
+
+    prefix = "eval"
+
+    def __init__(self, dense: bool = False, every_n_steps: int | None = None) -> None:
+        check_every_n_steps(f"{type(self).__name__}.every_n_steps", every_n_steps)
+        self.dense = dense
+        self.every_n_steps = every_n_steps
+        self.results: dict[str, dict[str, float]] = {}
+
+    # ---------------------------------------------------------------- override
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:
+        raise NotImplementedError
+
+    def metric_label(self, metric: str) -> str:
+        """Human-readable row name of a metric in tables."""
+        return f"{self.prefix} {metric}"
+
+    # ------------------------------------------------------------------- hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self.dense or "dense" in self.results:
+            return
+        if getattr(pl_module, "resume_ckpt_path", None):  # resuming: the dense values come back with our state
+            return
+        pl_module.build_model()
+        if getattr(pl_module, "pruning_plan", None) is not None:
+            raise ConfigError("trainer.callbacks", f"{type(self).__name__} after NirvanaPruningCallback",
+                              f"{type(self).__name__} listed first when dense: true (the model was already pruned)")
+        pl_module.model.to(trainer.strategy.root_device)
+        self.record(trainer, pl_module, "dense")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "pruned" not in self.results:
+            self.record(trainer, pl_module, "pruned")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not self.every_n_steps or step == 0 or step % self.every_n_steps or f"step_{step}" in self.results:
+            return
+        if trainer.max_steps > 0 and step >= trainer.max_steps:
+            return  # the fit-end evaluation covers the last step
+        self.record(trainer, pl_module, f"step_{step}")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.record(trainer, pl_module, "recovered")
+        rank_zero_info("\n" + self.table())
+
+    # ------------------------------------------------------------------ record
+    def record(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:
+        was_training = pl_module.training
+        try:
+            metrics = self.evaluate(trainer, pl_module, stage)
+        finally:
+            pl_module.train(was_training)
+        self.results[stage] = dict(metrics)
+        logged = {}
+        for metric, value in metrics.items():
+            if stage != "dense":
+                logged[f"{self.prefix}/{metric}"] = value
+            if stage in SUMMARY_STAGES:
+                logged[f"{self.prefix}/{metric}/{stage}"] = value
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=trainer.global_step)
+        shown = ", ".join(f"{self.metric_label(m)} {v:.4g}" for m, v in metrics.items())
+        rank_zero_info(f"{_LABELS.get(stage, stage.replace('_', ' '))}: {shown}")
+        return metrics
+
+    def summary_rows(self) -> dict[str, dict[str, float]]:
+        """``{row label: {stage: value}}`` for the three named stages (read by the run summary)."""
+        rows: dict[str, dict[str, float]] = {}
+        for stage in SUMMARY_STAGES:
+            for metric, value in self.results.get(stage, {}).items():
+                rows.setdefault(self.metric_label(metric), {})[stage] = value
+        return rows
+
+    def table(self) -> str:
+        stages = [s for s in self.results if s != "dense"]
+        stages = (["dense"] if "dense" in self.results else []) + stages
+        rows = ["| " + " | ".join(["metric", *stages]) + " |", "|" + "---|" * (len(stages) + 1)]
+        metrics = list(dict.fromkeys(m for s in stages for m in self.results[s]))
+        for m in metrics:
+            cells = [f"{self.results[s][m]:.4g}" if m in self.results[s] else "" for s in stages]
+            rows.append("| " + " | ".join([self.metric_label(m), *cells]) + " |")
+        return "\n".join(rows)
+
+    def state_dict(self) -> dict:
+        return {"results": {k: dict(v) for k, v in self.results.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.results = {k: dict(v) for k, v in state_dict.get("results", {}).items()}

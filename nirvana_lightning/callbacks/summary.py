@@ -1,0 +1,164 @@
+"""Run summary: dense -> pruned -> recovered for every metric collected, parameters and speed."""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from ..adapters import unwrap_model
+from ..errors import ConfigError, check_positive
+from ..eval.speed import count_parameters_detailed, flops_per_token, measure_throughput
+from ..io import write_text_atomic
+from .staged import SUMMARY_STAGES, StagedEvaluation
+
+
+def _adapters_disabled(model):
+    """Context that runs a peft model without its adapters: the shapes of the merged model."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+
+
+class RunSummaryCallback(L.Callback):
+    """At fit end, one table of dense / pruned / recovered for every metric of the run.
+
+    Collects the results of every evaluation callback in the Trainer (perplexity, KL to dense,
+    lm-eval, ...) and measures, itself, parameter counts, analytic FLOPs per token and
+    throughput (prefill and cached decode tokens/s, :func:`~nirvana_lightning.eval.speed.measure_throughput`).
+    List it BEFORE ``NirvanaPruningCallback`` so it sees the dense model. Recovered speed is
+    measured with LoRA adapters disabled: the architecture of the merged, exported model.
+
+    Writes ``summary.md`` and ``summary.json`` into the log directory and prints the table.
+
+    Args:
+        speed: measure throughput (parameters and FLOPs are always reported).
+        batch_size / seq_len: prefill batch for the throughput measurement (also the FLOPs context).
+        new_tokens: cached decode steps (0: no decode measurement).
+        repeats: timed repetitions (median).
+    """
+
+    def __init__(self, speed: bool = True, batch_size: int = 1, seq_len: int = 128, new_tokens: int = 16,
+                 repeats: int = 3) -> None:
+        key = "RunSummaryCallback."
+        check_positive(key + "batch_size", batch_size)
+        check_positive(key + "seq_len", seq_len)
+        check_positive(key + "new_tokens", new_tokens, allow_zero=True)
+        check_positive(key + "repeats", repeats)
+        self.speed, self.batch_size, self.seq_len = speed, batch_size, seq_len
+        self.new_tokens, self.repeats = new_tokens, repeats
+        self.measured: dict[str, dict[str, float]] = {}  # stage -> {row: value}
+        self.summary: dict | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or "dense" in self.measured or getattr(pl_module, "resume_ckpt_path", None):
+            return
+        pl_module.build_model()
+        if getattr(pl_module, "pruning_plan", None) is not None:
+            raise ConfigError("trainer.callbacks", "RunSummaryCallback after NirvanaPruningCallback",
+                              "RunSummaryCallback listed before NirvanaPruningCallback (it measures the dense model)")
+        pl_module.model.to(trainer.strategy.root_device)
+        self._measure(trainer, pl_module, "dense")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "pruned" not in self.measured:
+            self._measure(trainer, pl_module, "pruned")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._measure(trainer, pl_module, "recovered")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # after every callback's on_fit_end, so their "recovered" results exist
+        if stage != "fit" or "recovered" not in self.measured:
+            return
+        self.summary = self.collect(trainer, pl_module)
+        table = self.table(self.summary)
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank
+        self._write(log_dir, table)
+        rank_zero_info("run summary (" + str(log_dir / "summary.md") + "):\n" + table)
+
+    # -------------------------------------------------------------- measuring
+    def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        base = unwrap_model(pl_module.model)
+        counts = count_parameters_detailed(base)
+        row = {"params (total)": counts["total"], "params (non-embedding)": counts["non_embedding"],
+               f"GFLOPs/token (prefill, {self.seq_len} tokens)": flops_per_token(base, self.seq_len)["total"] / 1e9}
+        if self.speed:
+            was_training = pl_module.model.training
+            with _adapters_disabled(pl_module.model):
+                result = measure_throughput(base, batch_size=self.batch_size, seq_len=self.seq_len,
+                                            new_tokens=self.new_tokens, repeats=self.repeats,
+                                            device=trainer.strategy.root_device)
+            pl_module.model.train(was_training)
+            shape = f"batch {self.batch_size} x {self.seq_len}"
+            row[f"prefill tokens/s ({shape})"] = result["prefill_tokens_per_s"]
+            if result["decode_tokens_per_s"] is not None:
+                row[f"decode tokens/s (batch {self.batch_size}, KV cache)"] = result["decode_tokens_per_s"]
+            if result.get("prefill_peak_memory_bytes") is not None:
+                row["peak memory prefill (GiB)"] = result["prefill_peak_memory_bytes"] / 2**30
+        self.measured[stage] = row
+        for logger in trainer.loggers:
+            logger.log_metrics({f"summary/{k}/{stage}": float(v) for k, v in row.items()}, step=trainer.global_step)
+
+    # ------------------------------------------------------------- collecting
+    def collect(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        """``{"stages": [...], "rows": {label: {stage: value}}, "plan": {...}, "history": {...}}``."""
+        rows: dict[str, dict[str, float]] = {}
+        history: dict[str, dict] = {}
+        for callback in trainer.callbacks:
+            if isinstance(callback, StagedEvaluation):
+                for label, values in callback.summary_rows().items():
+                    rows.setdefault(label, {}).update(values)
+                history[type(callback).__name__] = callback.results
+        if any("dense" not in v for k, v in rows.items() if k.startswith("KL")):
+            for label in rows:
+                if label.startswith("KL"):
+                    rows[label].setdefault("dense", 0.0)  # KL of the dense model to itself, by definition
+        for stage in SUMMARY_STAGES:
+            for label, value in self.measured.get(stage, {}).items():
+                rows.setdefault(label, {})[stage] = float(value)
+        plan = getattr(pl_module, "pruning_plan", None)
+        plan_info = None
+        if plan is not None:
+            plan_info = {"fingerprint": plan.fingerprint(), "realised_sparsity": plan.realised_sparsity,
+                         "target_sparsity": plan.provenance.get("sparsity"), "gamma": plan.provenance.get("gamma"),
+                         "criterion": plan.provenance.get("criterion")}
+        return {"stages": list(SUMMARY_STAGES), "rows": rows, "plan": plan_info, "history": history,
+                "global_step": trainer.global_step,
+                "speed_settings": {"batch_size": self.batch_size, "seq_len": self.seq_len,
+                                   "new_tokens": self.new_tokens, "repeats": self.repeats,
+                                   "device": str(trainer.strategy.root_device)} if self.speed else None}
+
+    @staticmethod
+    def table(summary: dict) -> str:
+        stages = summary["stages"]
+        out = ["| metric | " + " | ".join(stages) + " | recovered / dense |", "|---|" + "---|" * (len(stages) + 1)]
+        for label, values in summary["rows"].items():
+            cells = [_fmt(values[s]) if s in values else "-" for s in stages]
+            d, r = values.get("dense"), values.get("recovered")
+            ratio = f"{r / d:.3f}" if d and r is not None else "-"
+            out.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
+        if summary.get("plan"):
+            p = summary["plan"]
+            out.append(f"\nplan {p['fingerprint']}: {p['criterion']}, target sparsity {p['target_sparsity']}, "
+                       f"gamma {p['gamma']}, realised block-weight sparsity {p['realised_sparsity']:.4f}")
+        return "\n".join(out)
+
+    @rank_zero_only
+    def _write(self, log_dir: Path, table: str) -> None:
+        write_text_atomic(log_dir / "summary.md", "# Run summary\n\n" + table + "\n")
+        write_text_atomic(log_dir / "summary.json", json.dumps(self.summary, indent=1))
+
+    def state_dict(self) -> dict:
+        return {"measured": {k: dict(v) for k, v in self.measured.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.measured = {k: dict(v) for k, v in state_dict.get("measured", {}).items()}
+
+
+def _fmt(value: float) -> str:
+    if float(value).is_integer() and abs(value) >= 1000:
+        return f"{int(value):,}"
+    return f"{value:.4g}"

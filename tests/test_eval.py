@@ -1,0 +1,116 @@
+"""Evaluation library (perplexity, KL, report) and the evaluation callbacks' settings."""
+
+import math
+
+import pytest
+import torch
+
+from nirvana_lightning import KLToDenseCallback, PerplexityCallback, RunSummaryCallback, prune
+from nirvana_lightning.debug_models import build_tiny_model
+from nirvana_lightning.errors import ConfigError
+from nirvana_lightning.eval import (
+    allocation_rows,
+    build_text_windows,
+    compute_kl,
+    compute_perplexity,
+    save_allocation_plot,
+    token_kl,
+)
+
+
+def _hand_nll(model, ids: torch.Tensor, begin: int, end: int, targets: range) -> list[float]:
+    """NLL of each target position p (predicted from p-1) with the context ids[begin:end]."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids[None, begin:end]).logits[0].double(), dim=-1)
+    return [float(-logp[p - 1 - begin, ids[p]]) for p in targets]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny_model("tiny-llama").eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 256, (50,), generator=torch.Generator().manual_seed(0))
+
+
+def test_perplexity_equals_hand_computation_disjoint_windows(model, ids):
+    ppl = compute_perplexity(model, build_text_windows(ids, 16))
+    nll = []
+    for begin in range(0, 50, 16):  # windows [0,16) [16,32) [32,48) [48,50): first token of each is context
+        end = min(begin + 16, 50)
+        nll += _hand_nll(model, ids, begin, end, range(begin + 1, end))
+    assert len(nll) == 15 + 15 + 15 + 1
+    assert math.isclose(ppl, math.exp(sum(nll) / len(nll)), rel_tol=1e-5)
+
+
+def test_strided_windows_score_every_token_once_with_left_context(model, ids):
+    windows = build_text_windows(ids, 16, stride=8)
+    scored = []
+    for w in windows:
+        begin = next(b for b in range(0, 50, 8) if torch.equal(ids[b:b + w["input_ids"].shape[1]], w["input_ids"][0]))
+        scored += [begin + j for j in range(1, w["labels"].shape[1]) if w["labels"][0, j] != -100]
+    assert scored == list(range(1, 50))  # every token after the first, exactly once, in order
+    # with a window covering the whole text, the windowed perplexity is the full-context one
+    full = compute_perplexity(model, build_text_windows(ids, 64))
+    hand = _hand_nll(model, ids, 0, 50, range(1, 50))
+    assert math.isclose(full, math.exp(sum(hand) / len(hand)), rel_tol=1e-5)
+
+
+def test_kl_to_itself_is_zero_and_positive_after_pruning(model, ids):
+    batches = [{"input_ids": ids[None, :32], "labels": ids[None, :32]}]
+    assert compute_kl(model, model, batches) == pytest.approx(0.0, abs=1e-6)
+    pruned = build_tiny_model("tiny-llama").eval()
+    prune(pruned, None, sparsity=0.3, criterion="magnitude")
+    kl = compute_kl(pruned, model, batches)
+    assert kl > 1e-4
+    # the value is the mean over the 31 positions that predict a labelled token
+    with torch.no_grad():
+        p = torch.log_softmax(model(input_ids=ids[None, :32]).logits[0, :31].double(), -1)
+        q = torch.log_softmax(pruned(input_ids=ids[None, :32]).logits[0, :31].double(), -1)
+    assert kl == pytest.approx(float((p.exp() * (p - q)).sum(-1).mean()), rel=1e-4)
+
+
+def test_token_kl_is_differentiable_and_respects_mask_and_temperature():
+    ref, logits = torch.randn(2, 5, 11), torch.randn(2, 5, 11, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 0, 1], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    total, n = token_kl(ref, logits, mask, temperature=2.0, token_chunk=3)
+    assert n == 6
+    p = torch.log_softmax(ref[mask] / 2, -1)
+    q = torch.log_softmax(logits[mask] / 2, -1)
+    assert torch.allclose(total, (p.exp() * (p - q)).sum(), atol=1e-6)
+    total.backward()
+    assert logits.grad is not None and torch.all(logits.grad[~mask] == 0)
+    zero, _ = token_kl(ref, ref.clone())
+    assert float(zero) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_report_rows_equal_the_plan_and_plot_is_a_png(tmp_path, model):
+    pruned = build_tiny_model("tiny-qwen2")
+    plan = prune(pruned, None, sparsity=0.4, criterion="magnitude", gamma=2.0)
+    rows = allocation_rows(plan)
+    assert [r["kv_groups_kept"] for r in rows] == [len(k) for k in plan.attention_keep]
+    assert [r["mlp_neurons_kept"] for r in rows] == [len(k) for k in plan.mlp_keep]
+    assert [r["mlp_neurons"] for r in rows] == plan.mlp_dim_before
+    assert all(r["mlp_kept"] == r["mlp_neurons_kept"] / r["mlp_neurons"] for r in rows)
+    path = save_allocation_plot(plan, tmp_path / "allocation.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["allocation.png"]  # no temporary file left
+
+
+@pytest.mark.parametrize("make, key", [
+    (lambda: PerplexityCallback(every_n_steps=0), "PerplexityCallback.every_n_steps"),
+    (lambda: PerplexityCallback(every_n_steps=-3), "PerplexityCallback.every_n_steps"),
+    (lambda: PerplexityCallback(datasets={"x": "/no/such.txt"}), "PerplexityCallback.datasets.x"),
+    (lambda: PerplexityCallback(datasets={"val": "brown"}), "PerplexityCallback.datasets"),
+    (lambda: PerplexityCallback(val=False), "PerplexityCallback.val"),
+    (lambda: PerplexityCallback(seq_len=16, stride=32), "PerplexityCallback.stride"),
+    (lambda: KLToDenseCallback(every_n_steps=0), "KLToDenseCallback.every_n_steps"),
+    (lambda: KLToDenseCallback(device="gpu"), "KLToDenseCallback.device"),
+    (lambda: RunSummaryCallback(seq_len=0), "RunSummaryCallback.seq_len"),
+])
+def test_callbacks_reject_bad_settings(make, key):
+    with pytest.raises(ConfigError) as err:
+        make()
+    assert err.value.key == key
