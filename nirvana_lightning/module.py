@@ -17,6 +17,8 @@ from .eval.kl import target_mask, token_kl
 from .eval.perplexity import lm_loss_and_count
 from .loading import DTYPES, load_model, validate_source
 from .pruning import PruningPlan, apply_plan
+from .pruning.api import cut
+from .pruning.plan import compose_plans
 from .recovery import RECOVERY_MODES, apply_recovery
 
 OBJECTIVES = ("lm", "kd")
@@ -182,6 +184,29 @@ class NirvanaModule(L.LightningModule):
         if recovery_applied:
             self.configure_model()
 
+    def apply_pruning_step(self, step: PruningPlan) -> PruningPlan:
+        """Cut ``step`` (a plan made for the model as it is now) during training; returns the composed plan.
+
+        LoRA recovery: the adapters are merged into the base weights, the base is cut, and fresh
+        adapters are attached (B = 0, so the function is unchanged by re-attaching). Merging
+        first keeps what recovery learnt so far and lets the next scoring see the real weights;
+        slicing adapter matrices instead would leave low-rank products on removed units. Full
+        recovery: the parameters are cut in place. Either way the optimizer and its scheduler
+        must be rebuilt afterwards (:func:`nirvana_lightning.recovery.rebuild_optimization`),
+        since they hold the old parameter objects.
+        """
+        if self._recovery_applied and self.hparams.recovery == "lora":
+            self.model = self.model.merge_and_unload()
+            self._recovery_applied = False
+        base = self.base_model
+        base.zero_grad(set_to_none=True)
+        cut(base, step)
+        self.pruning_plan = step if self.pruning_plan is None else compose_plans(self.pruning_plan, step)
+        if not self._recovery_applied:
+            self.configure_model()
+        self.model.to(self.device)
+        return self.pruning_plan
+
     @property
     def base_model(self) -> torch.nn.Module:
         """The transformers model under any peft wrapper."""
@@ -196,7 +221,7 @@ class NirvanaModule(L.LightningModule):
             return
         hp = self.hparams
         self.model = apply_recovery(self.model, hp.recovery, lora_r=hp.lora_r, lora_alpha=hp.lora_alpha,
-                                    lora_dropout=hp.lora_dropout, lora_targets=hp.lora_targets)
+                                    lora_dropout=hp.lora_dropout, lora_targets=hp.lora_targets or ROLES)
         if hp.gradient_checkpointing:
             base = self.base_model
             kwargs = {"use_reentrant": False}

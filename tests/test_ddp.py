@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo DDP): both ranks cut the same plan and hold identical weights after training."""
+"""Two CPU processes (gloo DDP): both ranks cut the same plans (at setup and mid-training) and hold
+identical weights after training."""
 
 import json
 import os
@@ -27,4 +28,8 @@ def test_two_process_ddp_same_plan_and_weights(tmp_path):
     assert ranks[0]["plan"] == ranks[1]["plan"]
     assert ranks[0]["weights"] == ranks[1]["weights"]
     plan = json.loads(next((tmp_path / "run").rglob("plan.json")).read_text())
-    assert plan["provenance"]["sparsity"] == 0.4
+    assert plan["provenance"]["sparsity"] == 0.4 and len(plan["provenance"]["steps"]) == 2
+    # the second cut happened mid-training on both ranks; identical weights after the steps that
+    # followed it mean the rebuilt DDP wrapper averaged the new parameters' gradients
+    steps = sorted(p.name for p in (tmp_path / "run").rglob("plan_step_*.json"))
+    assert steps == ["plan_step_1.json", "plan_step_2.json"]

@@ -12,10 +12,12 @@ from ..errors import ConfigError, check_choice, check_positive
 from ..io import write_text_atomic
 from ..pruning import PruningPlan, make_plan
 from ..pruning.allocation import MODES, ROUND_TO_CHOICES, validate_targets
-from ..pruning.api import SCORING_DTYPES, cut
+from ..pruning.api import SCORING_DTYPES, count_parameters, cut
 from ..pruning.gradients import ACCUMULATE
 from ..pruning.saliency import CRITERIA, FUNCTIONALS
+from ..pruning.schedule import SCHEDULES, cumulative_sparsity, step_sparsity
 from ..pruning.selection import select_calibration
+from ..recovery.rebuild import check_rebuildable, rebuild_optimization
 
 
 class NirvanaPruningCallback(L.Callback):
@@ -47,6 +49,25 @@ class NirvanaPruningCallback(L.Callback):
             model has the lowest KL to the dense model on a probe of held-out documents
             (``probe_samples`` x ``probe_seq_len`` tokens); the table goes to ``selection.md``.
         candidate_mode: ``random`` (seeded window draws) or ``document`` (one document each).
+        schedule: ``once`` (prune at setup) or an iterative curve toward ``sparsity`` over
+            ``n_steps`` pruning steps: ``linear``, ``constant`` (same fraction of what remains) or
+            ``cubic`` (see :func:`nirvana_lightning.pruning.schedule.cumulative_sparsity`).
+        n_steps: number of pruning steps of an iterative schedule.
+        at_epochs: the epochs at whose start each step prunes (epoch 0 prunes at setup, before
+            optimizers exist); or
+        every_n_steps: prune at setup and then every N optimizer steps until ``n_steps`` are done.
+
+    Iterative steps re-score the current (already pruned, partly recovered) model on fresh
+    calibration windows (seed ``calibration_seed + step``; with ``select: kl`` too), cut it,
+    and rebuild what holds parameters: LoRA adapters are merged before the cut and fresh ones
+    attached after (:meth:`NirvanaModule.apply_pruning_step`), the DDP wrapper, optimizer and LR
+    scheduler are rebuilt (:func:`nirvana_lightning.recovery.rebuild_optimization`: Adam state
+    restarts from zero, the LR continues its curve), and every callback with an
+    ``on_nirvana_prune(trainer, pl_module, plan)`` method is told (EMA-style callbacks that hold
+    parameter copies re-read them there). Each step's plan is written to
+    ``plan_step_<k>.json``; ``plan.json`` is always the composed plan (keep indices into the
+    dense model), which is what checkpoints carry; the step history is the callback's
+    checkpoint state, so a resumed run continues the schedule.
     """
 
     def __init__(
@@ -74,8 +95,30 @@ class NirvanaPruningCallback(L.Callback):
         probe_samples: int = 128,
         probe_seq_len: int = 64,
         probe_seed: int = 0,
+        schedule: Literal["once", "constant", "linear", "cubic"] = "once",
+        n_steps: int = 1,
+        at_epochs: list[int] | None = None,
+        every_n_steps: int | None = None,
     ) -> None:
         key = "NirvanaPruningCallback."
+        check_choice(key + "schedule", schedule, SCHEDULES)
+        check_positive(key + "n_steps", n_steps)
+        if schedule == "once":
+            if n_steps != 1 or at_epochs is not None or every_n_steps is not None:
+                raise ConfigError(key + "schedule", schedule,
+                                  "an iterative schedule (constant, linear, cubic) when n_steps, at_epochs or every_n_steps is set")
+        else:
+            if sparsity is None or plan_path is not None:
+                raise ConfigError(key + "schedule", schedule, "'once' unless the target is given as sparsity (no param_budget, no plan_path)")
+            if (at_epochs is None) == (every_n_steps is None):
+                raise ConfigError(key + "at_epochs", at_epochs, "exactly one of at_epochs and every_n_steps for an iterative schedule")
+            if at_epochs is not None:
+                at_epochs = list(at_epochs)
+                if len(at_epochs) != n_steps or any(not isinstance(e, int) or e < 0 for e in at_epochs) \
+                        or at_epochs != sorted(set(at_epochs)):
+                    raise ConfigError(key + "at_epochs", at_epochs, f"{n_steps} distinct increasing epoch indices >= 0 (n_steps={n_steps})")
+            if every_n_steps is not None:
+                check_positive(key + "every_n_steps", every_n_steps)
         check_choice(key + "criterion", criterion, CRITERIA)
         check_choice(key + "functional", functional, FUNCTIONALS)
         check_choice(key + "allocation", allocation, MODES)
@@ -115,51 +158,124 @@ class NirvanaPruningCallback(L.Callback):
         self.plan_path = plan_path
         self.select, self.num_candidates, self.candidate_mode = select, num_candidates, candidate_mode
         self.probe_samples, self.probe_seq_len, self.probe_seed = probe_samples, probe_seq_len, probe_seed
+        self.schedule, self.n_steps, self.at_epochs, self.every_n_steps = schedule, n_steps, at_epochs, every_n_steps
         self.selection = None
-        self.plan: PruningPlan | None = None
+        self.plan: PruningPlan | None = None  # the composed plan: keep indices into the dense model
+        self.history: list[PruningPlan] = []  # one plan per step, each made for the model the previous left
+        self._dense_block_params: int | None = None
+
+    @property
+    def iterative(self) -> bool:
+        return self.schedule != "once"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.plan is not None:
             return
+        if self.iterative:
+            check_rebuildable(trainer, "trainer.strategy")
         model = pl_module.build_model()
         if getattr(pl_module, "pruning_plan", None) is not None:  # resumed from a pruned checkpoint
             self.plan = pl_module.pruning_plan
-            rank_zero_info("model already pruned (plan restored from the checkpoint): not pruning again")
+            rank_zero_info("model already pruned (plan restored from the checkpoint): not pruning again"
+                           + (" (the schedule continues from the checkpoint's step)" if self.iterative else ""))
             return
         if self.plan_path is not None:
             plan = PruningPlan.from_json(Path(self.plan_path).read_text())
+        elif self.iterative and (self.at_epochs is not None and self.at_epochs[0] > 0):
+            return  # the first step comes at the start of epoch at_epochs[0]
         else:
-            datamodule = trainer.datamodule
-            if datamodule is None or not hasattr(datamodule, "calibration_windows"):
-                raise ConfigError("data", type(datamodule).__name__, "a datamodule with calibration_windows()")
-            model.to(trainer.strategy.root_device)
-            settings = dict(sparsity=self.sparsity, param_budget=self.param_budget, gamma=self.gamma,
-                            criterion=self.criterion, functional=self.functional, round_to=self.round_to,
-                            skip_layers=self.skip_layers, allocation=self.allocation,
-                            micro_batch_size=self.micro_batch_size, accumulate=self.accumulate,
-                            checkpointing=self.checkpointing, scoring_dtype=self.scoring_dtype, seed=self.seed)
-            try:
-                if self.select == "kl":
-                    plan = self._select(trainer, model, datamodule, settings)
-                else:
-                    calibration = None
-                    if self.criterion in ("nirvana", "taylor"):
-                        calibration = datamodule.calibration_windows(self.calibration_samples,
-                                                                     self.calibration_seq_len, self.calibration_seed)
-                    plan = make_plan(model, calibration, **settings)
-            except ConfigError as err:  # name the key as the user wrote it
-                raise ConfigError(f"NirvanaPruningCallback.{err.key}", err.value, err.expected) from None
-            plan = self._agree(trainer, plan)
+            plan = self._make_step_plan(trainer, model)
         cut(model, plan)
-        self.plan = plan
-        pl_module.pruning_plan = plan
+        self._record(trainer, pl_module, plan)
+
+    # ----------------------------------------------------------- the schedule
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_epochs is None or len(self.history) >= self.n_steps:
+            return
+        if trainer.current_epoch == self.at_epochs[len(self.history)]:
+            self._prune_during_training(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps is None or len(self.history) >= self.n_steps:
+            return
+        step = trainer.global_step
+        if step > 0 and step == self.every_n_steps * len(self.history):
+            self._prune_during_training(trainer, pl_module)
+
+    def _prune_during_training(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        plan = self._make_step_plan(trainer, pl_module.base_model)
+        composed = pl_module.apply_pruning_step(plan)
+        rebuild_optimization(trainer, pl_module)
+        self._record(trainer, pl_module, plan, composed)
+        for callback in trainer.callbacks:
+            hook = getattr(callback, "on_nirvana_prune", None)
+            if callable(hook):
+                hook(trainer, pl_module, composed)
+
+    def _make_step_plan(self, trainer: L.Trainer, model) -> PruningPlan:
+        """Score the model as it is now and plan the next step (not cut)."""
+        k = len(self.history) + 1  # 1-based step about to be taken
+        settings = dict(sparsity=self.sparsity, param_budget=self.param_budget, gamma=self.gamma,
+                        criterion=self.criterion, functional=self.functional, round_to=self.round_to,
+                        skip_layers=self.skip_layers, allocation=self.allocation,
+                        micro_batch_size=self.micro_batch_size, accumulate=self.accumulate,
+                        checkpointing=self.checkpointing, scoring_dtype=self.scoring_dtype, seed=self.seed + k - 1)
+        if self.iterative:
+            if self._dense_block_params is None:
+                self._dense_block_params = (self.history[0].block_params_before if self.history
+                                            else count_parameters(model)["block"])
+            target = cumulative_sparsity(self.schedule, self.sparsity, k, self.n_steps)
+            settings["sparsity"] = step_sparsity(target, self._dense_block_params, count_parameters(model)["block"])
+        datamodule = trainer.datamodule
+        needs_data = self.criterion in ("nirvana", "taylor")
+        if needs_data and (datamodule is None or not hasattr(datamodule, "calibration_windows")):
+            raise ConfigError("data", type(datamodule).__name__, "a datamodule with calibration_windows()")
+        model.to(trainer.strategy.root_device)
+        seed = self.calibration_seed if self.calibration_seed is not None else getattr(datamodule, "calibration_seed", 0)
+        seed += k - 1  # fresh calibration windows at every step
+        try:
+            if self.select == "kl":
+                plan = self._select(trainer, model, datamodule, settings, seed)
+            else:
+                calibration = None
+                if needs_data:
+                    calibration = datamodule.calibration_windows(self.calibration_samples, self.calibration_seq_len, seed)
+                plan = make_plan(model, calibration, **settings)
+        except ConfigError as err:  # name the key as the user wrote it
+            raise ConfigError(f"NirvanaPruningCallback.{err.key}", err.value, err.expected) from None
+        plan.provenance.update({"schedule": self.schedule, "step": k, "n_steps": self.n_steps,
+                                "global_step": trainer.global_step, "epoch": trainer.current_epoch})
+        if self.iterative:
+            plan.provenance.update({"step_sparsity": settings["sparsity"],
+                                    "target_cumulative_sparsity": target, "final_sparsity": self.sparsity})
+        return self._agree(trainer, plan)
+
+    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, step: PruningPlan,
+                composed: PruningPlan | None = None) -> None:
+        """Keep the step, publish the composed plan, log and write both."""
+        self.history.append(step)
+        composed = composed or PruningPlan.from_dict(step.to_dict())  # the step plan stays as it was made
+        if self.iterative:
+            first = self.history[0].provenance
+            composed.provenance.update({"params_before": first["params_before"], "sparsity": self.sparsity,
+                                        "realised_sparsity": composed.realised_sparsity})
+        self.plan = composed
+        pl_module.pruning_plan = composed
         for logger in trainer.loggers:
-            logger.log_metrics({"prune/params_before": float(plan.provenance["params_before"]),
-                                "prune/params_after": float(plan.provenance["params_after"]),
-                                "prune/sparsity": plan.realised_sparsity}, step=0)
+            logger.log_metrics({"prune/params_before": float(composed.provenance["params_before"]),
+                                "prune/params_after": float(step.provenance["params_after"]),
+                                "prune/sparsity": composed.realised_sparsity,
+                                "prune/step": float(len(self.history))}, step=trainer.global_step)
         # trainer.log_dir is a collective under DDP (it broadcasts): read it on every rank, write on rank 0
-        self._write(Path(trainer.log_dir or trainer.default_root_dir), plan)
-        rank_zero_info("pruning plan per layer:\n" + plan.table())
+        self._write(Path(trainer.log_dir or trainer.default_root_dir), composed, step, len(self.history))
+        k = f" step {len(self.history)}/{self.n_steps}" if self.iterative else ""
+        rank_zero_info(f"pruning plan{k} per layer (composed, relative to the dense model):\n" + composed.table())
+
+    def state_dict(self) -> dict:
+        return {"history": [p.to_dict() for p in self.history]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = [PruningPlan.from_dict(d) for d in state_dict.get("history", [])]
 
     @staticmethod
     def _agree(trainer: L.Trainer, plan: PruningPlan) -> PruningPlan:
@@ -169,11 +285,10 @@ class NirvanaPruningCallback(L.Callback):
             return plan
         return PruningPlan.from_dict(trainer.strategy.broadcast(plan.to_dict(), src=0))
 
-    def _select(self, trainer: L.Trainer, model, datamodule, settings: dict) -> PruningPlan:
+    def _select(self, trainer: L.Trainer, model, datamodule, settings: dict, seed: int) -> PruningPlan:
         """KL selection among candidate calibration sets; returns the winner's plan (not yet cut)."""
         candidates, spans = datamodule.calibration_candidates(
-            self.num_candidates, self.calibration_samples, self.calibration_seq_len, self.calibration_seed,
-            mode=self.candidate_mode)
+            self.num_candidates, self.calibration_samples, self.calibration_seq_len, seed, mode=self.candidate_mode)
         probe, probe_spans = datamodule.probe_windows(self.probe_samples, self.probe_seq_len, self.probe_seed)
         result = select_calibration(model, candidates, probe, candidate_spans=spans, probe_spans=probe_spans,
                                     **settings)
@@ -194,7 +309,9 @@ class NirvanaPruningCallback(L.Callback):
         write_text_atomic(log_dir / "selection.json", json.dumps(result.to_dict(), indent=1))
 
     @rank_zero_only
-    def _write(self, log_dir: Path, plan: PruningPlan) -> None:
+    def _write(self, log_dir: Path, plan: PruningPlan, step: PruningPlan, k: int) -> None:
+        if self.iterative:
+            write_text_atomic(log_dir / f"plan_step_{k}.json", step.to_json())
         write_text_atomic(log_dir / "plan.json", plan.to_json())
         write_text_atomic(log_dir / "plan.md", plan.table() + "\n")
         rank_zero_info(f"wrote {log_dir / 'plan.json'} and plan.md")

@@ -146,3 +146,33 @@ class PruningPlan:
 
         core = json.dumps([self.attention_keep, self.mlp_keep, self.n_kv_group_before, self.mlp_dim_before])
         return hashlib.sha256(core.encode()).hexdigest()[:16]
+
+
+def compose_plans(first: PruningPlan, second: PruningPlan) -> PruningPlan:
+    """The single plan equivalent to applying ``first`` and then ``second``.
+
+    ``second`` indexes into the model as ``first`` left it; the result indexes into the model
+    ``first`` was made for: ``keep[i] = first.keep[i][second.keep[i]]``. Provenance: the
+    second's, plus ``steps`` (the provenance of every step, oldest first).
+
+    Raises:
+        ValueError: when ``second`` was not made for the widths ``first`` produces.
+    """
+    first.validate()
+    second.validate()
+    if (second.n_kv_group_before != first.n_kv_group_after or second.mlp_dim_before != first.mlp_dim_after
+            or (second.n_query_per_kv, second.head_dim, second.hidden_dim)
+            != (first.n_query_per_kv, first.head_dim, first.hidden_dim)):
+        raise ValueError("the second plan was not made for the widths the first one leaves")
+    steps = list(first.provenance.get("steps") or [first.provenance])
+    steps.append({k: v for k, v in second.provenance.items() if k != "steps"})
+    return PruningPlan(
+        attention_keep=[[a[j] for j in b] for a, b in zip(first.attention_keep, second.attention_keep)],
+        mlp_keep=[[a[j] for j in b] for a, b in zip(first.mlp_keep, second.mlp_keep)],
+        n_kv_group_before=list(first.n_kv_group_before),
+        mlp_dim_before=list(first.mlp_dim_before),
+        n_query_per_kv=first.n_query_per_kv,
+        head_dim=first.head_dim,
+        hidden_dim=first.hidden_dim,
+        provenance={**{k: v for k, v in second.provenance.items() if k != "steps"}, "steps": steps},
+    )

@@ -1,0 +1,50 @@
+"""After a cut in the middle of training: rebuild what holds the old parameters."""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+from ..errors import ConfigError
+
+#: strategies whose wrappers :func:`rebuild_optimization` knows how to rebuild
+REBUILDABLE_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
+
+
+def check_rebuildable(trainer: L.Trainer, key: str) -> None:
+    """Fail early when the Trainer's strategy cannot be re-wrapped after a mid-training cut."""
+    strategy = trainer.strategy
+    if type(strategy) not in REBUILDABLE_STRATEGIES:
+        raise ConfigError(key, type(strategy).__name__,
+                          "single-device or ddp for pruning during training (FSDP / DeepSpeed shard parameters: "
+                          "prune once at fit start, which happens before any wrapper exists)")
+
+
+def rebuild_optimization(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    """Re-wrap the model for DDP and rebuild optimizers and LR schedulers after parameters changed.
+
+    * DDP: a new ``DistributedDataParallel`` over the pruned module (its buckets and its
+      parameter broadcast are built from the current parameters).
+    * Optimizers: ``configure_optimizers`` runs again, so the optimizer holds exactly the
+      trainable parameters that exist now. Adam moments start from zero (the optimizer is
+      rebuilt, not patched: composer's and our house rule).
+    * Schedulers: fast-forwarded to the current optimizer step, so the learning rate continues
+      its curve (warmup is not repeated).
+    """
+    strategy = trainer.strategy
+    check_rebuildable(trainer, "trainer.strategy")
+    if isinstance(strategy, DDPStrategy):
+        strategy.model = strategy._setup_model(pl_module)
+        strategy._register_ddp_hooks()
+    strategy.setup_optimizers(trainer)
+    step = trainer.global_step
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        scheduler.last_epoch = step
+        lrs = [base * fn(step) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)] \
+            if hasattr(scheduler, "lr_lambdas") else None
+        if lrs is None:
+            raise NotImplementedError(f"cannot fast-forward {type(scheduler).__name__}; use a LambdaLR schedule")
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs

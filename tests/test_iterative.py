@@ -1,0 +1,192 @@
+"""Iterative prune-train schedules, plan composition, optimizer rebuild, and distillation."""
+
+import copy
+import types
+
+import lightning as L
+import pytest
+import torch
+
+from nirvana_lightning import NirvanaModule, NirvanaPruningCallback, apply_plan, masked_units, prune
+from nirvana_lightning.data import NirvanaDataModule
+from nirvana_lightning.debug_models import build_tiny_model
+from nirvana_lightning.errors import ConfigError
+from nirvana_lightning.pruning.plan import compose_plans
+from nirvana_lightning.pruning.schedule import cumulative_sparsity, step_sparsity
+from nirvana_lightning.recovery import check_rebuildable
+
+
+# ---------------------------------------------------------------- pure schedule
+def test_schedule_curves_end_on_target():
+    s, n = 0.5, 4
+    for schedule in ("linear", "constant", "cubic"):
+        values = [cumulative_sparsity(schedule, s, k, n) for k in range(1, n + 1)]
+        assert values[-1] == s and values == sorted(values) and values[0] > 0
+    assert [cumulative_sparsity("linear", s, k, n) for k in range(1, 5)] == [0.125, 0.25, 0.375, 0.5]
+    kept = [1 - cumulative_sparsity("constant", s, k, n) for k in range(0 + 1, n + 1)]
+    ratios = [b / a for a, b in zip([1.0, *kept[:-1]], kept)]
+    assert max(ratios) - min(ratios) < 1e-12  # the same fraction of what remains at every step
+    assert cumulative_sparsity("cubic", s, 1, n) > cumulative_sparsity("linear", s, 1, n)  # front-loaded
+    assert cumulative_sparsity("once", s, 1, 1) == s
+    assert step_sparsity(0.5, 1000, 750) == pytest.approx(1 - 500 / 750)
+
+
+def test_compose_equals_applying_the_steps_in_sequence(family):
+    sequential = build_tiny_model(family)
+    first = prune(sequential, None, sparsity=0.25, criterion="magnitude")
+    second = prune(sequential, None, sparsity=0.3, criterion="magnitude")
+    composed = compose_plans(first, second)
+    direct = apply_plan(build_tiny_model(family), composed)
+    for (name, p), (_, q) in zip(sequential.state_dict().items(), direct.state_dict().items()):
+        assert torch.equal(p, q), name
+    assert [s["sparsity"] for s in composed.provenance["steps"]] == [0.25, 0.3]
+    with pytest.raises(ValueError, match="widths"):
+        compose_plans(second, first)
+
+
+# ---------------------------------------------------------------- in a real fit
+class _Observe(L.Callback):
+    """Listed before the pruning callback: snapshots the model before each mid-training cut,
+    then checks the cut, the rebuilt optimizer and the scheduler in ``on_nirvana_prune``."""
+
+    def __init__(self, every: int) -> None:
+        self.every, self.before, self.checks, self.losses = every, None, [], []
+        self.x = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(3))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+        if trainer.global_step % self.every == 0:
+            model = copy.deepcopy(pl_module.model)
+            self.before = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+    def on_nirvana_prune(self, trainer, pl_module, composed):
+        step = trainer.callbacks[[type(c) for c in trainer.callbacks].index(NirvanaPruningCallback)].history[-1]
+        pl_module.model.eval()
+        self.before.eval()
+        with torch.no_grad():
+            got = pl_module.model(input_ids=self.x).logits
+            with masked_units(self.before, step):
+                want = self.before(input_ids=self.x).logits
+        pl_module.model.train()
+        optimizer = trainer.optimizers[0]
+        in_optimizer = [p for g in optimizer.param_groups for p in g["params"]]
+        trainable = [p for p in pl_module.model.parameters() if p.requires_grad]
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+        self.checks.append({
+            "max_diff": float((got - want).abs().max()), "scale": float(want.abs().max()),
+            "same_params": len(in_optimizer) == len(trainable) and all(a is b for a, b in zip(in_optimizer, trainable)),
+            "fresh_state": len(optimizer.state) == 0,
+            "lr": optimizer.param_groups[0]["lr"],
+            "lr_want": pl_module.hparams.lr * scheduler.lr_lambdas[0](trainer.global_step),
+        })
+
+
+def _fit(tmp_path, recovery, steps=6, every=2, n_steps=3, schedule="linear", sparsity=0.5, **module_kwargs):
+    L.seed_everything(0)
+    module = NirvanaModule(source="tiny-llama", recovery=recovery, lr=1e-3, warmup_steps=1, lora_r=4, **module_kwargs)
+    data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=64, max_val_windows=2,
+                             batch_size=2, calibration_samples=4, calibration_seq_len=16)
+    observe = _Observe(every)
+    pruning = NirvanaPruningCallback(sparsity=sparsity, gamma=2.0, schedule=schedule, n_steps=n_steps,
+                                     every_n_steps=every)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, callbacks=[observe, pruning])
+    trainer.fit(module, datamodule=data)
+    return module, pruning, observe
+
+
+@pytest.mark.parametrize("recovery", ["full", "lora"])
+def test_linear_schedule_reaches_target_and_rebuilds_optimizer(tmp_path, recovery):
+    module, pruning, observe = _fit(tmp_path, recovery)
+    history = pruning.history
+    assert len(history) == 3 and [p.provenance["step"] for p in history] == [1, 2, 3]
+    assert [p.provenance["global_step"] for p in history] == [0, 2, 4]
+    composed = history[0]
+    for step in history[1:]:
+        composed = compose_plans(composed, step)
+    plan = module.pruning_plan
+    assert plan.fingerprint() == composed.fingerprint() == pruning.plan.fingerprint()
+    # the target within rounding: the coarsest unit of this model is one KV group of one layer
+    # (8% of its block weights; the per-step attention counts are floored, as in one-shot allocation)
+    dense_block = history[0].block_params_before
+    group = 2 * (plan.n_query_per_kv + 1) * plan.head_dim * plan.hidden_dim
+    assert abs(plan.realised_sparsity - 0.5) <= group / dense_block + 1e-9
+    assert plan.block_params_after == history[-1].block_params_after
+    # cumulative targets followed the linear curve (each step measured from the realised count)
+    assert [p.provenance["target_cumulative_sparsity"] for p in history] == pytest.approx([1 / 6, 1 / 3, 0.5])
+    # the model's shapes are the composed plan applied to the dense model
+    dense = NirvanaModule(source="tiny-llama").build_model()
+    apply_plan(dense, plan)
+    assert {n: p.shape for n, p in dense.named_parameters()} == \
+        {n.replace(".base_layer", ""): p.shape for n, p in module.base_model.named_parameters() if "lora_" not in n}
+    # each mid-training cut: pruned == masked pre-cut model, optimizer rebuilt over the new parameters,
+    # Adam state fresh, learning rate continuing the schedule at the current step
+    assert len(observe.checks) == 2
+    for check in observe.checks:
+        assert check["max_diff"] <= 1e-5 * max(1.0, check["scale"])
+        assert check["same_params"] and check["fresh_state"]
+        assert check["lr"] == pytest.approx(check["lr_want"])
+    assert all(torch.isfinite(torch.tensor(observe.losses)))
+    if recovery == "lora":
+        names = [n for n, p in module.model.named_parameters() if p.requires_grad]
+        assert names and all("lora_" in n for n in names)
+
+
+def test_iterative_settings_fail_early():
+    with pytest.raises(ConfigError, match="at_epochs"):
+        NirvanaPruningCallback(sparsity=0.5, schedule="linear", n_steps=3)
+    with pytest.raises(ConfigError, match="at_epochs"):
+        NirvanaPruningCallback(sparsity=0.5, schedule="cubic", n_steps=3, at_epochs=[0, 2])
+    with pytest.raises(ConfigError, match="every_n_steps"):
+        NirvanaPruningCallback(sparsity=0.5, schedule="cubic", n_steps=3, every_n_steps=0)
+    with pytest.raises(ConfigError, match="schedule"):
+        NirvanaPruningCallback(sparsity=0.5, n_steps=3)
+    with pytest.raises(ConfigError, match="schedule"):
+        NirvanaPruningCallback(sparsity=None, param_budget=10, schedule="linear", n_steps=2, every_n_steps=2)
+    fake = types.SimpleNamespace(strategy=object())
+    with pytest.raises(ConfigError, match="trainer.strategy"):
+        check_rebuildable(fake, "trainer.strategy")
+
+
+# ---------------------------------------------------------------- distillation
+def _batch():
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(5))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def test_kd_loss_is_zero_when_student_equals_teacher():
+    module = NirvanaModule(source="tiny-llama", recovery="full", objective="kd", kd_temperature=2.0)
+    module.build_model()
+    module.configure_model()
+    module.model.eval()  # no dropout in either
+    loss, n = module._distillation_loss(_batch())
+    assert n == 2 * 15 and abs(float(loss)) < 1e-6
+    mixed = NirvanaModule(source="tiny-llama", recovery="full", objective="kd", kd_alpha=0.25)
+    mixed.build_model()
+    mixed.configure_model()
+    mixed.model.eval()
+    loss, _ = mixed._distillation_loss(_batch())
+    lm = mixed.model(**_batch()).loss
+    assert float(loss) == pytest.approx(0.75 * float(lm), rel=1e-5)
+
+
+@pytest.mark.parametrize("recovery", ["full", "lora"])
+def test_kd_recovery_trains_student_and_never_the_teacher(tmp_path, recovery):
+    L.seed_everything(0)
+    module = NirvanaModule(source="tiny-llama", recovery=recovery, lr=1e-2, warmup_steps=1, lora_r=4, objective="kd",
+                           kd_temperature=2.0, kd_alpha=0.5, teacher_dtype="bfloat16")
+    data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=32, max_val_windows=2,
+                             batch_size=2, calibration_samples=4, calibration_seq_len=16)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, callbacks=[NirvanaPruningCallback(sparsity=0.3, gamma=2.0)])
+    teacher = module.dense_reference()
+    frozen = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    trainer.fit(module, datamodule=data)
+    assert module.dense_reference() is teacher and teacher.dtype == torch.bfloat16
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(p, frozen[n]) for n, p in teacher.named_parameters())
+    assert not any(p is q for p in module.parameters() for q in teacher.parameters())  # not a submodule
+    assert "_dense_reference" not in str(list(module.state_dict()))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"]) and "train/kd" in trainer.callback_metrics
