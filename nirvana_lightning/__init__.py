@@ -3,6 +3,7 @@
 from .callbacks import (
     ExportCallback,
     KLToDenseCallback,
+    LmEvalCallback,
     NirvanaPruningCallback,
     PerplexityCallback,
     PruningReportCallback,
@@ -31,7 +32,7 @@ from .pruning import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "ExportCallback", "KLToDenseCallback", "NirvanaDataModule", "NirvanaModule", "NirvanaPruningCallback",
+    "ConfigError", "ExportCallback", "KLToDenseCallback", "LmEvalCallback", "NirvanaDataModule", "NirvanaModule", "NirvanaPruningCallback",
     "PerplexityCallback", "PruningReportCallback", "RunSummaryCallback",
     "PruningPlan", "UnitScores", "allocate", "apply_plan", "compute_output_functional", "compute_unit_scores",
     "count_parameters", "load_model", "load_pruned", "load_pruned_adapter", "load_tokenizer", "make_plan",

@@ -1,6 +1,7 @@
 """Kill a pruned run with SIGKILL after a checkpoint, resume it: the loss matches the uninterrupted run."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -57,3 +58,44 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     assert abs(got[last] - want[last]) <= 1e-6 * abs(want[last]), (got, want)
     for step in range(N // 2, N):
         assert abs(got[step] - want[step]) <= 1e-6 * abs(want[step]), step
+
+
+def _iterative_config(tmp_path: Path, name: str, kill: bool) -> Path:
+    cfg = yaml.safe_load((REPO / "configs" / "debug" / "tiny_iterative.yaml").read_text())
+    trainer = cfg["trainer"]
+    trainer.update(default_root_dir=str(tmp_path / name), max_steps=6, limit_val_batches=0, log_every_n_steps=1,
+                   enable_checkpointing=True)
+    trainer.pop("val_check_interval", None)
+    trainer["callbacks"] = [c for c in trainer["callbacks"] if "NirvanaPruning" in c["class_path"]]
+    trainer["callbacks"][0]["init_args"].update(every_n_steps=2, n_steps=3)  # cuts at steps 0, 2 and 4
+    trainer["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                 "init_args": {"save_top_k": -1, "every_n_train_steps": 3}})
+    if kill:
+        trainer["callbacks"].append({"class_path": "kill_after.KillAfterStep", "init_args": {"step": 3}})
+    cfg["model"].update(recovery="full")  # no dropout: the resumed run can match bit for bit
+    cfg["data"].update(max_train_windows=12, batch_size=4)  # 3 steps per epoch: the checkpoint is at an epoch end
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_resume_mid_schedule_continues_the_schedule(tmp_path):
+    straight = _fit(_iterative_config(tmp_path, "straight", kill=False))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = _fit(_iterative_config(tmp_path, "killed", kill=True))
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-3000:])
+    ckpt = next((tmp_path / "killed").rglob("*step=3.ckpt"))
+    run_dir = ckpt.parents[1]  # .../version_0/checkpoints/x.ckpt
+    assert sorted(p.name for p in run_dir.glob("plan_step_*.json")) == ["plan_step_1.json", "plan_step_2.json"]
+    resumed = _fit(_iterative_config(tmp_path, "killed", kill=False), f"--ckpt_path={ckpt}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out = resumed.stderr + resumed.stdout
+    assert "schedule continues" in out and "step 3/3" in out and "step 1/3" not in out
+    want_dir = next((tmp_path / "straight").rglob("plan_step_3.json")).parent
+    got_dir = next((tmp_path / "killed").rglob("version_1/plan_step_3.json")).parent
+    want, got = (json.loads((d / "plan.json").read_text()) for d in (want_dir, got_dir))
+    assert got["attention_keep"] == want["attention_keep"] and got["mlp_keep"] == want["mlp_keep"]
+    assert len(got["provenance"]["steps"]) == 3 and got["provenance"]["steps"][-1]["global_step"] == 4
+    want_loss, got_loss = _losses(want_dir / "metrics.csv"), _losses(got_dir / "metrics.csv")
+    for step in (3, 4, 5):
+        assert abs(got_loss[step] - want_loss[step]) <= 1e-6 * abs(want_loss[step]), step

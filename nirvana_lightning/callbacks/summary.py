@@ -13,7 +13,7 @@ from ..adapters import unwrap_model
 from ..errors import ConfigError, check_positive
 from ..eval.speed import count_parameters_detailed, flops_per_token, measure_throughput
 from ..io import write_text_atomic
-from .staged import SUMMARY_STAGES, StagedEvaluation
+from .staged import SUMMARY_STAGES
 
 
 def _adapters_disabled(model):
@@ -25,7 +25,7 @@ class RunSummaryCallback(L.Callback):
     """At fit end, one table of dense / pruned / recovered for every metric of the run.
 
     Collects the results of every evaluation callback in the Trainer (perplexity, KL to dense,
-    lm-eval, ...) and measures, itself, parameter counts, analytic FLOPs per token and
+    lm-eval, ...: any callback with a ``summary_rows()`` method returning ``{row: {stage: value}}``) and measures, itself, parameter counts, analytic FLOPs per token and
     throughput (prefill and cached decode tokens/s, :func:`~nirvana_lightning.eval.speed.measure_throughput`).
     List it BEFORE ``NirvanaPruningCallback`` so it sees the dense model. Recovered speed is
     measured with LoRA adapters disabled: the architecture of the merged, exported model.
@@ -107,11 +107,11 @@ class RunSummaryCallback(L.Callback):
         """``{"stages": [...], "rows": {label: {stage: value}}, "plan": {...}, "history": {...}}``."""
         rows: dict[str, dict[str, float]] = {}
         history: dict[str, dict] = {}
-        for callback in trainer.callbacks:
-            if isinstance(callback, StagedEvaluation):
+        for callback in trainer.callbacks:  # every evaluation callback: anything with summary_rows()
+            if callable(getattr(callback, "summary_rows", None)):
                 for label, values in callback.summary_rows().items():
                     rows.setdefault(label, {}).update(values)
-                history[type(callback).__name__] = callback.results
+                history[type(callback).__name__] = getattr(callback, "results", None)
         if any("dense" not in v for k, v in rows.items() if k.startswith("KL")):
             for label in rows:
                 if label.startswith("KL"):

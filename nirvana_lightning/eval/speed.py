@@ -212,7 +212,9 @@ def measure_throughput(
         ``decode_tokens_per_s`` (``B * new_tokens / median seconds of the steps``; None when
         ``new_tokens`` is 0), ``decode_seconds``; measured memory, CUDA only (else None):
         ``prefill_peak_memory_bytes`` and ``decode_peak_memory_bytes`` (``max_memory_allocated``
-        over the phase's runs, weights included); analytic memory: ``weights_bytes`` (distinct
+        over the phase's runs, weights included) and ``peak_memory_bytes`` (the larger; no CPU
+        peak is reported: torch's CPU allocations bypass ``tracemalloc`` and RSS growth mixes in
+        the allocator's cache and memory-mapped weights); analytic memory: ``weights_bytes`` (distinct
         parameters) and ``kv_cache_bytes`` (keys and values of ``seq_len + new_tokens`` positions
         for the batch, see :func:`kv_cache_bytes`); and the settings ``batch_size``, ``seq_len``,
         ``new_tokens``, ``repeats``, ``device``, ``dtype``.
@@ -273,6 +275,7 @@ def measure_throughput(
         "prefill_seconds": prefill_s,
         "decode_tokens_per_s": batch_size * new_tokens / decode_s if decode_s is not None else None,
         "decode_seconds": decode_s,
+        "peak_memory_bytes": None if prefill_peak is None else max(prefill_peak, decode_peak or 0),
         "prefill_peak_memory_bytes": prefill_peak,
         "decode_peak_memory_bytes": decode_peak,
         "weights_bytes": weights_bytes(base),
