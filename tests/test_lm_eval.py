@@ -112,12 +112,13 @@ def test_callback_in_a_fit(tmp_path):
     trainer.fit(module, datamodule=data)
 
     assert list(lm_eval_cb.results) == ["dense", "pruned", "step_2", "recovered"]
-    for stage, tasks in lm_eval_cb.results.items():
-        assert set(tasks) == {TASK}, stage
-        assert 0.0 <= tasks[TASK]["acc"] <= 1.0 and 0.0 <= tasks[TASK]["acc_norm"] <= 1.0
-    assert logger.logged[f"lm_eval/recovered/{TASK}/acc"] == (lm_eval_cb.results["recovered"][TASK]["acc"], 3)
-    assert logger.logged[f"lm_eval/step_2/{TASK}/acc"][1] == 2
-    assert "pruned, before recovery" in lm_eval_cb.table()
+    for stage, metrics in lm_eval_cb.results.items():
+        assert {m.split("/")[0] for m in metrics} == {TASK}, stage
+        assert 0.0 <= metrics[f"{TASK}/acc"] <= 1.0 and 0.0 <= metrics[f"{TASK}/acc_norm"] <= 1.0
+    assert logger.logged[f"lm_eval/{TASK}/acc/recovered"] == (lm_eval_cb.results["recovered"][f"{TASK}/acc"], 3)
+    assert logger.logged[f"lm_eval/{TASK}/acc"][1] == 3  # the curve: its last point is the fit-end value
+    assert f"{TASK} acc" in lm_eval_cb.summary_rows() and f"{TASK} acc_stderr" not in lm_eval_cb.summary_rows()
+    assert f"| {TASK} acc |" in lm_eval_cb.table()
 
     restored = LmEvalCallback()
     restored.load_state_dict(lm_eval_cb.state_dict())
