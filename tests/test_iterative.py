@@ -11,6 +11,7 @@ from nirvana_lightning import NirvanaModule, NirvanaPruningCallback, apply_plan,
 from nirvana_lightning.data import NirvanaDataModule
 from nirvana_lightning.debug_models import build_tiny_model
 from nirvana_lightning.errors import ConfigError
+from nirvana_lightning.pruning.allocation import removal_counts
 from nirvana_lightning.pruning.plan import compose_plans
 from nirvana_lightning.pruning.schedule import cumulative_sparsity, step_sparsity
 from nirvana_lightning.recovery import check_rebuildable
@@ -29,6 +30,21 @@ def test_schedule_curves_end_on_target():
     assert cumulative_sparsity("cubic", s, 1, n) > cumulative_sparsity("linear", s, 1, n)  # front-loaded
     assert cumulative_sparsity("once", s, 1, 1) == s
     assert step_sparsity(0.5, 1000, 750) == pytest.approx(1 - 500 / 750)
+
+
+def test_removal_counts_match_allocation_and_counts_override():
+    from nirvana_lightning.pruning.allocation import allocate
+
+    gen = torch.Generator().manual_seed(0)
+    attn = [torch.rand(4, generator=gen) for _ in range(3)]
+    mlp = [torch.rand(64, generator=gen) for _ in range(3)]
+    kw = dict(gamma=2.0, n_query_per_kv=2, head_dim=8)
+    result = allocate(attn, mlp, sparsity=0.35, round_to=1, **kw)
+    assert removal_counts([4] * 3, [64] * 3, sparsity=0.35, **kw) == (result.n_attn_requested, result.n_mlp_requested)
+    forced = allocate(attn, mlp, sparsity=0.35, round_to=1, counts=(2, 10), **kw)
+    assert sum(4 - len(k) for k in forced.attention_keep) == 2 and sum(64 - len(k) for k in forced.mlp_keep) == 10
+    with pytest.raises(ConfigError, match="allocation"):
+        allocate(attn, mlp, sparsity=0.35, round_to=1, counts=(2, 10), mode="uniform", **kw)
 
 
 def test_compose_equals_applying_the_steps_in_sequence(family):
@@ -107,11 +123,13 @@ def test_linear_schedule_reaches_target_and_rebuilds_optimizer(tmp_path, recover
         composed = compose_plans(composed, step)
     plan = module.pruning_plan
     assert plan.fingerprint() == composed.fingerprint() == pruning.plan.fingerprint()
-    # the target within rounding: the coarsest unit of this model is one KV group of one layer
-    # (8% of its block weights; the per-step attention counts are floored, as in one-shot allocation)
-    dense_block = history[0].block_params_before
-    group = 2 * (plan.n_query_per_kv + 1) * plan.head_dim * plan.hidden_dim
-    assert abs(plan.realised_sparsity - 0.5) <= group / dense_block + 1e-9
+    # the target within rounding: after the last step exactly the one-shot number of attention groups
+    # is gone, and the one-shot number of neurons less at most round_to - 1 per layer (kept widths round up)
+    want_attn, want_mlp = removal_counts(plan.n_kv_group_before, plan.mlp_dim_before, sparsity=0.5, gamma=2.0,
+                                         n_query_per_kv=plan.n_query_per_kv, head_dim=plan.head_dim)
+    assert sum(plan.n_kv_group_before) - sum(plan.n_kv_group_after) == want_attn > 0
+    mlp_gone = sum(plan.mlp_dim_before) - sum(plan.mlp_dim_after)
+    assert want_mlp - plan.n_layer * 7 <= mlp_gone <= want_mlp
     assert plan.block_params_after == history[-1].block_params_after
     # cumulative targets followed the linear curve (each step measured from the realised count)
     assert [p.provenance["target_cumulative_sparsity"] for p in history] == pytest.approx([1 / 6, 1 / 3, 0.5])

@@ -8,10 +8,11 @@ from typing import Literal
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from ..adapters import get_adapter
 from ..errors import ConfigError, check_choice, check_positive
 from ..io import write_text_atomic
 from ..pruning import PruningPlan, make_plan
-from ..pruning.allocation import MODES, ROUND_TO_CHOICES, validate_targets
+from ..pruning.allocation import MODES, ROUND_TO_CHOICES, removal_counts, validate_targets
 from ..pruning.api import SCORING_DTYPES, count_parameters, cut
 from ..pruning.gradients import ACCUMULATE
 from ..pruning.saliency import CRITERIA, FUNCTIONALS
@@ -162,7 +163,6 @@ class NirvanaPruningCallback(L.Callback):
         self.selection = None
         self.plan: PruningPlan | None = None  # the composed plan: keep indices into the dense model
         self.history: list[PruningPlan] = []  # one plan per step, each made for the model the previous left
-        self._dense_block_params: int | None = None
 
     @property
     def iterative(self) -> bool:
@@ -221,11 +221,21 @@ class NirvanaPruningCallback(L.Callback):
                         micro_batch_size=self.micro_batch_size, accumulate=self.accumulate,
                         checkpointing=self.checkpointing, scoring_dtype=self.scoring_dtype, seed=self.seed + k - 1)
         if self.iterative:
-            if self._dense_block_params is None:
-                self._dense_block_params = (self.history[0].block_params_before if self.history
-                                            else count_parameters(model)["block"])
+            adapter = get_adapter(model)
+            now = [adapter.layer_geometry(layer) for layer in adapter.layers()]
+            dense = (list(zip(self.history[0].n_kv_group_before, self.history[0].mlp_dim_before)) if self.history
+                     else now)
+            dense_block = self.history[0].block_params_before if self.history else count_parameters(model)["block"]
             target = cumulative_sparsity(self.schedule, self.sparsity, k, self.n_steps)
-            settings["sparsity"] = step_sparsity(target, self._dense_block_params, count_parameters(model)["block"])
+            settings["sparsity"] = step_sparsity(target, dense_block, count_parameters(model)["block"])
+            if self.allocation == "global":
+                # units that must be gone after this step, from the DENSE widths (the one-shot counts at
+                # s_k), minus those already gone: per-step floors do not accumulate into a shortfall
+                want = removal_counts([a for a, _ in dense], [m for _, m in dense], sparsity=target, gamma=self.gamma,
+                                      n_query_per_kv=adapter.n_query_per_kv, head_dim=adapter.head_dim,
+                                      skip_layers=self.skip_layers)
+                gone = (sum(a for a, _ in dense) - sum(a for a, _ in now), sum(m for _, m in dense) - sum(m for _, m in now))
+                settings["counts"] = (max(0, want[0] - gone[0]), max(0, want[1] - gone[1]))
         datamodule = trainer.datamodule
         needs_data = self.criterion in ("nirvana", "taylor")
         if needs_data and (datamodule is None or not hasattr(datamodule, "calibration_windows")):
@@ -246,7 +256,7 @@ class NirvanaPruningCallback(L.Callback):
         plan.provenance.update({"schedule": self.schedule, "step": k, "n_steps": self.n_steps,
                                 "global_step": trainer.global_step, "epoch": trainer.current_epoch})
         if self.iterative:
-            plan.provenance.update({"step_sparsity": settings["sparsity"],
+            plan.provenance.update({"step_sparsity": settings["sparsity"], "step_counts": settings.get("counts"),
                                     "target_cumulative_sparsity": target, "final_sparsity": self.sparsity})
         return self._agree(trainer, plan)
 

@@ -135,6 +135,30 @@ def _round_up_keep(scores: torch.Tensor, remove: torch.Tensor, round_to: int) ->
     return keep.nonzero().squeeze(1)
 
 
+def removal_counts(
+    n_kv_group: Sequence[int],
+    mlp_dim: Sequence[int],
+    *,
+    sparsity: float,
+    gamma: float,
+    n_query_per_kv: int,
+    head_dim: int,
+    skip_layers: Sequence[int] = (),
+) -> tuple[int, int]:
+    """How many attention groups and MLP neurons global allocation removes from a model of these widths.
+
+    The same exact-rational formula and floors as :func:`allocate`, without scores: iterative
+    schedules use it on the DENSE widths to know how many units must be gone after each step.
+    """
+    skip = set(skip_layers)
+    n_attn, n_mlp = sum(n_kv_group), sum(mlp_dim)
+    n_attn_prunable = sum(a for i, a in enumerate(n_kv_group) if i not in skip)
+    n_mlp_prunable = sum(m for i, m in enumerate(mlp_dim) if i not in skip)
+    p_attn, p_mlp = _exact_prune_fractions(sparsity, gamma, 2 * (n_query_per_kv + 1) * head_dim, 3, n_attn, n_mlp,
+                                           n_attn_prunable, n_mlp_prunable)
+    return math.floor(n_attn_prunable * p_attn), math.floor(n_mlp_prunable * p_mlp)
+
+
 def allocate(
     attention_scores: Sequence[torch.Tensor],
     mlp_scores: Sequence[torch.Tensor],
@@ -146,6 +170,7 @@ def allocate(
     round_to: int = 8,
     skip_layers: Sequence[int] = (),
     mode: str = "global",
+    counts: tuple[int, int] | None = None,
 ) -> Allocation:
     """Choose which units stay.
 
@@ -160,6 +185,9 @@ def allocate(
         skip_layers: layer indices left untouched.
         mode: ``global`` ranks units of all layers together; ``uniform`` removes the same fraction
             from every layer (ablation).
+        counts: ``(n_attention_groups, n_neurons)`` to remove instead of the counts the formula
+            gives for ``sparsity`` (``global`` only; used by iterative schedules, which derive
+            them from the dense model with :func:`removal_counts`).
 
     Returns:
         :class:`Allocation` with sorted keep indices per layer.
@@ -186,9 +214,17 @@ def allocate(
     attn_cost, mlp_cost = 2 * (n_query_per_kv + 1) * head_dim, 3
     p_attn, p_mlp = _exact_prune_fractions(sparsity, gamma, attn_cost, mlp_cost, n_attn, n_mlp,
                                            n_attn_prunable, n_mlp_prunable)
+    if counts is not None and mode != "global":
+        raise ConfigError("allocation", mode, "'global' when explicit removal counts are given (iterative schedules)")
     if mode == "global":
         n_attn_remove = math.floor(n_attn_prunable * p_attn)
         n_mlp_remove = math.floor(n_mlp_prunable * p_mlp)
+        if counts is not None:
+            n_attn_remove, n_mlp_remove = (int(c) for c in counts)
+            if n_attn_remove < 0 or n_mlp_remove < 0:
+                raise ValueError(f"removal counts must be >= 0, got {counts}")
+            p_attn = Fraction(n_attn_remove, max(1, n_attn_prunable))
+            p_mlp = Fraction(n_mlp_remove, max(1, n_mlp_prunable))
         attn_remove = _select_lowest(attention_scores, attn_protect, n_attn_remove, "attention groups")
         mlp_remove = _select_lowest(mlp_scores, mlp_protect, n_mlp_remove, "MLP neurons")
     else:

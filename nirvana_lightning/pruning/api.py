@@ -38,6 +38,7 @@ def plan_from_scores(
     skip_layers: Sequence[int] = (),
     allocation: str = "global",
     provenance: dict | None = None,
+    counts: tuple[int, int] | None = None,
 ) -> PruningPlan:
     """Allocate from unit scores and wrap the result as a :class:`PruningPlan` for ``model``."""
     adapter = get_adapter(model)
@@ -46,7 +47,7 @@ def plan_from_scores(
     geometry = [adapter.layer_geometry(layer) for layer in adapter.layers()]
     result = allocate(scores.attention, scores.mlp, sparsity=sparsity, gamma=gamma,
                       n_query_per_kv=adapter.n_query_per_kv, head_dim=adapter.head_dim, round_to=round_to,
-                      skip_layers=skip_layers, mode=allocation)
+                      skip_layers=skip_layers, mode=allocation, counts=counts)
     plan = PruningPlan(
         attention_keep=[k.tolist() for k in result.attention_keep],
         mlp_keep=[k.tolist() for k in result.mlp_keep],
@@ -66,7 +67,7 @@ def plan_from_scores(
         "model_source": getattr(adapter.config, "_name_or_path", "") or "",
         "versions": library_versions(),
     }
-    if sparsity > 0 and abs(plan.realised_sparsity - sparsity) > 0.02:
+    if counts is None and sparsity > 0 and abs(plan.realised_sparsity - sparsity) > 0.02:
         rank_zero_info(f"note: realised block-weight sparsity {plan.realised_sparsity:.4f} vs target {sparsity} "
                        f"({allocation} allocation floors per-unit counts and rounds MLP widths up to {round_to})")
     return plan
@@ -89,10 +90,13 @@ def make_plan(
     checkpointing: bool = True,
     scoring_dtype: str = "float32",
     seed: int = 0,
+    counts: tuple[int, int] | None = None,
 ) -> PruningPlan:
     """Score and allocate without cutting (see :func:`prune` for the arguments).
 
-    Scoring runs where the model is (move it first to score on an accelerator).
+    Scoring runs where the model is (move it first to score on an accelerator). ``counts``
+    (attention groups, neurons) to remove overrides the counts ``sparsity`` gives (global
+    allocation; iterative schedules pass them).
     """
     check_choice("criterion", criterion, CRITERIA)
     check_choice("functional", functional, FUNCTIONALS)
@@ -104,8 +108,8 @@ def make_plan(
     if (sparsity is None) == (param_budget is None):
         raise ConfigError("sparsity", sparsity, "exactly one of sparsity and param_budget")
     if param_budget is not None:
-        counts = count_parameters(model)
-        sparsity = sparsity_for_param_budget(counts["total"], counts["block"], param_budget)
+        n_param = count_parameters(model)
+        sparsity = sparsity_for_param_budget(n_param["total"], n_param["block"], param_budget)
     validate_targets(sparsity, gamma, round_to, allocation)
     # Feasibility (fractions <= 1, guards, skip_layers) depends only on the geometry: check it on
     # placeholder scores now rather than after minutes of scoring.
@@ -113,7 +117,7 @@ def make_plan(
     geometry = [adapter.layer_geometry(layer) for layer in adapter.layers()]
     allocate([torch.zeros(a) for a, _ in geometry], [torch.zeros(m) for _, m in geometry], sparsity=sparsity,
              gamma=gamma, n_query_per_kv=adapter.n_query_per_kv, head_dim=adapter.head_dim, round_to=round_to,
-             skip_layers=skip_layers, mode=allocation)
+             skip_layers=skip_layers, mode=allocation, counts=counts)
     batches: list[torch.Tensor] = []
     if criterion in ("nirvana", "taylor"):
         if calibration is None:
@@ -142,7 +146,7 @@ def make_plan(
         "scoring_seconds": round(time.perf_counter() - start, 3),
     }
     return plan_from_scores(model, scores, sparsity=sparsity, gamma=gamma, round_to=round_to,
-                            skip_layers=skip_layers, allocation=allocation, provenance=provenance)
+                            skip_layers=skip_layers, allocation=allocation, provenance=provenance, counts=counts)
 
 
 def prune(
