@@ -114,3 +114,50 @@ def test_callbacks_reject_bad_settings(make, key):
     with pytest.raises(ConfigError) as err:
         make()
     assert err.value.key == key
+
+
+def test_summary_counts_the_merged_model_with_lora_and_orders_stages(tmp_path):
+    import json
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from nirvana_lightning import NirvanaModule, NirvanaPruningCallback, PruningReportCallback
+    from nirvana_lightning.data import NirvanaDataModule
+
+    L.seed_everything(0)
+    module = NirvanaModule(source="tiny-llama", recovery="lora", lr=1e-3, warmup_steps=1, lora_r=4)
+    data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=16, max_val_windows=2,
+                             batch_size=2, calibration_samples=4, calibration_seq_len=16)
+    summary = RunSummaryCallback(batch_size=1, seq_len=16, new_tokens=2, repeats=1)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=CSVLogger(tmp_path), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[summary, PerplexityCallback(dense=True), KLToDenseCallback(),
+                                   PruningReportCallback(plot=False), NirvanaPruningCallback(sparsity=0.4, gamma=2.0)])
+    trainer.fit(module, datamodule=data)
+    rows = json.loads((tmp_path / "lightning_logs" / "version_0" / "summary.json").read_text())["rows"]
+    params = rows["params (total)"]
+    assert params["recovered"] == params["pruned"] == module.pruning_plan.provenance["params_after"]
+    assert params["dense"] == module.pruning_plan.provenance["params_before"]
+    assert rows["LoRA adapter params (merged at export)"]["recovered"] > 0
+    assert rows["validation perplexity"].keys() == {"dense", "pruned", "recovered"}
+    report = json.loads((tmp_path / "lightning_logs" / "version_0" / "allocation.json").read_text())
+    assert [r["mlp_neurons_kept"] for r in report["layers"]] == module.pruning_plan.mlp_dim_after
+    assert not (tmp_path / "lightning_logs" / "version_0" / "allocation.png").exists()
+
+
+def test_evaluation_callbacks_listed_after_pruning_fail_before_training(tmp_path):
+    import lightning as L
+
+    from nirvana_lightning import NirvanaModule, NirvanaPruningCallback
+    from nirvana_lightning.data import NirvanaDataModule
+
+    module = NirvanaModule(source="tiny-llama", recovery="full")
+    data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=8, batch_size=2,
+                             calibration_samples=4, calibration_seq_len=16)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[NirvanaPruningCallback(sparsity=0.4, gamma=2.0), PerplexityCallback(dense=True)])
+    with pytest.raises(ConfigError, match="listed first"):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 0

@@ -83,8 +83,13 @@ class RunSummaryCallback(L.Callback):
     def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         base = unwrap_model(pl_module.model)
         counts = count_parameters_detailed(base)
-        row = {"params (total)": counts["total"], "params (non-embedding)": counts["non_embedding"],
+        # LoRA weights are not part of the deployed (merged) model: count them on their own row
+        n_adapter = pl_module.model.get_nb_trainable_parameters()[0] \
+            if hasattr(pl_module.model, "get_nb_trainable_parameters") else 0
+        row = {"params (total)": counts["total"] - n_adapter, "params (non-embedding)": counts["non_embedding"] - n_adapter,
                f"GFLOPs/token (prefill, {self.seq_len} tokens)": flops_per_token(base, self.seq_len)["total"] / 1e9}
+        if n_adapter:
+            row["LoRA adapter params (merged at export)"] = n_adapter
         if self.speed:
             was_training = pl_module.model.training
             with _adapters_disabled(pl_module.model):
