@@ -201,7 +201,8 @@ class NirvanaModule(L.LightningModule):
         base = self.base_model
         base.zero_grad(set_to_none=True)
         cut(base, step)
-        self.pruning_plan = step if self.pruning_plan is None else compose_plans(self.pruning_plan, step)
+        previous = self.pruning_plan  # None when the schedule's first step comes during training
+        self.pruning_plan = PruningPlan.from_dict(step.to_dict()) if previous is None else compose_plans(previous, step)
         if not self._recovery_applied:
             self.configure_model()
         self.model.to(self.device)

@@ -208,3 +208,20 @@ def test_kd_recovery_trains_student_and_never_the_teacher(tmp_path, recovery):
     assert not any(p is q for p in module.parameters() for q in teacher.parameters())  # not a submodule
     assert "_dense_reference" not in str(list(module.state_dict()))
     assert torch.isfinite(trainer.callback_metrics["train/loss"]) and "train/kd" in trainer.callback_metrics
+
+
+def test_epoch_schedule_can_start_after_dense_training(tmp_path):
+    L.seed_everything(0)
+    module = NirvanaModule(source="tiny-llama", recovery="full", lr=1e-3, warmup_steps=1)
+    data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=4, max_val_windows=2,
+                             batch_size=2, calibration_samples=4, calibration_seq_len=16)
+    pruning = NirvanaPruningCallback(sparsity=0.4, gamma=2.0, schedule="cubic", n_steps=2, at_epochs=[1, 2])
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, callbacks=[pruning])
+    trainer.fit(module, datamodule=data)
+    history = pruning.history
+    assert [(p.provenance["epoch"], p.provenance["global_step"]) for p in history] == [(1, 2), (2, 4)]
+    assert history[0].provenance["sparsity"] == pytest.approx(history[0].provenance["step_sparsity"])  # not overwritten
+    assert module.pruning_plan.fingerprint() == compose_plans(*history).fingerprint()
+    assert module.pruning_plan.provenance["sparsity"] == 0.4 and trainer.global_step == 6
