@@ -184,20 +184,28 @@ class NirvanaModule(L.LightningModule):
         if recovery_applied:
             self.configure_model()
 
+    def merge_recovery_adapters(self) -> None:
+        """Fold LoRA adapters into the base weights and drop the wrapper (no-op without adapters).
+
+        Called before an iterative step scores the model, so saliency sees the weights that
+        recovery produced (``W + BA``), not the frozen base.
+        """
+        if self._recovery_applied and self.hparams.recovery == "lora":
+            self.model = self.model.merge_and_unload()
+            self._recovery_applied = False
+
     def apply_pruning_step(self, step: PruningPlan) -> PruningPlan:
         """Cut ``step`` (a plan made for the model as it is now) during training; returns the composed plan.
 
-        LoRA recovery: the adapters are merged into the base weights, the base is cut, and fresh
-        adapters are attached (B = 0, so the function is unchanged by re-attaching). Merging
+        LoRA recovery: the adapters are merged into the base weights (if
+        :meth:`merge_recovery_adapters` did not already), the base is cut, and fresh adapters are attached (B = 0, so the function is unchanged by re-attaching). Merging
         first keeps what recovery learnt so far and lets the next scoring see the real weights;
         slicing adapter matrices instead would leave low-rank products on removed units. Full
         recovery: the parameters are cut in place. Either way the optimizer and its scheduler
         must be rebuilt afterwards (:func:`nirvana_lightning.recovery.rebuild_optimization`),
         since they hold the old parameter objects.
         """
-        if self._recovery_applied and self.hparams.recovery == "lora":
-            self.model = self.model.merge_and_unload()
-            self._recovery_applied = False
+        self.merge_recovery_adapters()
         base = self.base_model
         base.zero_grad(set_to_none=True)
         cut(base, step)
@@ -254,6 +262,9 @@ class NirvanaModule(L.LightningModule):
         hp = self.hparams
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
         teacher = self.dense_reference()
+        wanted = torch.device(hp.teacher_device) if hp.teacher_device else self.device
+        if next(teacher.parameters()).device != wanted:  # e.g. first loaded on the CPU by KLToDenseCallback
+            teacher.to(wanted)
         teacher_device = next(teacher.parameters()).device
         with torch.no_grad():
             mask = batch.get("attention_mask")

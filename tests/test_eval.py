@@ -161,3 +161,26 @@ def test_evaluation_callbacks_listed_after_pruning_fail_before_training(tmp_path
     with pytest.raises(ConfigError, match="listed first"):
         trainer.fit(module, datamodule=data)
     assert trainer.global_step == 0
+
+
+def test_prune_only_run_still_measures_the_final_model(tmp_path):
+    import json
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from nirvana_lightning import NirvanaModule, NirvanaPruningCallback
+    from nirvana_lightning.data import NirvanaDataModule
+
+    module = NirvanaModule(source="tiny-llama", recovery="none")
+    data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=8, max_val_windows=2,
+                             batch_size=2, calibration_samples=4, calibration_seq_len=16)
+    ppl = PerplexityCallback(dense=True)
+    trainer = L.Trainer(max_steps=0, accelerator="cpu", logger=CSVLogger(tmp_path), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[RunSummaryCallback(speed=False), ppl, NirvanaPruningCallback(sparsity=0.4, gamma=2.0)])
+    trainer.fit(module, datamodule=data)  # no training loop runs: on_train_end never fires
+    assert set(ppl.results) == {"dense", "pruned", "recovered"}
+    assert ppl.results["recovered"] == ppl.results["pruned"]
+    rows = json.loads((tmp_path / "lightning_logs" / "version_0" / "summary.json").read_text())["rows"]
+    assert rows["params (total)"]["recovered"] == rows["params (total)"]["pruned"]

@@ -7,7 +7,14 @@ import lightning as L
 import pytest
 import torch
 
-from nirvana_lightning import NirvanaModule, NirvanaPruningCallback, apply_plan, masked_units, prune
+from nirvana_lightning import (
+    NirvanaModule,
+    NirvanaPruningCallback,
+    PruningReportCallback,
+    apply_plan,
+    masked_units,
+    prune,
+)
 from nirvana_lightning.data import NirvanaDataModule
 from nirvana_lightning.debug_models import build_tiny_model
 from nirvana_lightning.errors import ConfigError
@@ -216,12 +223,30 @@ def test_epoch_schedule_can_start_after_dense_training(tmp_path):
     data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=4, max_val_windows=2,
                              batch_size=2, calibration_samples=4, calibration_seq_len=16)
     pruning = NirvanaPruningCallback(sparsity=0.4, gamma=2.0, schedule="cubic", n_steps=2, at_epochs=[1, 2])
+    report = PruningReportCallback(plot=False)
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path, callbacks=[pruning])
+                        default_root_dir=tmp_path, callbacks=[report, pruning])
     trainer.fit(module, datamodule=data)
     history = pruning.history
     assert [(p.provenance["epoch"], p.provenance["global_step"]) for p in history] == [(1, 2), (2, 4)]
     assert history[0].provenance["sparsity"] == pytest.approx(history[0].provenance["step_sparsity"])  # not overwritten
     assert module.pruning_plan.fingerprint() == compose_plans(*history).fingerprint()
     assert module.pruning_plan.provenance["sparsity"] == 0.4 and trainer.global_step == 6
+    # the report waited for the first step (epoch 1) and followed the schedule to the composed plan
+    assert report.reported == module.pruning_plan.fingerprint()
+    assert [r["mlp_neurons_kept"] for r in report.rows] == module.pruning_plan.mlp_dim_after
+
+
+def test_a_schedule_cut_short_by_the_run_says_so(tmp_path):
+    L.seed_everything(0)
+    module = NirvanaModule(source="tiny-llama", recovery="full", lr=1e-3, warmup_steps=1)
+    data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=16, max_val_windows=2,
+                             batch_size=2, calibration_samples=4, calibration_seq_len=16)
+    pruning = NirvanaPruningCallback(sparsity=0.4, gamma=2.0, schedule="linear", n_steps=3, every_n_steps=3)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, callbacks=[pruning])
+    with pytest.warns(UserWarning, match="ended after 2 of 3 steps"):
+        trainer.fit(module, datamodule=data)
+    assert module.pruning_plan.provenance["schedule_incomplete"] == {"steps_done": 2, "n_steps": 3}

@@ -17,8 +17,8 @@ class KLToDenseCallback(StagedEvaluation):
     steps and after recovery (the dense stage is 0 by definition and not measured).
 
     The dense model is the module's reference copy (:meth:`NirvanaModule.dense_reference`): the
-    distillation teacher when ``objective: kd``, otherwise loaded once from ``model.source``
-    when this callback first needs it, and kept only while the callback exists.
+    distillation teacher when ``objective: kd`` (then it lives where the teacher lives), otherwise
+    loaded once from ``model.source`` when this callback first needs it and kept by the module.
 
     Args:
         every_n_steps: also measure every N optimizer steps.
@@ -47,7 +47,7 @@ class KLToDenseCallback(StagedEvaluation):
             raise ConfigError("model", type(pl_module).__name__, "a NirvanaModule (KLToDenseCallback needs its dense reference)")
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:
-        device = trainer.strategy.root_device
+        device = next(pl_module.model.parameters()).device  # where the model is (the strategy places it)
         reference = pl_module.dense_reference(device="cpu" if self.device == "cpu" else device)
         batches = islice(trainer.datamodule.val_dataloader(), self.max_batches)
         return {"val": compute_kl(pl_module.model, reference, batches, device=device)}

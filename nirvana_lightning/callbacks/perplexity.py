@@ -83,7 +83,7 @@ class PerplexityCallback(StagedEvaluation):
         return self._texts[name]
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:
-        device = trainer.strategy.root_device
+        device = next(pl_module.model.parameters()).device  # where the model is (the strategy places it)
         out = {}
         if self.val:
             out["val"] = compute_perplexity(pl_module.model, trainer.datamodule.val_dataloader(), device=device)

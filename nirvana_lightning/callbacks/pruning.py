@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from ..adapters import get_adapter
 from ..errors import ConfigError, check_choice, check_positive
@@ -199,10 +199,19 @@ class NirvanaPruningCallback(L.Callback):
         if self.every_n_steps is None or len(self.history) >= self.n_steps:
             return
         step = trainer.global_step
-        if step > 0 and step == self.every_n_steps * len(self.history):
+        if step > 0 and step >= self.every_n_steps * len(self.history):
             self._prune_during_training(trainer, pl_module)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.iterative and len(self.history) < self.n_steps:
+            rank_zero_warn(f"the pruning schedule ended after {len(self.history)} of {self.n_steps} steps (the run "
+                           f"stopped first): realised sparsity "
+                           f"{self.plan.realised_sparsity if self.plan else 0.0:.4f}, target {self.sparsity}")
+            if self.plan is not None:
+                self.plan.provenance["schedule_incomplete"] = {"steps_done": len(self.history), "n_steps": self.n_steps}
+
     def _prune_during_training(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.merge_recovery_adapters()  # score the weights recovery produced, not the frozen base
         plan = self._make_step_plan(trainer, pl_module.base_model)
         composed = pl_module.apply_pruning_step(plan)
         rebuild_optimization(trainer, pl_module)

@@ -15,8 +15,8 @@ from .pruning import NirvanaPruningCallback
 
 
 class PruningReportCallback(L.Callback):
-    """Reports the model's pruning plan once pruning happened (fit start), and again at fit end
-    when the plan changed (iterative schedules report the composed plan).
+    """Reports the model's pruning plan once pruning happened (fit start, or the first step of a
+    schedule that starts later), and again after every later step of an iterative schedule.
 
     Writes ``allocation.md``, ``allocation.json`` and (``plot: true``) ``allocation.png`` into
     the log directory, and logs ``report/attention_kept/layer_<i>`` and
@@ -41,13 +41,18 @@ class PruningReportCallback(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.report(trainer, pl_module)
 
+    def on_nirvana_prune(self, trainer: L.Trainer, pl_module: L.LightningModule, plan) -> None:
+        self.report(trainer, pl_module)
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.report(trainer, pl_module)
+        if self.reported is None:
+            raise RuntimeError("PruningReportCallback: the run ended without pruning (the schedule never started)")
 
     def report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         plan = getattr(pl_module, "pruning_plan", None)
         if plan is None:
-            raise RuntimeError("PruningReportCallback: the model carries no pruning plan")
+            return  # an epoch schedule that starts later: reported at its first step
         if plan.fingerprint() == self.reported:
             return
         self.rows = allocation_rows(plan)

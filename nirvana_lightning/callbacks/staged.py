@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -10,6 +13,17 @@ from ..errors import ConfigError
 #: the stages a run summary compares, in order
 SUMMARY_STAGES = ("dense", "pruned", "recovered")
 _LABELS = {"dense": "dense (before pruning)", "pruned": "pruned, before recovery", "recovered": "after recovery"}
+
+
+@contextmanager
+def on_root_device(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[None]:
+    """Run with the module on the Trainer's device, then put it back (after teardown it is on the CPU)."""
+    before = next(pl_module.parameters()).device
+    pl_module.to(trainer.strategy.root_device)
+    try:
+        yield
+    finally:
+        pl_module.to(before)
 
 
 def check_every_n_steps(key: str, value: int | None) -> None:
@@ -25,7 +39,8 @@ class StagedEvaluation(L.Callback):
       that is already pruned at that point is an error.
     * ``pruned``: at fit start, after pruning, before any training step.
     * ``step_<n>``: every ``every_n_steps`` optimizer steps during recovery.
-    * ``recovered``: at fit end.
+    * ``recovered``: at the end of training (``on_train_end``, while the model is still on its
+      device; at fit end when no training loop ran, e.g. ``max_steps: 0``).
 
     ``results`` maps stage to ``{metric: value}``. Every value goes to every logger twice: as
     a curve ``<prefix>/<metric>`` at the current global step (all stages but dense) and, for the
@@ -74,9 +89,15 @@ class StagedEvaluation(L.Callback):
             return  # the fit-end evaluation covers the last step
         self.record(trainer, pl_module, f"step_{step}")
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # not on_fit_end: by then the strategy's teardown has moved the model to the CPU
         self.record(trainer, pl_module, "recovered")
         rank_zero_info("\n" + self.table())
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "recovered" not in self.results:  # no training loop ran (max_steps: 0): evaluate the final model here
+            with on_root_device(trainer, pl_module):
+                self.on_train_end(trainer, pl_module)
 
     # ------------------------------------------------------------------ record
     def record(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:

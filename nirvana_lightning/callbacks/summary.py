@@ -13,7 +13,7 @@ from ..adapters import unwrap_model
 from ..errors import ConfigError, check_positive
 from ..eval.speed import count_parameters_detailed, flops_per_token, measure_throughput
 from ..io import write_text_atomic
-from .staged import SUMMARY_STAGES
+from .staged import SUMMARY_STAGES, on_root_device
 
 
 def _adapters_disabled(model):
@@ -36,18 +36,21 @@ class RunSummaryCallback(L.Callback):
         speed: measure throughput (parameters and FLOPs are always reported).
         batch_size / seq_len: prefill batch for the throughput measurement (also the FLOPs context).
         new_tokens: cached decode steps (0: no decode measurement).
-        repeats: timed repetitions (median).
+        repeats / warmup: timed repetitions (median) after untimed warm-up runs. Each stage is
+            measured once, at a different time of the run, so other load on the machine shows in
+            the ratios; ``benchmarks/speedup.py`` alternates dense and pruned for careful figures.
     """
 
     def __init__(self, speed: bool = True, batch_size: int = 1, seq_len: int = 128, new_tokens: int = 16,
-                 repeats: int = 3) -> None:
+                 repeats: int = 5, warmup: int = 2) -> None:
         key = "RunSummaryCallback."
         check_positive(key + "batch_size", batch_size)
         check_positive(key + "seq_len", seq_len)
         check_positive(key + "new_tokens", new_tokens, allow_zero=True)
         check_positive(key + "repeats", repeats)
+        check_positive(key + "warmup", warmup, allow_zero=True)
         self.speed, self.batch_size, self.seq_len = speed, batch_size, seq_len
-        self.new_tokens, self.repeats = new_tokens, repeats
+        self.new_tokens, self.repeats, self.warmup = new_tokens, repeats, warmup
         self.measured: dict[str, dict[str, float]] = {}  # stage -> {row: value}
         self.summary: dict | None = None
 
@@ -66,11 +69,17 @@ class RunSummaryCallback(L.Callback):
         if "pruned" not in self.measured:
             self._measure(trainer, pl_module, "pruned")
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # not on_fit_end: by then the strategy's teardown has moved the model to the CPU
         self._measure(trainer, pl_module, "recovered")
 
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "recovered" not in self.measured:  # no training loop ran (max_steps: 0)
+            with on_root_device(trainer, pl_module):
+                self._measure(trainer, pl_module, "recovered")
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # after every callback's on_fit_end, so their "recovered" results exist
+        # after every callback's on_train_end, so their "recovered" results exist
         if stage != "fit" or "recovered" not in self.measured:
             return
         self.summary = self.collect(trainer, pl_module)
@@ -94,8 +103,7 @@ class RunSummaryCallback(L.Callback):
             was_training = pl_module.model.training
             with _adapters_disabled(pl_module.model):
                 result = measure_throughput(base, batch_size=self.batch_size, seq_len=self.seq_len,
-                                            new_tokens=self.new_tokens, repeats=self.repeats,
-                                            device=trainer.strategy.root_device)
+                                            new_tokens=self.new_tokens, repeats=self.repeats, warmup=self.warmup)
             pl_module.model.train(was_training)
             shape = f"batch {self.batch_size} x {self.seq_len}"
             row[f"prefill tokens/s ({shape})"] = result["prefill_tokens_per_s"]
@@ -133,7 +141,7 @@ class RunSummaryCallback(L.Callback):
         return {"stages": list(SUMMARY_STAGES), "rows": rows, "plan": plan_info, "history": history,
                 "global_step": trainer.global_step,
                 "speed_settings": {"batch_size": self.batch_size, "seq_len": self.seq_len,
-                                   "new_tokens": self.new_tokens, "repeats": self.repeats,
+                                   "new_tokens": self.new_tokens, "repeats": self.repeats, "warmup": self.warmup,
                                    "device": str(trainer.strategy.root_device)} if self.speed else None}
 
     @staticmethod
@@ -145,11 +153,16 @@ class RunSummaryCallback(L.Callback):
             d, r = values.get("dense"), values.get("recovered")
             ratio = f"{r / d:.3f}" if d and r is not None else "-"
             out.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
+        if summary.get("speed_settings"):
+            sp = summary["speed_settings"]
+            out.append(f"speed: median of {sp['repeats']} runs after {sp['warmup']} warm-up runs on {sp['device']}, "
+                       "each stage measured once during the run (for careful ratios: benchmarks/speedup.py)")
         if summary.get("plan"):
             p = summary["plan"]
-            out.append(f"\nplan {p['fingerprint']}: {p['criterion']}, target sparsity {p['target_sparsity']}, "
+            out.append(f"plan {p['fingerprint']}: {p['criterion']}, target sparsity {p['target_sparsity']}, "
                        f"gamma {p['gamma']}, realised block-weight sparsity {p['realised_sparsity']:.4f}")
-        return "\n".join(out)
+        n_row = len(summary["rows"]) + 2
+        return "\n".join(out[:n_row]) + ("\n\n" + "\n\n".join(out[n_row:]) if out[n_row:] else "")
 
     @rank_zero_only
     def _write(self, log_dir: Path, table: str) -> None:

@@ -28,18 +28,25 @@ def rebuild_optimization(trainer: L.Trainer, pl_module: L.LightningModule) -> No
     * Optimizers: ``configure_optimizers`` runs again, so the optimizer holds exactly the
       trainable parameters that exist now. Adam moments start from zero (the optimizer is
       rebuilt, not patched: composer's and our house rule).
-    * Schedulers: fast-forwarded to the current optimizer step, so the learning rate continues
-      its curve (warmup is not repeated).
+    * Precision: the precision plugin converts the module again (fresh LoRA adapters get the
+      dtype of ``bf16-true`` / ``16-true`` runs, as at setup).
+    * Schedulers: fast-forwarded to the number of times Lightning has stepped them (optimizer
+      steps or epochs, divided by their frequency), so the learning rate continues its curve
+      (warmup is not repeated).
     """
     strategy = trainer.strategy
     check_rebuildable(trainer, "trainer.strategy")
+    # the precision plugin's conversion again (bf16-true / 16-true), as Strategy.setup does: fresh
+    # adapters are created in fp32 by peft and must train in the same dtype as before the cut
+    strategy.precision_plugin.convert_module(pl_module)
     if isinstance(strategy, DDPStrategy):
         strategy.model = strategy._setup_model(pl_module)
         strategy._register_ddp_hooks()
     strategy.setup_optimizers(trainer)
-    step = trainer.global_step
     for config in trainer.lr_scheduler_configs:
         scheduler = config.scheduler
+        done = trainer.current_epoch if config.interval == "epoch" else trainer.global_step
+        step = done // max(1, config.frequency)  # how many times Lightning has stepped it so far
         scheduler.last_epoch = step
         lrs = [base * fn(step) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)] \
             if hasattr(scheduler, "lr_lambdas") else None
