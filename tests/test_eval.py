@@ -144,6 +144,12 @@ def test_summary_counts_the_merged_model_with_lora_and_orders_stages(tmp_path):
     report = json.loads((tmp_path / "lightning_logs" / "version_0" / "allocation.json").read_text())
     assert [r["mlp_neurons_kept"] for r in report["layers"]] == module.pruning_plan.mlp_dim_after
     assert not (tmp_path / "lightning_logs" / "version_0" / "allocation.png").exists()
+    # speed was measured without the adapter wrappers, which are all back in place afterwards
+    from peft.tuners.lora import LoraLayer
+
+    n_lora = sum(isinstance(m, LoraLayer) for m in module.model.modules())
+    assert n_lora == 2 * 7  # 2 layers x q, k, v, o, gate, up, down
+    assert module.model.get_nb_trainable_parameters()[0] == rows["LoRA adapter params (merged at export)"]["recovered"]
 
 
 def test_evaluation_callbacks_listed_after_pruning_fail_before_training(tmp_path):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import nn
 
 from ..adapters import unwrap_model
 from ..errors import ConfigError, check_positive
@@ -16,9 +18,33 @@ from ..io import write_text_atomic
 from .staged import SUMMARY_STAGES, on_root_device
 
 
-def _adapters_disabled(model):
-    """Context that runs a peft model without its adapters: the shapes of the merged model."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+@contextmanager
+def _without_adapter_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """The base model with every peft adapter layer swapped for the linear it wraps, then restored.
+
+    The merged, exported model has exactly the base shapes and no adapter code in its forward;
+    ``disable_adapter()`` would still run each wrapper's Python. The base weights lack the
+    unmerged LoRA deltas, which does not change the speed of the same shapes.
+    """
+    base = unwrap_model(model)
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft: nothing can be wrapped
+        yield base
+        return
+    swapped = []
+    for name, module in list(base.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name) if parent_name else base
+            swapped.append((parent, child, module))
+    for parent, child, module in swapped:
+        setattr(parent, child, module.get_base_layer())
+    try:
+        yield base
+    finally:
+        for parent, child, module in swapped:
+            setattr(parent, child, module)
 
 
 class RunSummaryCallback(L.Callback):
@@ -28,7 +54,7 @@ class RunSummaryCallback(L.Callback):
     lm-eval, ...: any callback with a ``summary_rows()`` method returning ``{row: {stage: value}}``) and measures, itself, parameter counts, analytic FLOPs per token and
     throughput (prefill and cached decode tokens/s, :func:`~nirvana_lightning.eval.speed.measure_throughput`).
     List it BEFORE ``NirvanaPruningCallback`` so it sees the dense model. Recovered speed is
-    measured with LoRA adapters disabled: the architecture of the merged, exported model.
+    measured with the LoRA wrapper layers taken out: the architecture of the merged, exported model.
 
     Writes ``summary.md`` and ``summary.json`` into the log directory and prints the table.
 
@@ -101,8 +127,8 @@ class RunSummaryCallback(L.Callback):
             row["LoRA adapter params (merged at export)"] = n_adapter
         if self.speed:
             was_training = pl_module.model.training
-            with _adapters_disabled(pl_module.model):
-                result = measure_throughput(base, batch_size=self.batch_size, seq_len=self.seq_len,
+            with _without_adapter_layers(pl_module.model) as plain:
+                result = measure_throughput(plain, batch_size=self.batch_size, seq_len=self.seq_len,
                                             new_tokens=self.new_tokens, repeats=self.repeats, warmup=self.warmup)
             pl_module.model.train(was_training)
             shape = f"batch {self.batch_size} x {self.seq_len}"
