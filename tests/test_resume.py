@@ -14,18 +14,22 @@ REPO = Path(__file__).resolve().parents[1]
 N = 8  # steps; 16 windows / batch 4 = 4 steps per epoch, so the checkpoint after epoch 0 is at N/2
 
 
-def _config(tmp_path: Path, name: str, kill: bool) -> Path:
-    cfg = yaml.safe_load((REPO / "configs" / "debug" / "tiny.yaml").read_text())
+def _config(tmp_path: Path, name: str, kill: bool, base: str = "tiny.yaml", steps: int = N, checkpoint_at: int = N // 2,
+            train_windows: int = 16, pruning: dict | None = None, model: dict | None = None) -> Path:
+    """A copy of ``configs/debug/<base>`` that checkpoints at ``checkpoint_at`` (and SIGKILLs itself after it)."""
+    cfg = yaml.safe_load((REPO / "configs" / "debug" / base).read_text())
     trainer = cfg["trainer"]
-    trainer.update(default_root_dir=str(tmp_path / name), max_steps=N, limit_val_batches=0, log_every_n_steps=1,
+    trainer.update(default_root_dir=str(tmp_path / name), max_steps=steps, limit_val_batches=0, log_every_n_steps=1,
                    enable_checkpointing=True)
     trainer.pop("val_check_interval", None)
     trainer["callbacks"] = [c for c in trainer["callbacks"] if "NirvanaPruning" in c["class_path"]]
+    trainer["callbacks"][0]["init_args"].update(pruning or {})
     trainer["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                 "init_args": {"save_top_k": -1, "every_n_train_steps": N // 2}})
+                                 "init_args": {"save_top_k": -1, "every_n_train_steps": checkpoint_at}})
     if kill:
-        trainer["callbacks"].append({"class_path": "kill_after.KillAfterStep", "init_args": {"step": N // 2}})
-    cfg["data"].update(max_train_windows=16, batch_size=4)
+        trainer["callbacks"].append({"class_path": "kill_after.KillAfterStep", "init_args": {"step": checkpoint_at}})
+    cfg["model"].update(model or {})
+    cfg["data"].update(max_train_windows=train_windows, batch_size=4)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -61,22 +65,10 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
 
 
 def _iterative_config(tmp_path: Path, name: str, kill: bool) -> Path:
-    cfg = yaml.safe_load((REPO / "configs" / "debug" / "tiny_iterative.yaml").read_text())
-    trainer = cfg["trainer"]
-    trainer.update(default_root_dir=str(tmp_path / name), max_steps=6, limit_val_batches=0, log_every_n_steps=1,
-                   enable_checkpointing=True)
-    trainer.pop("val_check_interval", None)
-    trainer["callbacks"] = [c for c in trainer["callbacks"] if "NirvanaPruning" in c["class_path"]]
-    trainer["callbacks"][0]["init_args"].update(every_n_steps=2, n_steps=3)  # cuts at steps 0, 2 and 4
-    trainer["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                 "init_args": {"save_top_k": -1, "every_n_train_steps": 3}})
-    if kill:
-        trainer["callbacks"].append({"class_path": "kill_after.KillAfterStep", "init_args": {"step": 3}})
-    cfg["model"].update(recovery="full")  # no dropout: the resumed run can match bit for bit
-    cfg["data"].update(max_train_windows=12, batch_size=4)  # 3 steps per epoch: the checkpoint is at an epoch end
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    # cuts at steps 0, 2 and 4; 12 windows / batch 4 = 3 steps per epoch, so the step-3 checkpoint is at an epoch
+    # end; full fine-tuning has no dropout, so the resumed run can match bit for bit
+    return _config(tmp_path, name, kill, base="tiny_iterative.yaml", steps=6, checkpoint_at=3, train_windows=12,
+                   pruning={"every_n_steps": 2, "n_steps": 3}, model={"recovery": "full"})
 
 
 def test_resume_mid_schedule_continues_the_schedule(tmp_path):

@@ -7,7 +7,7 @@ from typing import Literal
 
 import lightning as L
 
-from ..errors import check_choice, check_positive
+from ..errors import ConfigError, check_choice, check_positive
 from ..eval.kl import compute_kl
 from .staged import StagedEvaluation
 
@@ -40,10 +40,12 @@ class KLToDenseCallback(StagedEvaluation):
     def metric_label(self, metric: str) -> str:
         return "KL to dense (nats/token)"
 
+    def summary_rows(self) -> dict[str, dict[str, float]]:
+        """As measured, plus ``dense: 0``: the KL of the dense model to itself, by definition."""
+        return {label: {"dense": 0.0, **values} for label, values in super().summary_rows().items()}
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not hasattr(pl_module, "dense_reference"):
-            from ..errors import ConfigError
-
             raise ConfigError("model", type(pl_module).__name__, "a NirvanaModule (KLToDenseCallback needs its dense reference)")
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:

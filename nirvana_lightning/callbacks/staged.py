@@ -26,6 +26,20 @@ def on_root_device(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator
         pl_module.to(before)
 
 
+def prepare_dense_stage(trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
+    """Build the model and put it on the Trainer's device for a measurement before pruning.
+
+    Raises:
+        ConfigError: the model is already pruned (the callback ``name`` was listed after the pruning callback).
+    """
+    pl_module.build_model()
+    if getattr(pl_module, "pruning_plan", None) is not None:
+        raise ConfigError("trainer.callbacks", f"{name} after NirvanaPruningCallback",
+                          f"{name} listed first, before NirvanaPruningCallback (it measures the dense model, "
+                          "which was already pruned)")
+    pl_module.model.to(trainer.strategy.root_device)
+
+
 def check_every_n_steps(key: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise ConfigError(key, value, "a positive integer (steps between evaluations) or null")
@@ -70,11 +84,7 @@ class StagedEvaluation(L.Callback):
             return
         if getattr(pl_module, "resume_ckpt_path", None):  # resuming: the dense values come back with our state
             return
-        pl_module.build_model()
-        if getattr(pl_module, "pruning_plan", None) is not None:
-            raise ConfigError("trainer.callbacks", f"{type(self).__name__} after NirvanaPruningCallback",
-                              f"{type(self).__name__} listed first when dense: true (the model was already pruned)")
-        pl_module.model.to(trainer.strategy.root_device)
+        prepare_dense_stage(trainer, pl_module, type(self).__name__)
         self.record(trainer, pl_module, "dense")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -12,10 +12,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
 from ..adapters import unwrap_model
-from ..errors import ConfigError, check_positive
+from ..errors import check_positive
 from ..eval.speed import count_parameters_detailed, flops_per_token, measure_throughput
 from ..io import write_text_atomic
-from .staged import SUMMARY_STAGES, on_root_device
+from .staged import SUMMARY_STAGES, on_root_device, prepare_dense_stage
 
 
 @contextmanager
@@ -84,11 +84,7 @@ class RunSummaryCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or "dense" in self.measured or getattr(pl_module, "resume_ckpt_path", None):
             return
-        pl_module.build_model()
-        if getattr(pl_module, "pruning_plan", None) is not None:
-            raise ConfigError("trainer.callbacks", "RunSummaryCallback after NirvanaPruningCallback",
-                              "RunSummaryCallback listed before NirvanaPruningCallback (it measures the dense model)")
-        pl_module.model.to(trainer.strategy.root_device)
+        prepare_dense_stage(trainer, pl_module, type(self).__name__)
         self._measure(trainer, pl_module, "dense")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -151,10 +147,6 @@ class RunSummaryCallback(L.Callback):
                 for label, values in callback.summary_rows().items():
                     rows.setdefault(label, {}).update(values)
                 history[type(callback).__name__] = getattr(callback, "results", None)
-        if any("dense" not in v for k, v in rows.items() if k.startswith("KL")):
-            for label in rows:
-                if label.startswith("KL"):
-                    rows[label].setdefault("dense", 0.0)  # KL of the dense model to itself, by definition
         for stage in SUMMARY_STAGES:
             for label, value in self.measured.get(stage, {}).items():
                 rows.setdefault(label, {})[stage] = float(value)
