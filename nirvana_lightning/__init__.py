@@ -1,40 +1,76 @@
-"""nirvana-lightning: structured pruning of LLMs (NIRVANA) and recovery in one Lightning run."""
+"""nirvana-lightning: structured pruning of LLMs (NIRVANA) and recovery in one Lightning run.
 
-from .callbacks import (
-    ExportCallback,
-    KLToDenseCallback,
-    LmEvalCallback,
-    NirvanaPruningCallback,
-    PerplexityCallback,
-    PruningReportCallback,
-    RunSummaryCallback,
-)
-from .data import NirvanaDataModule
-from .errors import ConfigError
-from .export import load_pruned, load_pruned_adapter, save_pruned
-from .loading import load_model, load_tokenizer
-from .module import NirvanaModule
-from .pruning import (
-    PruningPlan,
-    UnitScores,
-    allocate,
-    apply_plan,
-    compute_output_functional,
-    compute_unit_scores,
-    count_parameters,
-    make_plan,
-    masked_units,
-    plan_from_scores,
-    prune,
-    select_calibration,
-)
+Names are imported on first use (PEP 562), so light entry points (the vLLM plugin, the GGUF
+writer) can be imported in a serving environment without Lightning, peft or lm-eval.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError", "ExportCallback", "KLToDenseCallback", "LmEvalCallback", "NirvanaDataModule", "NirvanaModule", "NirvanaPruningCallback",
-    "PerplexityCallback", "PruningReportCallback", "RunSummaryCallback",
-    "PruningPlan", "UnitScores", "allocate", "apply_plan", "compute_output_functional", "compute_unit_scores",
-    "count_parameters", "load_model", "load_pruned", "load_pruned_adapter", "load_tokenizer", "make_plan",
-    "masked_units", "plan_from_scores", "prune", "save_pruned", "select_calibration",
-]
+#: public name -> submodule that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(
+        ("ExportCallback", "KLToDenseCallback", "LmEvalCallback", "NirvanaPruningCallback", "PerplexityCallback",
+         "PruningReportCallback", "RunSummaryCallback"), ".callbacks"),
+    "NirvanaDataModule": ".data",
+    "ConfigError": ".errors",
+    **dict.fromkeys(("load_pruned", "load_pruned_adapter", "save_pruned"), ".export"),
+    "save_gguf": ".serving.gguf_export",
+    **dict.fromkeys(("load_model", "load_tokenizer"), ".loading"),
+    "NirvanaModule": ".module",
+    **dict.fromkeys(
+        ("PruningPlan", "UnitScores", "allocate", "apply_plan", "compute_output_functional", "compute_unit_scores",
+         "count_parameters", "make_plan", "masked_units", "plan_from_scores", "prune", "select_calibration"),
+        ".pruning"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nirvana_lightning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from .callbacks import (  # noqa: F401
+        ExportCallback,
+        KLToDenseCallback,
+        LmEvalCallback,
+        NirvanaPruningCallback,
+        PerplexityCallback,
+        PruningReportCallback,
+        RunSummaryCallback,
+    )
+    from .data import NirvanaDataModule  # noqa: F401
+    from .errors import ConfigError  # noqa: F401
+    from .export import load_pruned, load_pruned_adapter, save_pruned  # noqa: F401
+    from .loading import load_model, load_tokenizer  # noqa: F401
+    from .module import NirvanaModule  # noqa: F401
+    from .pruning import (  # noqa: F401
+        PruningPlan,
+        UnitScores,
+        allocate,
+        apply_plan,
+        compute_output_functional,
+        compute_unit_scores,
+        count_parameters,
+        make_plan,
+        masked_units,
+        plan_from_scores,
+        prune,
+        select_calibration,
+    )
+    from .serving.gguf_export import save_gguf  # noqa: F401

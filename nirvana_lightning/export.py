@@ -38,7 +38,9 @@ def _model_card(model: nn.Module, plan: PruningPlan | None, extra: dict[str, Any
         "# Structurally pruned model (nirvana-lightning)", "",
         "Pruned with NIRVANA-style structured pruning: whole GQA attention groups and MLP neurons removed.",
         "Reload without nirvana-lightning: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`;",
-        "with it: `nirvana_lightning.load_pruned(path)` (executes no code from this directory).", "",
+        "with it: `nirvana_lightning.load_pruned(path)` (executes no code from this directory).",
+        "Serve it with vLLM where nirvana-lightning is installed (its plugin registers the architecture):",
+        "`vllm serve <path>`; for llama.cpp / Ollama write a GGUF with `nirvana_lightning.save_gguf`.", "",
         "| field | value |", "|---|---|",
     ]
     rows = {
@@ -106,16 +108,22 @@ def save_pruned(
             merged = copy.deepcopy(model).merge_and_unload() if is_peft else base
             get_adapter(merged)  # supported family
             config = merged.config
-            previous = getattr(config, "auto_map", None)
+            previous = getattr(config, "auto_map", None), getattr(config, "architectures", None)
             cls_name = remote_modeling.PRUNED_CLASSES[config.model_type].__name__
+            # transformers with trust_remote_code follows auto_map; vLLM (with our plugin installed) follows
+            # architectures, which names the class the plugin registers (the same name as ours here).
             config.auto_map = {"AutoModelForCausalLM": f"modeling_nirvana.{cls_name}"}
             try:
                 merged.save_pretrained(tmp, safe_serialization=True)
             finally:
-                if previous is None:
+                if previous[0] is None:
                     del config.auto_map
                 else:
-                    config.auto_map = previous
+                    config.auto_map = previous[0]
+                config.architectures = previous[1]
+            written = json.loads((tmp / "config.json").read_text())
+            written["architectures"] = [cls_name]  # save_pretrained writes the stock class name
+            (tmp / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
             shutil.copyfile(remote_modeling.__file__, tmp / REMOTE_FILE)
             (tmp / "README.md").write_text(_model_card(merged, plan, {"base_model": source, "metrics": metrics}))
         if plan is not None:

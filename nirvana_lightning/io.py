@@ -56,3 +56,37 @@ def write_dir_atomic(target: str | Path, write: Callable[[Path], None], *, overw
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     return target
+
+
+def load_checkpoint(path: str | Path, *, mmap: bool = True) -> dict:
+    """Load a Lightning / torch checkpoint file without executing code from it.
+
+    ``torch.load(weights_only=True)``: tensors, containers and primitive values only, so a
+    pickle that would run code when unpickled is refused (Lightning's own loader does the same).
+    Our checkpoints hold nothing else: the pruning plan is stored as plain data.
+
+    Raises:
+        ValueError: naming the file, when it is not a readable checkpoint or holds objects
+            other than plain data (we never suggest ``weights_only=False``).
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"checkpoint {path} was refused: it holds objects other than tensors and plain data, which would "
+            f"run code when loaded ({first}). Only load checkpoints written by nirvana-lightning/Lightning from "
+            "sources you trust; this file is not loaded."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"checkpoint {path} is not a readable torch checkpoint (truncated or corrupt): {err}") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint dictionary")
+    return checkpoint

@@ -15,6 +15,7 @@ from .adapters import ROLES, unwrap_model
 from .errors import ConfigError, check_choice, check_positive
 from .eval.kl import target_mask, token_kl
 from .eval.perplexity import lm_loss_and_count
+from .io import load_checkpoint
 from .loading import DTYPES, load_model, validate_source
 from .pruning import PruningPlan, apply_plan
 from .pruning.api import cut
@@ -147,7 +148,7 @@ class NirvanaModule(L.LightningModule):
         ckpt_path = self.resume_ckpt_path
         if not ckpt_path or not Path(ckpt_path).is_file():
             return  # "last"/"best"/URLs: on_load_checkpoint rebuilds the shapes instead
-        checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+        checkpoint = load_checkpoint(ckpt_path)  # weights_only: never runs code from the file
         self._apply_saved_plan(checkpoint.get(self.PLAN_KEY), ckpt_path)
 
     def _apply_saved_plan(self, data: dict | None, origin: str) -> None:

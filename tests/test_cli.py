@@ -83,7 +83,7 @@ def test_resume_from_pruned_checkpoint_does_not_prune_again(tmp_path):
     assert "not pruning again" in out and "pruned nirvana" not in out
     import torch
 
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["nirvana_pruning_plan"]["mlp_keep"] == plan["mlp_keep"]
     for i, width in enumerate(len(k) for k in plan["mlp_keep"]):
         assert state["state_dict"][f"model.model.layers.{i}.mlp.gate_proj.weight"].shape[0] == width

@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from ..errors import ConfigError
 from ..export import save_pruned
+from ..io import load_checkpoint
 
 
 class ExportCallback(L.Callback):
@@ -51,9 +52,7 @@ class ExportCallback(L.Callback):
             if not (isinstance(ckpt, ModelCheckpoint) and ckpt.best_model_path):
                 raise RuntimeError("ExportCallback(best=True): the ModelCheckpoint saved no best checkpoint "
                                    "(set its monitor and make sure validation runs)")
-            import torch
-
-            state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+            state = load_checkpoint(ckpt.best_model_path, mmap=False)["state_dict"]  # never runs code
             pl_module.load_state_dict(state)
         metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         self._export(self._target(trainer), pl_module, metrics)  # _target on every rank: log_dir broadcasts

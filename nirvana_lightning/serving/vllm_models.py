@@ -1,0 +1,104 @@
+"""vLLM model classes for pruned exports: vLLM's own classes, each decoder layer built from its own widths.
+
+A pruned ``config.json`` is a stock config plus ``nirvana_layer_widths`` (per-layer query heads,
+KV heads and MLP widths) and an explicit ``head_dim``. vLLM's Llama/Mistral/Qwen2/Qwen3 decoder
+layers read those three widths from the config they are given, so each class here hands every
+layer a copy of the config carrying that layer's widths (the index comes from the layer's prefix,
+``model.layers.<i>``). Everything else (attention kernels, KV cache, weight loading, tensor
+parallelism, quantisation) is vLLM's unchanged code.
+
+Imported by vLLM only, through the plugin in :mod:`.vllm_plugin`.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+from vllm.model_executor.models import llama, mistral, qwen2, qwen3
+from vllm.model_executor.models.utils import extract_layer_index
+
+WIDTHS_KEY = "nirvana_layer_widths"
+_WIDTH_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def layer_config(config, prefix: str):
+    """``config`` with the widths of the layer named by ``prefix`` (the config itself when uniform)."""
+    widths = getattr(config, WIDTHS_KEY, None)
+    if not widths:
+        return config
+    index = extract_layer_index(prefix)
+    n_layer = int(config.num_hidden_layers)
+    for key in _WIDTH_FIELDS:
+        if len(widths[key]) != n_layer:
+            raise ValueError(f"config.{WIDTHS_KEY}[{key!r}] has {len(widths[key])} entries for {n_layer} layers")
+    if not getattr(config, "head_dim", None):
+        raise ValueError(f"a config with {WIDTHS_KEY} must pin head_dim (it cannot be derived from hidden/heads)")
+    local = copy.copy(config)  # shallow: only the three ints below differ
+    for key in _WIDTH_FIELDS:
+        setattr(local, key, int(widths[key][index]))
+    return local
+
+
+class _PerLayerLlamaDecoderLayer(llama.LlamaDecoderLayer):
+    def __init__(self, vllm_config, prefix: str = "", config=None, **kwargs) -> None:
+        config = layer_config(config or vllm_config.model_config.hf_config, prefix)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, config=config, **kwargs)
+
+
+class _PerLayerMistralDecoderLayer(mistral.MistralDecoderLayer):
+    def __init__(self, vllm_config, prefix: str = "", config=None) -> None:
+        config = layer_config(config or vllm_config.model_config.hf_config, prefix)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, config=config)
+
+
+class _PerLayerQwen2DecoderLayer(qwen2.Qwen2DecoderLayer):
+    def __init__(self, config, *args, prefix: str = "", **kwargs) -> None:
+        super().__init__(layer_config(config, prefix), *args, prefix=prefix, **kwargs)
+
+
+class _PerLayerQwen3DecoderLayer(qwen3.Qwen3DecoderLayer):
+    def __init__(self, config, *args, prefix: str = "", **kwargs) -> None:
+        super().__init__(layer_config(config, prefix), *args, prefix=prefix, **kwargs)
+
+
+class NirvanaLlamaForCausalLM(llama.LlamaForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = "", layer_type=_PerLayerLlamaDecoderLayer) -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+
+
+class NirvanaMistralForCausalLM(mistral.MistralForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = "", layer_type=_PerLayerMistralDecoderLayer) -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+
+
+class _PerLayerQwen2Model(qwen2.Qwen2Model):
+    def __init__(self, *, vllm_config, prefix: str = "", decoder_layer_type=_PerLayerQwen2DecoderLayer) -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=decoder_layer_type)
+
+
+class _PerLayerQwen3Model(qwen3.Qwen3Model):
+    decoder_layer_type = _PerLayerQwen3DecoderLayer
+
+
+@contextmanager
+def _model_class(module, name: str, cls):
+    """Qwen2/Qwen3 ForCausalLM build their body by the module-level name: point it at ``cls`` meanwhile."""
+    original = getattr(module, name)
+    setattr(module, name, cls)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+class NirvanaQwen2ForCausalLM(qwen2.Qwen2ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        with _model_class(qwen2, "Qwen2Model", _PerLayerQwen2Model):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+
+class NirvanaQwen3ForCausalLM(qwen3.Qwen3ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        with _model_class(qwen3, "Qwen3Model", _PerLayerQwen3Model):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
