@@ -9,6 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def file_mode() -> int:
+    """The mode a newly created file gets under the current umask (``mkstemp`` would give 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` so readers see either the old file or the complete new one."""
     path = Path(path)
@@ -17,6 +24,9 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

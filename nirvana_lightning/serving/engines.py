@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -83,39 +82,36 @@ def _vllm_timing(llm, SamplingParams, TokensPrompt, prompts: list[list[int]], ro
 
 
 class LlamaServer:
-    """llama.cpp's own server (the ``xllamacpp`` wheel), loaded on a local port, for exact token ids.
+    """llama.cpp's own server (the ``xllamacpp`` wheel) on a local port.
 
-    Exact comparisons want an f32 KV cache and flash attention off (llama.cpp defaults otherwise
-    produce near-tie flips); ``/completion`` with ``return_tokens`` gives the generated token ids,
-    which the OpenAI-style endpoint does not when a token is a partial UTF-8 piece.
+    Exact comparisons want an f32 KV cache and flash attention off (llama.cpp's defaults give
+    near-tie flips); ``/completion`` with ``return_tokens`` gives the generated token ids, which the
+    OpenAI-style endpoint leaves out when a token is a partial UTF-8 piece.
     """
 
     def __init__(self, gguf: str, *, n_ctx: int = 2048, threads: int | None = None, exact: bool = True) -> None:
-        import socket
-
         import xllamacpp as xlc
 
         params = xlc.CommonParams()
         params.model.path = str(gguf)
         params.n_ctx = n_ctx
         params.n_parallel = 1
-        params.n_predict = -1
         params.warmup = False
-        params.cpuparams.n_threads = threads or os.cpu_count() or 1
-        params.cpuparams_batch.n_threads = threads or os.cpu_count() or 1
+        if threads:
+            params.cpuparams.n_threads = threads
+            params.cpuparams_batch.n_threads = threads
         if exact:
             params.cache_type_k = xlc.ggml_type.GGML_TYPE_F32
             params.cache_type_v = xlc.ggml_type.GGML_TYPE_F32
             params.flash_attn_type = xlc.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        params.hostname = "127.0.0.1"
-        params.port = self.port
         start = time.perf_counter()
-        self.server = xlc.Server(params)
+        try:
+            self.server = xlc.Server(params)
+        except RuntimeError as err:
+            raise RuntimeError(f"llama.cpp could not load {gguf} (its log above says why): {err}") from None
         self.startup_s = time.perf_counter() - start
-        self.base = f"http://127.0.0.1:{self.port}"
+        address = self.server.listening_address
+        self.base = address if address.startswith("http") else f"http://{address}"
 
     def request(self, endpoint: str, body: dict) -> dict:
         import urllib.request
@@ -125,38 +121,75 @@ class LlamaServer:
         with urllib.request.urlopen(req, timeout=600) as resp:
             return json.loads(resp.read())
 
-    def completion(self, prompt: list[int], max_tokens: int, n_probs: int = 1) -> dict:
+    def completion(self, prompt: list[int], max_tokens: int, *, n_probs: int = 1, cache_prompt: bool = False,
+                   ignore_eos: bool = False) -> dict:
+        """Greedy continuation (temperature 0); stops at an end-of-generation token like any llama.cpp client."""
         return self.request("/completion", {
-            "prompt": list(prompt), "n_predict": max_tokens, "temperature": 0.0, "top_k": 1, "samplers": ["top_k"],
-            "cache_prompt": False, "return_tokens": True, "n_probs": n_probs, "ignore_eos": True,
-            "post_sampling_probs": False,
+            "prompt": list(prompt), "n_predict": max_tokens, "temperature": 0.0, "cache_prompt": cache_prompt,
+            "return_tokens": True, "n_probs": n_probs, "post_sampling_probs": False, "ignore_eos": ignore_eos,
         })
+
+    def next_token_logprob(self, prefix: list[int], target: int, widths: tuple[int, ...] = (16, 1024)) -> float:
+        """log p(target | prefix) from llama.cpp's next-token distribution (the server has no prompt logprobs).
+
+        The top-n list is widened until it holds ``target`` (last: the whole vocabulary); the prefix stays
+        in the KV cache between calls, so each call evaluates one new token.
+        """
+        for n in (*widths, self.n_vocab):
+            # The server sends no distribution when the sampled token ends the reply (end of generation) or
+            # is part of a UTF-8 character; a logit bias makes the sampled token a plain "a". The reported
+            # values are the model's own softmax, taken before the sampler chain and its biases.
+            out = self.request("/completion", {
+                "prompt": list(prefix), "n_predict": 1, "temperature": 0.0, "cache_prompt": True, "return_tokens": True,
+                "n_probs": n, "post_sampling_probs": False, "logit_bias": [[self.plain_token, 1000.0]],
+            })
+            for cand in out["completion_probabilities"][0]["top_logprobs"]:
+                if int(cand["id"]) == int(target):
+                    return float(cand["logprob"])
+        raise RuntimeError(f"token {target} missing from llama.cpp's full next-token distribution")
+
+    @property
+    def plain_token(self) -> int:
+        if not hasattr(self, "_plain"):
+            self._plain = self.tokenize("a")[0]
+        return self._plain
+
+    @property
+    def n_vocab(self) -> int:
+        if not hasattr(self, "_n_vocab"):
+            props = self.request_get("/props")
+            self._n_vocab = int(props.get("model_info", {}).get("n_vocab") or props.get("n_vocab") or 0) or 1 << 20
+        return self._n_vocab
+
+    def request_get(self, endpoint: str) -> dict:
+        import urllib.request
+
+        with urllib.request.urlopen(self.base + endpoint, timeout=60) as resp:
+            return json.loads(resp.read())
 
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
         return self.request("/tokenize", {"content": text, "add_special": add_special})["tokens"]
 
 
-def _probs_logprob(entry: dict) -> float | None:
-    """Log-probability of the chosen token in one ``completion_probabilities`` entry."""
-    if "logprob" in entry:
-        return float(entry["logprob"])
-    if "prob" in entry:
-        return math.log(entry["prob"]) if entry["prob"] > 0 else float("-inf")
-    return None
-
-
 def run_llamacpp(gguf: str, prompts: list[list[int]], max_tokens: int, *, prompt_logprobs: bool = True,
-                 timing: bool = False, texts: list[str] | None = None) -> dict[str, Any]:
-    """Greedy generation with llama.cpp's server; prompt log-probabilities by teacher forcing."""
-    server = LlamaServer(gguf, n_ctx=max(len(p) for p in prompts) + max_tokens + 16)
+                 timing: bool = False, texts: list[str] | None = None, threads: int | None = None,
+                 exact: bool = True) -> dict[str, Any]:
+    """Greedy generation with llama.cpp's server; prompt log-probabilities one position at a time."""
+    server = LlamaServer(gguf, n_ctx=max(256, max(len(p) for p in prompts) + max_tokens + 16), threads=threads,
+                         exact=exact)
     results = []
     for prompt in prompts:
-        out = server.completion(prompt, max_tokens)
-        probs = out.get("completion_probabilities") or []
-        result: dict[str, Any] = {"tokens": list(out["tokens"]),
-                                  "token_logprobs": [_probs_logprob(p) for p in probs]}
+        tokens = list(server.completion(prompt, max_tokens, n_probs=0)["tokens"])
+        # the log-probability of each chosen token under the model (before sampling), teacher-forced: the
+        # completion's own n_probs values are those of the greedy sampler chain, not the model's
+        seq = list(prompt) + tokens
+        result: dict[str, Any] = {
+            "tokens": tokens,
+            "token_logprobs": [server.next_token_logprob(seq[:i], seq[i]) for i in range(len(prompt), len(seq))],
+        }
         if prompt_logprobs:
-            result["prompt_logprobs"] = [None] + _llamacpp_prompt_logprobs(server, prompt)
+            result["prompt_logprobs"] = [None] + [server.next_token_logprob(prompt[:i], prompt[i])
+                                                  for i in range(1, len(prompt))]
         results.append(result)
     report: dict[str, Any] = {"engine": "llama.cpp", "results": results, "startup_s": server.startup_s}
     if texts is not None:
@@ -166,51 +199,62 @@ def run_llamacpp(gguf: str, prompts: list[list[int]], max_tokens: int, *, prompt
     return report
 
 
-def _llamacpp_prompt_logprobs(server: LlamaServer, prompt: list[int]) -> list[float | None]:
-    """log p(prompt[i] | prompt[:i]) for i >= 1, one short request per position with the prompt cached.
-
-    llama.cpp's server has no prompt-logprob option; ``n_probs`` over the whole vocabulary of one
-    generated token gives the full next-token distribution after each prefix.
-    """
-    n_vocab = int(server.request("/props", {}).get("n_vocab", 0) or 0) if False else None  # noqa: F841
-    out: list[float | None] = []
-    for i in range(1, len(prompt)):
-        resp = server.request("/completion", {
-            "prompt": list(prompt[:i]), "n_predict": 1, "temperature": 0.0, "top_k": 1, "samplers": ["top_k"],
-            "cache_prompt": True, "return_tokens": True, "n_probs": 0, "ignore_eos": True,
-            "logit_bias": [], "post_sampling_probs": False, "n_indent": 0,
-        })
-        out.append(_target_logprob(server, prompt[:i], prompt[i], resp))
-    return out
-
-
-def _target_logprob(server: LlamaServer, prefix: list[int], target: int, resp: dict) -> float | None:
-    # Force the target token: restrict sampling to it with a logit bias is not exact; instead ask the
-    # top-n list large enough to contain it and read its log-probability (pre-sampling values).
-    for n in (20, 200, 2000):
-        resp = server.request("/completion", {
-            "prompt": list(prefix), "n_predict": 1, "temperature": 0.0, "top_k": 1, "samplers": ["top_k"],
-            "cache_prompt": True, "return_tokens": True, "n_probs": n, "ignore_eos": True,
-            "post_sampling_probs": False,
-        })
-        probs = resp.get("completion_probabilities") or []
-        if probs:
-            for cand in probs[0].get("top_logprobs", probs[0].get("top_probs", [])):
-                if int(cand.get("id", -1)) == int(target):
-                    return _probs_logprob(cand)
-    return None
-
-
 def _llamacpp_timing(server: LlamaServer, prompt: list[int], rounds: int = 3) -> dict[str, float]:
+    """Prefill and decode tokens/s from llama.cpp's own timings (batch 1, 128 tokens decoded), best of rounds."""
     best_prefill, best_decode = 0.0, 0.0
     for _ in range(rounds):
         out = server.request("/completion", {"prompt": list(prompt), "n_predict": 128, "temperature": 0.0,
-                                             "top_k": 1, "samplers": ["top_k"], "cache_prompt": False,
-                                             "ignore_eos": True})
+                                             "cache_prompt": False, "ignore_eos": True})
         t = out.get("timings", {})
         best_prefill = max(best_prefill, float(t.get("prompt_per_second", 0.0)))
         best_decode = max(best_decode, float(t.get("predicted_per_second", 0.0)))
     return {"prefill_tok_s": best_prefill, "decode_tok_s": best_decode}
+
+
+# ----------------------------------------------------------------------------- reference and comparison
+def reference_greedy(model, prompts: list[list[int]], max_tokens: int) -> list[dict[str, Any]]:
+    """transformers' greedy continuation (never stopping at EOS) and float64 log-probabilities.
+
+    ``tokens``/``token_logprobs``: the generated tokens and their log-probabilities; ``prompt_logprobs``:
+    log p(prompt[i] | prompt[:i]) with None first, as the engine runners report them.
+    """
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(max_tokens):
+                logits = model(torch.tensor([ids])).logits[0, -1]
+                ids.append(int(logits.argmax()))
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+            lp = [None] + [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))]
+            n = len(prompt)
+            out.append({"tokens": ids[n:], "token_logprobs": lp[n:], "prompt_logprobs": lp[:n]})
+    return out
+
+
+def compare(reference: list[dict], report: dict, eog: set[int] = frozenset()) -> dict[str, Any]:
+    """Greedy tokens equal? Largest |log-prob difference| over generated and prompt tokens.
+
+    An engine may stop early only at an end-of-generation token (``eog``) that the reference also chose.
+    Log-probabilities are compared while the tokens agree.
+    """
+    tokens_equal, gen_diff, prompt_diff = [], 0.0, 0.0
+    for ref, got in zip(reference, report["results"]):
+        toks, ref_toks = got["tokens"], ref["tokens"]
+        same = toks == ref_toks or (len(toks) < len(ref_toks) and toks == ref_toks[:len(toks)]
+                                    and bool(toks) and toks[-1] in eog)
+        tokens_equal.append(same)
+        for a, b, t1, t2 in zip(got["token_logprobs"], ref["token_logprobs"], toks, ref_toks):
+            if t1 != t2:
+                break
+            if a is not None:
+                gen_diff = max(gen_diff, abs(a - b))
+        for a, b in zip(got.get("prompt_logprobs") or [], ref["prompt_logprobs"]):
+            if a is not None and b is not None:
+                prompt_diff = max(prompt_diff, abs(a - b))
+    return {"tokens_equal": tokens_equal, "max_token_logprob_diff": gen_diff, "max_prompt_logprob_diff": prompt_diff}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 
-from vllm.model_executor.models import llama, mistral, qwen2, qwen3
+from vllm.model_executor.models import llama, mistral, qwen3
 from vllm.model_executor.models.utils import extract_layer_index
 
 WIDTHS_KEY = "nirvana_layer_widths"
@@ -52,11 +52,6 @@ class _PerLayerMistralDecoderLayer(mistral.MistralDecoderLayer):
         super().__init__(vllm_config=vllm_config, prefix=prefix, config=config)
 
 
-class _PerLayerQwen2DecoderLayer(qwen2.Qwen2DecoderLayer):
-    def __init__(self, config, *args, prefix: str = "", **kwargs) -> None:
-        super().__init__(layer_config(config, prefix), *args, prefix=prefix, **kwargs)
-
-
 class _PerLayerQwen3DecoderLayer(qwen3.Qwen3DecoderLayer):
     def __init__(self, config, *args, prefix: str = "", **kwargs) -> None:
         super().__init__(layer_config(config, prefix), *args, prefix=prefix, **kwargs)
@@ -70,11 +65,6 @@ class NirvanaLlamaForCausalLM(llama.LlamaForCausalLM):
 class NirvanaMistralForCausalLM(mistral.MistralForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = "", layer_type=_PerLayerMistralDecoderLayer) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
-
-
-class _PerLayerQwen2Model(qwen2.Qwen2Model):
-    def __init__(self, *, vllm_config, prefix: str = "", decoder_layer_type=_PerLayerQwen2DecoderLayer) -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=decoder_layer_type)
 
 
 class _PerLayerQwen3Model(qwen3.Qwen3Model):
@@ -92,10 +82,22 @@ def _model_class(module, name: str, cls):
         setattr(module, name, original)
 
 
-class NirvanaQwen2ForCausalLM(qwen2.Qwen2ForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        with _model_class(qwen2, "Qwen2Model", _PerLayerQwen2Model):
-            super().__init__(vllm_config=vllm_config, prefix=prefix)
+class _PerLayerQwen2DecoderLayer(llama.LlamaDecoderLayer):
+    """A Qwen2 layer built by vLLM's Llama layer: Qwen2 is Llama with q/k/v biases (none on o_proj).
+
+    vLLM's own ``Qwen2Attention`` derives head_dim as hidden / heads, which is wrong once a layer has
+    lost heads; the Llama attention reads the pinned ``head_dim`` from the config.
+    """
+
+    def __init__(self, vllm_config, prefix: str = "", config=None, **kwargs) -> None:
+        config = copy.copy(layer_config(config or vllm_config.model_config.hf_config, prefix))
+        config.attention_bias, config.qkv_bias = False, True
+        super().__init__(vllm_config=vllm_config, prefix=prefix, config=config, **kwargs)
+
+
+class NirvanaQwen2ForCausalLM(llama.LlamaForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = "", layer_type=_PerLayerQwen2DecoderLayer) -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
 
 
 class NirvanaQwen3ForCausalLM(qwen3.Qwen3ForCausalLM):

