@@ -248,3 +248,40 @@ def test_reload_in_fresh_process_after_gguf_and_hf_export(tokenizer, tmp_path):
     subprocess.run([sys.executable, "-c", code, str(export), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
                    check=True, capture_output=True)
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+
+
+def test_export_callback_writes_hf_and_gguf_in_one_swap(tmp_path):
+    """A fit run with ``ExportCallback(format=[hf, gguf])``: the directory reloads and the GGUF files match the plan."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs" / "debug" / "tiny.yaml").read_text())
+    cfg["trainer"].update(default_root_dir=str(tmp_path / "run"), max_steps=2, limit_val_batches=0)
+    cfg["trainer"].pop("val_check_interval", None)
+    cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if "NirvanaPruning" in c["class_path"]]
+    cfg["trainer"]["callbacks"].append({"class_path": "nirvana_lightning.ExportCallback", "init_args": {
+        "path": str(tmp_path / "out"), "format": ["hf", "gguf"], "gguf_dtypes": ["f32", "q8_0"]}})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "nirvana_lightning", "fit", "--config", str(tmp_path / "c.yaml")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    model, _ = load_pruned(tmp_path / "out")
+    plan = model.pruning_plan
+    for dtype in ("f32", "q8_0"):
+        _, f = _read_gguf(tmp_path / "out" / "gguf" / f"model-{dtype}.gguf")
+        key = f["general.architecture"]
+        widths = f[f"{key}.feed_forward_length"]
+        assert (widths if isinstance(widths, list) else [widths] * plan.n_layer) == plan.mlp_dim_after
+        assert (tmp_path / "out" / "gguf" / f"model-{dtype}.Modelfile").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("kwargs, key", [({"format": "onnx"}, "ExportCallback.format"),
+                                         ({"format": []}, "ExportCallback.format"),
+                                         ({"format": "gguf", "gguf_dtypes": ["q2_k"]}, "ExportCallback.gguf_dtypes"),
+                                         ({"format": ["hf", "gguf"], "adapter_only": True},
+                                          "ExportCallback.adapter_only")])
+def test_export_callback_rejects_bad_settings(kwargs, key):
+    from nirvana_lightning import ExportCallback
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        ExportCallback(path="x", **kwargs)

@@ -10,25 +10,52 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from ..errors import ConfigError
 from ..export import save_pruned
+from ..io import write_dir_atomic
+from ..serving.gguf_export import save_gguf
 from ..io import load_checkpoint
 
 
+FORMATS = ("hf", "gguf")
+
+
 class ExportCallback(L.Callback):
-    """At fit end, export the model with :func:`nirvana_lightning.save_pruned`.
+    """At fit end, export the model: a Hugging Face directory (:func:`nirvana_lightning.save_pruned`, which
+    transformers, and vLLM through our plugin, load) and/or GGUF files (:func:`nirvana_lightning.save_gguf`,
+    for llama.cpp and Ollama).
 
     Args:
         path: destination directory (relative paths are resolved against ``trainer.log_dir``).
         overwrite: replace an existing non-empty destination.
-        adapter_only: write only the LoRA adapter, the plan and a base reference.
+        adapter_only: write only the LoRA adapter, the plan and a base reference (``hf`` only).
         best: export the best checkpoint of the Trainer's ``ModelCheckpoint`` instead of the final
             weights (they are loaded into the model first).
+        format: ``hf``, ``gguf`` or both (``[hf, gguf]``). GGUF files go to ``<path>/gguf/model-<dtype>.gguf``
+            with an Ollama ``Modelfile`` each.
+        gguf_dtypes: the GGUF weight types to write (``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0``).
     """
 
     def __init__(self, path: str = "export", overwrite: bool = False, adapter_only: bool = False,
-                 best: bool = False) -> None:
+                 best: bool = False, format: str | list[str] = "hf", gguf_dtypes: list[str] | None = None) -> None:
+        from ..errors import check_choice
+        from ..serving.gguf_export import GGUF_DTYPES
+
         if not path:
             raise ConfigError("ExportCallback.path", path, "a directory path")
+        formats = [format] if isinstance(format, str) else list(format)
+        if not formats:
+            raise ConfigError("ExportCallback.format", format, f"one or more of {list(FORMATS)}")
+        for f in formats:
+            check_choice("ExportCallback.format", f, FORMATS)
+        dtypes = list(gguf_dtypes) if gguf_dtypes is not None else ["f16"]
+        for d in dtypes:
+            check_choice("ExportCallback.gguf_dtypes", d, GGUF_DTYPES)
+        if "gguf" in formats and not dtypes:
+            raise ConfigError("ExportCallback.gguf_dtypes", dtypes, f"one or more of {list(GGUF_DTYPES)}")
+        if adapter_only and "gguf" in formats:
+            raise ConfigError("ExportCallback.adapter_only", True, "false when format includes gguf (GGUF holds "
+                              "the merged model)")
         self.path, self.overwrite, self.adapter_only, self.best = path, overwrite, adapter_only, best
+        self.formats, self.gguf_dtypes = formats, dtypes
         self.exported: Path | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -59,7 +86,16 @@ class ExportCallback(L.Callback):
 
     @rank_zero_only
     def _export(self, target: Path, pl_module: L.LightningModule, metrics: dict) -> None:
-        self.exported = save_pruned(pl_module.model, pl_module.tokenizer, target, pl_module.pruning_plan,
-                                    overwrite=self.overwrite, adapter_only=self.adapter_only,
-                                    base_model=pl_module.hparams.source, metrics=metrics)
-        rank_zero_info(f"exported the model to {target}")
+        model, tokenizer, plan = pl_module.model, pl_module.tokenizer, pl_module.pruning_plan
+
+        def write(tmp: Path) -> None:
+            if "hf" in self.formats:
+                save_pruned(model, tokenizer, tmp, plan, overwrite=True, adapter_only=self.adapter_only,
+                            base_model=pl_module.hparams.source, metrics=metrics)
+            for dtype in self.gguf_dtypes if "gguf" in self.formats else ():
+                save_gguf(model, tokenizer, tmp / "gguf" / f"model-{dtype}.gguf", plan, dtype=dtype,
+                          name=pl_module.hparams.source)
+
+        # one atomic swap for everything: the destination holds the old export or the complete new one
+        self.exported = write_dir_atomic(target, write, overwrite=self.overwrite)
+        rank_zero_info(f"exported the model ({', '.join(self.formats)}) to {target}")
