@@ -28,6 +28,16 @@ from .pruning.plan import library_versions
 REMOTE_FILE = "modeling_nirvana.py"
 PLAN_FILE = "plan.json"
 BASE_FILE = "nirvana_base.json"
+SERVING_FILE = "serving.json"
+
+
+def _serving_report(model: nn.Module) -> dict[str, Any]:
+    """Which engines and settings the per-layer widths fit (see :mod:`nirvana_lightning.serving.constraints`)."""
+    from .serving.constraints import serving_constraints
+    from .serving.gguf_export import _layer_widths
+
+    heads, kv_heads, ffn, _ = _layer_widths(model)
+    return serving_constraints(model.config.model_type, heads, kv_heads, ffn)
 
 
 def _model_card(model: nn.Module, plan: PruningPlan | None, extra: dict[str, Any]) -> str:
@@ -62,6 +72,15 @@ def _model_card(model: nn.Module, plan: PruningPlan | None, extra: dict[str, Any
     lines += ["", "Library versions: `" + json.dumps(library_versions()) + "`", ""]
     if plan is not None:
         lines += ["## Per-layer widths", "", plan.table(), ""]
+    serving = extra.get("serving")
+    if serving is not None:
+        lines += ["## Serving", "",
+                  "- vLLM: `vllm serve <path>` with nirvana-lightning installed (its plugin registers the architecture)"
+                  f"; tensor parallelism up to {serving['max_tp_size']}.",
+                  f"- llama.cpp / Ollama: GGUF architecture `{serving['gguf_architecture']}` "
+                  "(`nirvana_lightning.save_gguf`).", ""]
+        if serving["broken"]:
+            lines += ["Constraints this model breaks:", ""] + [f"- {b}" for b in serving["broken"]] + [""]
     return "\n".join(lines)
 
 
@@ -125,7 +144,10 @@ def save_pruned(
             written["architectures"] = [cls_name]  # save_pretrained writes the stock class name
             (tmp / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
             shutil.copyfile(remote_modeling.__file__, tmp / REMOTE_FILE)
-            (tmp / "README.md").write_text(_model_card(merged, plan, {"base_model": source, "metrics": metrics}))
+            serving = _serving_report(merged)
+            (tmp / SERVING_FILE).write_text(json.dumps(serving, indent=1) + "\n")
+            (tmp / "README.md").write_text(_model_card(merged, plan, {"base_model": source, "metrics": metrics,
+                                                                      "serving": serving}))
         if plan is not None:
             (tmp / PLAN_FILE).write_text(plan.to_json())
         if tokenizer is not None:

@@ -157,3 +157,28 @@ def test_ties_across_layers_go_to_the_lower_layer_first():
     removed = [8 - len(k) for k in a.mlp_keep]
     assert sum(removed) == a.n_mlp_requested > 0
     assert removed[0] == min(a.n_mlp_requested, 7) and removed[1] == a.n_mlp_requested - removed[0]
+
+
+@pytest.mark.parametrize("tp_size, round_to", [(2, 1), (4, 8), (8, 32)])
+def test_tp_size_keeps_kv_groups_and_neurons_divisible(tp_size, round_to):
+    """Serving-aware allocation: every layer's kept KV groups split evenly over tp ranks, MLP by lcm(round_to, tp)."""
+    gen = torch.Generator().manual_seed(3)
+    attn = [torch.rand(16, generator=gen) for _ in range(6)]
+    mlp = [torch.rand(512, generator=gen) for _ in range(6)]
+    a = _alloc(attn, mlp, sparsity=0.5, gamma=1.0, tp_size=tp_size, round_to=round_to)
+    for keep, scores in zip(a.attention_keep, attn):
+        assert len(keep) % tp_size == 0 and len(keep) >= tp_size
+        dropped = sorted(set(range(16)) - set(keep.tolist()))
+        if dropped:  # within a layer the kept groups are the best ones
+            assert min(scores[keep]) >= max(scores[dropped])
+    for keep in a.mlp_keep:
+        assert len(keep) % math.lcm(round_to, tp_size) == 0
+    removed = sum(16 - len(k) for k in a.attention_keep)
+    assert 0 < removed <= a.n_attn_requested  # rounding up only spares units
+
+
+def test_tp_size_must_divide_every_layer():
+    with pytest.raises(ConfigError, match="tp_size"):
+        _alloc([torch.rand(3)], [torch.rand(64)], sparsity=0.2, tp_size=2)
+    with pytest.raises(ConfigError, match="tp_size"):
+        _alloc([torch.rand(4)], [torch.rand(64)], sparsity=0.2, tp_size=0)

@@ -10,10 +10,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from ..errors import ConfigError
 from ..export import save_pruned
-from ..io import write_dir_atomic
+from ..io import load_checkpoint, write_dir_atomic
 from ..serving.gguf_export import save_gguf
-from ..io import load_checkpoint
-
 
 FORMATS = ("hf", "gguf")
 

@@ -39,7 +39,10 @@ class NirvanaPruningCallback(L.Callback):
         gamma: MLP-to-attention pruning-fraction ratio.
         criterion: ``nirvana`` | ``magnitude`` | ``taylor`` | ``random``.
         functional: NIRVANA output functional.
-        round_to: kept MLP width per layer rounded up to a multiple of this.
+        round_to: kept MLP width per layer rounded up to a multiple of this (32 for GGUF q8_0/q4_0 blocks,
+            256 for k-quants).
+        tp_size: tensor-parallel degree the pruned model will be served at (vLLM ``--tensor-parallel-size``):
+            every layer keeps a multiple of it in KV groups and in MLP neurons.
         skip_layers: layer indices left untouched.
         allocation: ``global`` or ``uniform``.
         calibration_samples / calibration_seq_len / calibration_seed: override the datamodule's.
@@ -79,6 +82,7 @@ class NirvanaPruningCallback(L.Callback):
         criterion: Literal["nirvana", "magnitude", "taylor", "random"] = "nirvana",
         functional: Literal["max_over_seq", "max_over_vocab", "sum_logits"] = "max_over_seq",
         round_to: int = 8,
+        tp_size: int = 1,
         skip_layers: list[int] | None = None,
         allocation: Literal["global", "uniform"] = "global",
         calibration_samples: int | None = None,
@@ -126,6 +130,7 @@ class NirvanaPruningCallback(L.Callback):
         check_choice(key + "accumulate", accumulate, ACCUMULATE)
         check_choice(key + "scoring_dtype", scoring_dtype, SCORING_DTYPES)
         check_choice(key + "round_to", round_to, ROUND_TO_CHOICES)
+        check_positive(key + "tp_size", tp_size)
         if plan_path is None:
             if (sparsity is None) == (param_budget is None):
                 raise ConfigError(key + "sparsity", sparsity, "exactly one of sparsity and param_budget set")
@@ -151,7 +156,7 @@ class NirvanaPruningCallback(L.Callback):
             if value is not None:
                 check_positive(key + name, value)
         self.sparsity, self.param_budget, self.gamma = sparsity, param_budget, gamma
-        self.criterion, self.functional, self.round_to = criterion, functional, round_to
+        self.criterion, self.functional, self.round_to, self.tp_size = criterion, functional, round_to, tp_size
         self.skip_layers, self.allocation = list(skip_layers or []), allocation
         self.calibration_samples, self.calibration_seq_len = calibration_samples, calibration_seq_len
         self.calibration_seed, self.micro_batch_size, self.accumulate = calibration_seed, micro_batch_size, accumulate
@@ -226,6 +231,7 @@ class NirvanaPruningCallback(L.Callback):
         k = len(self.history) + 1  # 1-based step about to be taken
         settings = dict(sparsity=self.sparsity, param_budget=self.param_budget, gamma=self.gamma,
                         criterion=self.criterion, functional=self.functional, round_to=self.round_to,
+                        tp_size=self.tp_size,
                         skip_layers=self.skip_layers, allocation=self.allocation,
                         micro_batch_size=self.micro_batch_size, accumulate=self.accumulate,
                         checkpointing=self.checkpointing, scoring_dtype=self.scoring_dtype, seed=self.seed + k - 1)

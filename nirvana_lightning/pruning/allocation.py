@@ -171,6 +171,7 @@ def allocate(
     skip_layers: Sequence[int] = (),
     mode: str = "global",
     counts: tuple[int, int] | None = None,
+    tp_size: int = 1,
 ) -> Allocation:
     """Choose which units stay.
 
@@ -188,11 +189,17 @@ def allocate(
         counts: ``(n_attention_groups, n_neurons)`` to remove instead of the counts the formula
             gives for ``sparsity`` (``global`` only; used by iterative schedules, which derive
             them from the dense model with :func:`removal_counts`).
+        tp_size: tensor-parallel degree the pruned model must serve at: every layer keeps a multiple
+            of ``tp_size`` KV groups (so query and KV heads split evenly over the ranks) and a
+            multiple of ``lcm(round_to, tp_size)`` neurons. Kept counts are rounded up, sparing the
+            best-scoring units selected for removal.
 
     Returns:
         :class:`Allocation` with sorted keep indices per layer.
     """
     validate_targets(sparsity, gamma, round_to, mode)
+    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+        raise ConfigError("tp_size", tp_size, "a tensor-parallel degree >= 1")
     n_layer = len(attention_scores)
     if len(mlp_scores) != n_layer:
         raise ValueError(f"{n_layer} layers of attention scores but {len(mlp_scores)} of MLP scores")
@@ -202,10 +209,17 @@ def allocate(
             raise ConfigError("skip_layers", i, f"layer indices in [0, {n_layer})")
     attention_scores = [s.detach().cpu().double() for s in attention_scores]
     mlp_scores = [s.detach().cpu().double() for s in mlp_scores]
-    # Guards: the best attention group of every layer and the best `round_to` neurons stay; so do skipped layers.
-    attn_protect = [torch.ones(s.numel(), dtype=torch.bool) if i in skip else _protect_top(s, 1)
+    mlp_round = math.lcm(round_to, tp_size)
+    if tp_size > 1:
+        for i, (a, m) in enumerate(zip(attention_scores, mlp_scores)):
+            if a.numel() % tp_size or m.numel() % tp_size:
+                raise ConfigError("tp_size", tp_size, f"a degree dividing every layer's KV groups and MLP width "
+                                                      f"(layer {i} has {a.numel()} groups, {m.numel()} neurons)")
+    # Guards: the best `tp_size` attention groups of every layer and the best `round_to` neurons stay; so do
+    # skipped layers.
+    attn_protect = [torch.ones(s.numel(), dtype=torch.bool) if i in skip else _protect_top(s, tp_size)
                     for i, s in enumerate(attention_scores)]
-    mlp_protect = [torch.ones(s.numel(), dtype=torch.bool) if i in skip else _protect_top(s, round_to)
+    mlp_protect = [torch.ones(s.numel(), dtype=torch.bool) if i in skip else _protect_top(s, min(mlp_round, s.numel()))
                    for i, s in enumerate(mlp_scores)]
     n_attn = sum(s.numel() for s in attention_scores)
     n_mlp = sum(s.numel() for s in mlp_scores)
@@ -235,8 +249,8 @@ def allocate(
             attn_remove += _select_lowest([attention_scores[i]], [attn_protect[i]], na, f"attention groups in layer {i}")
             mlp_remove += _select_lowest([mlp_scores[i]], [mlp_protect[i]], nm, f"MLP neurons in layer {i}")
             n_attn_remove, n_mlp_remove = n_attn_remove + na, n_mlp_remove + nm
-    attention_keep = [(~r).nonzero().squeeze(1) for r in attn_remove]
-    mlp_keep = [_round_up_keep(s, r, round_to) for s, r in zip(mlp_scores, mlp_remove)]
+    attention_keep = [_round_up_keep(s, r, tp_size) for s, r in zip(attention_scores, attn_remove)]
+    mlp_keep = [_round_up_keep(s, r, mlp_round) for s, r in zip(mlp_scores, mlp_remove)]
     return Allocation(attention_keep, mlp_keep, float(p_attn), float(p_mlp), n_attn_remove, n_mlp_remove)
 
 

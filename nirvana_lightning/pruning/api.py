@@ -39,6 +39,7 @@ def plan_from_scores(
     allocation: str = "global",
     provenance: dict | None = None,
     counts: tuple[int, int] | None = None,
+    tp_size: int = 1,
 ) -> PruningPlan:
     """Allocate from unit scores and wrap the result as a :class:`PruningPlan` for ``model``."""
     adapter = get_adapter(model)
@@ -47,7 +48,7 @@ def plan_from_scores(
     geometry = [adapter.layer_geometry(layer) for layer in adapter.layers()]
     result = allocate(scores.attention, scores.mlp, sparsity=sparsity, gamma=gamma,
                       n_query_per_kv=adapter.n_query_per_kv, head_dim=adapter.head_dim, round_to=round_to,
-                      skip_layers=skip_layers, mode=allocation, counts=counts)
+                      skip_layers=skip_layers, mode=allocation, counts=counts, tp_size=tp_size)
     plan = PruningPlan(
         attention_keep=[k.tolist() for k in result.attention_keep],
         mlp_keep=[k.tolist() for k in result.mlp_keep],
@@ -59,7 +60,7 @@ def plan_from_scores(
     )
     plan.provenance = {
         **(provenance or {}),
-        "sparsity": sparsity, "gamma": gamma, "round_to": round_to, "allocation": allocation,
+        "sparsity": sparsity, "gamma": gamma, "round_to": round_to, "tp_size": tp_size, "allocation": allocation,
         "skip_layers": sorted(skip_layers), "p_attn": result.p_attn, "p_mlp": result.p_mlp,
         "n_attn_removed_requested": result.n_attn_requested, "n_mlp_removed_requested": result.n_mlp_requested,
         "realised_sparsity": plan.realised_sparsity,
@@ -91,6 +92,7 @@ def make_plan(
     scoring_dtype: str = "float32",
     seed: int = 0,
     counts: tuple[int, int] | None = None,
+    tp_size: int = 1,
 ) -> PruningPlan:
     """Score and allocate without cutting (see :func:`prune` for the arguments).
 
@@ -117,7 +119,7 @@ def make_plan(
     geometry = [adapter.layer_geometry(layer) for layer in adapter.layers()]
     allocate([torch.zeros(a) for a, _ in geometry], [torch.zeros(m) for _, m in geometry], sparsity=sparsity,
              gamma=gamma, n_query_per_kv=adapter.n_query_per_kv, head_dim=adapter.head_dim, round_to=round_to,
-             skip_layers=skip_layers, mode=allocation, counts=counts)
+             skip_layers=skip_layers, mode=allocation, counts=counts, tp_size=tp_size)
     batches: list[torch.Tensor] = []
     if criterion in ("nirvana", "taylor"):
         if calibration is None:
@@ -146,7 +148,8 @@ def make_plan(
         "scoring_seconds": round(time.perf_counter() - start, 3),
     }
     return plan_from_scores(model, scores, sparsity=sparsity, gamma=gamma, round_to=round_to,
-                            skip_layers=skip_layers, allocation=allocation, provenance=provenance, counts=counts)
+                            skip_layers=skip_layers, allocation=allocation, provenance=provenance, counts=counts,
+                            tp_size=tp_size)
 
 
 def prune(
@@ -166,6 +169,7 @@ def prune(
     checkpointing: bool = True,
     scoring_dtype: str = "float32",
     seed: int = 0,
+    tp_size: int = 1,
 ) -> PruningPlan:
     """Structurally prune ``model`` in place with NIRVANA (or a baseline criterion).
 
@@ -178,7 +182,10 @@ def prune(
         gamma: MLP-to-attention pruning-fraction ratio (1: uniform fractions).
         criterion: ``nirvana`` | ``magnitude`` | ``taylor`` | ``random``.
         functional: NIRVANA output functional: ``max_over_seq`` | ``max_over_vocab`` | ``sum_logits``.
-        round_to: kept MLP width per layer rounded up to a multiple of this.
+        round_to: kept MLP width per layer rounded up to a multiple of this (32 fits GGUF's q8_0/q4_0 blocks,
+            256 its k-quants).
+        tp_size: serve-time tensor-parallel degree; every layer keeps a multiple of it in KV groups
+            (see :func:`~nirvana_lightning.pruning.allocation.allocate`).
         skip_layers: layers left untouched.
         allocation: ``global`` ranking or ``uniform`` per-layer fractions.
         micro_batch_size / accumulate: see :mod:`nirvana_lightning.pruning.gradients`.
@@ -192,7 +199,7 @@ def prune(
     plan = make_plan(model, calibration, sparsity=sparsity, param_budget=param_budget, gamma=gamma,
                      criterion=criterion, functional=functional, round_to=round_to, skip_layers=skip_layers,
                      allocation=allocation, micro_batch_size=micro_batch_size, accumulate=accumulate,
-                     checkpointing=checkpointing, scoring_dtype=scoring_dtype, seed=seed)
+                     checkpointing=checkpointing, scoring_dtype=scoring_dtype, seed=seed, tp_size=tp_size)
     return cut(model, plan)
 
 
