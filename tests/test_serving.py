@@ -300,3 +300,31 @@ def test_export_names_the_serving_constraints_it_breaks(tokenizer, tmp_path):
     assert aligned == {"uniform": False, "gguf_architecture": "deci", "max_tp_size": 2, "broken": [
         "tensor parallel 4: layers [0] have KV heads or MLP neurons not divisible by 4 (prune with tp_size: 4)"]}
     assert serving_constraints("qwen3", [4, 2], [2, 1], [64, 64])["gguf_architecture"] == "refused"
+
+
+def test_int8_export_reloads_in_a_fresh_process_and_stays_close(tokenizer, tmp_path):
+    """torchao int8 weight-only export: a quarter of the linear bytes, reloads (weights_only) bit-identically."""
+    from nirvana_lightning.serving.quantize import quantize_int8
+
+    model, plan = _tiny_pruned("tiny-llama", tokenizer=tokenizer)
+    ids = torch.tensor(PROMPTS[:1])
+    with torch.no_grad():
+        dense_logits = model(ids).logits
+    export = save_pruned(model, tokenizer, tmp_path / "q", plan, quantize="int8_weight_only")
+    assert not (export / "model.safetensors").exists() and (export / "model_int8.pt").is_file()
+    import copy
+
+    with torch.no_grad():
+        expected = quantize_int8(copy.deepcopy(model))(ids).logits
+    assert torch.equal(model(ids).logits, dense_logits), "the model itself is not quantised"
+    rel = (expected - dense_logits).abs().max() / dense_logits.abs().max()
+    assert 0 < rel < 0.05
+    torch.save(ids, tmp_path / "ids.pt")
+    code = ("import sys, torch; from nirvana_lightning import load_pruned; m, _ = load_pruned(sys.argv[1]); "
+            "torch.save(m(torch.load(sys.argv[2])).logits.detach(), sys.argv[3])")
+    proc = subprocess.run([sys.executable, "-c", code, str(export), str(tmp_path / "ids.pt"), str(tmp_path / "o.pt")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "o.pt"), expected)
+    with pytest.raises(ConfigError, match="quantize"):
+        save_pruned(model, tokenizer, tmp_path / "bad", plan, quantize="int4")

@@ -7,7 +7,9 @@ in its own virtual environment) and talk to the caller through JSON files::
     .venv-serve/bin/python -m nirvana_lightning.serving.engines vllm  --model DIR       --requests R.json --out O.json
     .venv-serve/bin/python -m nirvana_lightning.serving.engines llama --model FILE.gguf --requests R.json --out O.json
 
-``R.json``: ``{"prompts": [[token ids], ...], "max_tokens": 32, "prompt_logprobs": true, "timing": false}``.
+``R.json``: ``{"prompts": [[token ids], ...], "max_tokens": 32, "prompt_logprobs": true, "timing": false,
+"score": [[token ids], ...]}`` (``score``: windows whose token log-probabilities are returned as ``scores``,
+for perplexity; llama.cpp also takes ``threads`` and ``exact``).
 ``O.json``: per prompt, the generated token ids, each generated token's log-probability, and (when asked)
 each prompt token's log-probability under the engine (the first has none); ``startup_s``; timings when asked.
 
@@ -33,14 +35,15 @@ def _logprob_of(entry: dict | None, token: int) -> float | None:
 
 
 def run_vllm(model: str, prompts: list[list[int]], max_tokens: int, *, prompt_logprobs: bool = True,
-             dtype: str = "float32", timing: bool = False) -> dict[str, Any]:
+             dtype: str = "float32", timing: bool = False, score: list[list[int]] | None = None) -> dict[str, Any]:
     """Greedy generation with ``vllm.LLM`` (the nirvana plugin is loaded by vLLM's entry points)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     start = time.perf_counter()
-    llm = LLM(model=model, dtype=dtype, seed=0, max_model_len=max(256, max(len(p) for p in prompts) + max_tokens + 8),
+    longest = max(len(p) for p in [*prompts, *(score or [])])
+    llm = LLM(model=model, dtype=dtype, seed=0, max_model_len=max(512, longest + max_tokens + 8),
               enforce_eager=True, trust_remote_code=False)
     startup = time.perf_counter() - start
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True,
@@ -60,14 +63,23 @@ def run_vllm(model: str, prompts: list[list[int]], max_tokens: int, *, prompt_lo
                                                   zip((out.prompt_logprobs or [])[1:], prompt[1:])]
         results.append(result)
     report: dict[str, Any] = {"engine": "vllm", "results": results, "startup_s": startup}
+    if score:
+        scored = llm.generate([TokensPrompt(prompt_token_ids=list(w)) for w in score],
+                              SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        report["scores"] = [[_logprob_of(lp, t) for lp, t in zip((o.prompt_logprobs or [])[1:], w[1:])]
+                            for o, w in zip(scored, score)]
     if timing:
         report["timing"] = _vllm_timing(llm, SamplingParams, TokensPrompt, prompts)
     return report
 
 
 def _vllm_timing(llm, SamplingParams, TokensPrompt, prompts: list[list[int]], rounds: int = 3) -> dict[str, float]:
-    """Prefill tokens/s (1 generated token) and decode tokens/s (128 generated tokens), batch 1, best of rounds."""
-    prompt = TokensPrompt(prompt_token_ids=list(prompts[0]))
+    """Prefill tokens/s (1 generated token) and decode tokens/s (128 more tokens), batch 1, best of rounds.
+
+    The prompt is the longest of ``prompts``; the decode time is the 129-token run minus the 1-token run.
+    """
+    longest = max(prompts, key=len)
+    prompt = TokensPrompt(prompt_token_ids=list(longest))
     best_prefill, best_decode = 0.0, 0.0
     for _ in range(rounds):
         t = time.perf_counter()
@@ -76,7 +88,7 @@ def _vllm_timing(llm, SamplingParams, TokensPrompt, prompts: list[list[int]], ro
         t = time.perf_counter()
         llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=129, ignore_eos=True), use_tqdm=False)
         decode = time.perf_counter() - t - prefill
-        best_prefill = max(best_prefill, len(prompts[0]) / prefill)
+        best_prefill = max(best_prefill, len(longest) / prefill)
         best_decode = max(best_decode, 128 / max(decode, 1e-9))
     return {"prefill_tok_s": best_prefill, "decode_tok_s": best_decode}
 
@@ -173,10 +185,10 @@ class LlamaServer:
 
 def run_llamacpp(gguf: str, prompts: list[list[int]], max_tokens: int, *, prompt_logprobs: bool = True,
                  timing: bool = False, texts: list[str] | None = None, threads: int | None = None,
-                 exact: bool = True) -> dict[str, Any]:
+                 exact: bool = True, score: list[list[int]] | None = None) -> dict[str, Any]:
     """Greedy generation with llama.cpp's server; prompt log-probabilities one position at a time."""
-    server = LlamaServer(gguf, n_ctx=max(256, max(len(p) for p in prompts) + max_tokens + 16), threads=threads,
-                         exact=exact)
+    longest = max(len(p) for p in [*prompts, *(score or [])])
+    server = LlamaServer(gguf, n_ctx=max(512, longest + max_tokens + 16), threads=threads, exact=exact)
     results = []
     for prompt in prompts:
         tokens = list(server.completion(prompt, max_tokens, n_probs=0)["tokens"])
@@ -192,10 +204,12 @@ def run_llamacpp(gguf: str, prompts: list[list[int]], max_tokens: int, *, prompt
                                                   for i in range(1, len(prompt))]
         results.append(result)
     report: dict[str, Any] = {"engine": "llama.cpp", "results": results, "startup_s": server.startup_s}
+    if score:
+        report["scores"] = [[server.next_token_logprob(list(w[:i]), w[i]) for i in range(1, len(w))] for w in score]
     if texts is not None:
         report["tokenized"] = [server.tokenize(t) for t in texts]
     if timing:
-        report["timing"] = _llamacpp_timing(server, prompts[0])
+        report["timing"] = _llamacpp_timing(server, max(prompts, key=len))
     return report
 
 
@@ -266,11 +280,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     req = json.loads(args.requests.read_text())
-    common = dict(prompt_logprobs=req.get("prompt_logprobs", True), timing=req.get("timing", False))
+    common = dict(prompt_logprobs=req.get("prompt_logprobs", True), timing=req.get("timing", False),
+                  score=req.get("score"))
     if args.engine == "vllm":
         report = run_vllm(args.model, req["prompts"], req["max_tokens"], dtype=req.get("dtype", "float32"), **common)
     else:
-        report = run_llamacpp(args.model, req["prompts"], req["max_tokens"], texts=req.get("texts"), **common)
+        report = run_llamacpp(args.model, req["prompts"], req["max_tokens"], texts=req.get("texts"),
+                              threads=req.get("threads"), exact=req.get("exact", True), **common)
     args.out.write_text(json.dumps(report))
 
 
