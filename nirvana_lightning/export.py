@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from .adapters import get_adapter, remote_modeling, unwrap_model
-from .errors import check_choice
+from .errors import ConfigError, check_choice
 from .io import write_dir_atomic
 from .pruning import PruningPlan, count_parameters
 from .pruning.plan import library_versions
@@ -47,10 +47,18 @@ def _model_card(model: nn.Module, plan: PruningPlan | None, extra: dict[str, Any
         "---", "library_name: transformers", "tags: [pruned, nirvana-lightning, structured-pruning]", "---", "",
         "# Structurally pruned model (nirvana-lightning)", "",
         "Pruned with NIRVANA-style structured pruning: whole GQA attention groups and MLP neurons removed.",
-        "Reload without nirvana-lightning: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`;",
-        "with it: `nirvana_lightning.load_pruned(path)` (executes no code from this directory).",
-        "Serve it with vLLM where nirvana-lightning is installed (its plugin registers the architecture):",
-        "`vllm serve <path>`; for llama.cpp / Ollama write a GGUF with `nirvana_lightning.save_gguf`.", "",
+    ]
+    if extra.get("quantize"):
+        lines += [f"Weights quantised with torchao ({extra['quantize']}, `model_int8.pt`): load with "
+                  "`nirvana_lightning.load_pruned(path)` (executes no code from this directory); vLLM and "
+                  "`trust_remote_code` read the float export only.", ""]
+    else:
+        lines += [
+            "Reload without nirvana-lightning: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`;",
+            "with it: `nirvana_lightning.load_pruned(path)` (executes no code from this directory).",
+            "Serve it with vLLM where nirvana-lightning is installed (its plugin registers the architecture):",
+            "`vllm serve <path>`; for llama.cpp / Ollama write a GGUF with `nirvana_lightning.save_gguf`.", ""]
+    lines += [
         "| field | value |", "|---|---|",
     ]
     rows = {
@@ -156,12 +164,16 @@ def save_pruned(
                 config.architectures = previous[1]
             written = json.loads((tmp / "config.json").read_text())
             written["architectures"] = [cls_name]  # save_pretrained writes the stock class name
+            serving = None
+            if quantize is None:
+                shutil.copyfile(remote_modeling.__file__, tmp / REMOTE_FILE)
+                serving = _serving_report(merged)
+                (tmp / SERVING_FILE).write_text(json.dumps(serving, indent=1) + "\n")
+            else:  # torchao weights: neither remote code nor vLLM reads them, so do not point there
+                written.pop("auto_map", None)
             (tmp / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
-            shutil.copyfile(remote_modeling.__file__, tmp / REMOTE_FILE)
-            serving = _serving_report(merged)
-            (tmp / SERVING_FILE).write_text(json.dumps(serving, indent=1) + "\n")
             (tmp / "README.md").write_text(_model_card(merged, plan, {"base_model": source, "metrics": metrics,
-                                                                      "serving": serving}))
+                                                                      "serving": serving, "quantize": quantize}))
         if plan is not None:
             (tmp / PLAN_FILE).write_text(plan.to_json())
         if tokenizer is not None:
@@ -191,15 +203,18 @@ def _load_quantized(cls, path: Path, config, dtype):
     from .io import load_checkpoint
     from .serving.quantize import INT8_WEIGHTS, QUANT_FILE, quantize_int8
 
-    info = json.loads((path / QUANT_FILE).read_text())
+    try:
+        info = json.loads((path / QUANT_FILE).read_text())
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path / QUANT_FILE} is not readable JSON: {err}") from None
+    saved = str(getattr(config, "dtype", "float32")).replace("torch.", "")
+    if dtype is not None and str(dtype).replace("torch.", "") != saved:
+        raise ConfigError("load_pruned: dtype", str(dtype).replace("torch.", ""),
+                          f"None or {saved!r} for an int8 export (its float parts stay as saved)")
     if info.get("method") != "int8_weight_only":
         raise ValueError(f"{path / QUANT_FILE}: quantisation method {info.get('method')!r}; this version reads "
                          "'int8_weight_only'")
-    if dtype is not None:
-        config.dtype = dtype
     model = cls(config)  # pruned shapes from the config (buffers such as RoPE's are built here)
-    if dtype is not None:
-        model.to(dtype)
     quantize_int8(model)
     state = load_checkpoint(path / INT8_WEIGHTS, mmap=False)  # weights_only: torchao tensors are allow-listed
     result = model.load_state_dict(state, assign=True, strict=False)

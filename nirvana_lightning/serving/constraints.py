@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 TP_DEGREES = (2, 4, 8)
-BLOCKS = {"q8_0/q4_0": 32, "k-quants (q4_k, q6_k, ...)": 256}
+BLOCKS = {"q8_0/q4_0": 32, "k-quants (q4_k, q6_k, ...; llama-quantize)": 256}
 
 
 def serving_constraints(model_type: str, heads: list[int], kv_heads: list[int], ffn: list[int]) -> dict[str, Any]:
-    """``{"uniform": bool, "gguf": str, "max_tp_size": int, "broken": [messages]}`` for these per-layer widths."""
+    """``{"uniform", "gguf_architecture", "max_tp_size", "broken": [messages]}`` for these per-layer widths."""
     from .gguf_export import ARCHITECTURES
 
     uniform = len(set(heads)) == 1 and len(set(kv_heads)) == 1 and len(set(ffn)) == 1
@@ -36,7 +36,8 @@ def serving_constraints(model_type: str, heads: list[int], kv_heads: list[int], 
         odd = [i for i, m in enumerate(ffn) if m % block]
         if odd:
             broken.append(f"GGUF {name}: MLP width of layers {odd[:8]}{'...' if len(odd) > 8 else ''} is not a multiple "
-                          f"of {block}; their ffn_down is stored in F16 (prune with round_to: {block})")
+                          f"of {block}; their ffn_down cannot use these types (save_gguf stores it in F16; prune with "
+                          f"round_to: {block})")
     max_tp = 1
     for tp in TP_DEGREES:
         if all(k % tp == 0 and h % tp == 0 and m % tp == 0 for k, h, m in zip(kv_heads, heads, ffn)):

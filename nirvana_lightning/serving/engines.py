@@ -252,23 +252,34 @@ def compare(reference: list[dict], report: dict, eog: set[int] = frozenset()) ->
     """Greedy tokens equal? Largest |log-prob difference| over generated and prompt tokens.
 
     An engine may stop early only at an end-of-generation token (``eog``) that the reference also chose.
-    Log-probabilities are compared while the tokens agree.
+    Log-probabilities are compared while the tokens agree; ``n_compared`` counts them, and a missing
+    result, a missing log-probability or a length mismatch raises instead of passing vacuously.
     """
-    tokens_equal, gen_diff, prompt_diff = [], 0.0, 0.0
-    for ref, got in zip(reference, report["results"]):
+    results = report["results"]
+    if len(results) != len(reference):
+        raise ValueError(f"{report.get('engine')}: {len(results)} results for {len(reference)} prompts")
+    tokens_equal, gen_diff, prompt_diff, n_compared = [], 0.0, 0.0, 0
+    for ref, got in zip(reference, results):
         toks, ref_toks = got["tokens"], ref["tokens"]
         same = toks == ref_toks or (len(toks) < len(ref_toks) and toks == ref_toks[:len(toks)]
                                     and bool(toks) and toks[-1] in eog)
         tokens_equal.append(same)
+        if len(got["token_logprobs"]) != len(toks):
+            raise ValueError(f"{report.get('engine')}: {len(got['token_logprobs'])} log-probs for {len(toks)} tokens")
         for a, b, t1, t2 in zip(got["token_logprobs"], ref["token_logprobs"], toks, ref_toks):
             if t1 != t2:
                 break
-            if a is not None:
-                gen_diff = max(gen_diff, abs(a - b))
-        for a, b in zip(got.get("prompt_logprobs") or [], ref["prompt_logprobs"]):
-            if a is not None and b is not None:
-                prompt_diff = max(prompt_diff, abs(a - b))
-    return {"tokens_equal": tokens_equal, "max_token_logprob_diff": gen_diff, "max_prompt_logprob_diff": prompt_diff}
+            if a is None:
+                raise ValueError(f"{report.get('engine')}: no log-probability for generated token {t1}")
+            gen_diff, n_compared = max(gen_diff, abs(a - b)), n_compared + 1
+        prompt_lp = got.get("prompt_logprobs")
+        if prompt_lp is not None:
+            if len(prompt_lp) != len(ref["prompt_logprobs"]) or any(a is None for a in prompt_lp[1:]):
+                raise ValueError(f"{report.get('engine')}: prompt log-probs missing or of the wrong length")
+            for a, b in zip(prompt_lp[1:], ref["prompt_logprobs"][1:]):
+                prompt_diff, n_compared = max(prompt_diff, abs(a - b)), n_compared + 1
+    return {"tokens_equal": tokens_equal, "max_token_logprob_diff": gen_diff, "max_prompt_logprob_diff": prompt_diff,
+            "n_compared": n_compared}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -116,6 +116,8 @@ def _rope(config) -> tuple[float, str, dict]:
 
 def _llama3_rope_factors(params: dict, head_dim: int, theta: float) -> np.ndarray:
     """Per-frequency divisors of Llama 3.1's rope scaling, as llama.cpp reads them from ``rope_freqs.weight``."""
+    if "factor" not in params:
+        raise ValueError(f"rope_parameters {params} of type llama3 have no 'factor'")
     factor = float(params["factor"])
     low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
     old_ctx = float(params.get("original_max_position_embeddings", 8192))
@@ -140,9 +142,9 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- tokenizer
-def tokenizer_pre(tokenizer) -> str:
+def detect_tokenizer_pre(tokenizer) -> str:
     """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer, read from its ``tokenizer.json``."""
-    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    data = _tokenizer_json(tokenizer)
     pre = data.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
@@ -161,13 +163,27 @@ def tokenizer_pre(tokenizer) -> str:
     )
 
 
+def _tokenizer_json(tokenizer) -> dict:
+    """The fast tokenizer's ``tokenizer.json``, refused unless it is a byte-level BPE (what save_gguf writes)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ConfigError("save_gguf: tokenizer", type(tokenizer).__name__,
+                          "a fast (tokenizers-backed) transformers tokenizer: the GGUF file must carry the vocabulary")
+    data = json.loads(backend.to_str())
+    model = data.get("model", {})
+    pre = json.dumps(data.get("pre_tokenizer") or {})
+    if model.get("type") != "BPE" or model.get("byte_fallback") or '"ByteLevel"' not in pre:
+        kind = f"{model.get('type')}{' with byte_fallback' if model.get('byte_fallback') else ''}"
+        raise ConfigError("save_gguf: tokenizer", kind,
+                          "a byte-level BPE tokenizer (Llama 3, Qwen, SmolLM); SentencePiece-style tokenizers "
+                          "(Llama 2, Mistral v0.1: BPE with byte fallback) are not written by save_gguf")
+    return data
+
+
 def _add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
     gguf = _gguf()
-    data = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = data.get("model", {})
-    if model.get("type") != "BPE":
-        raise ConfigError("save_gguf: tokenizer", model.get("type"),
-                          "a byte-level BPE tokenizer (SentencePiece/Unigram tokenizers are not written by save_gguf)")
+    data = _tokenizer_json(tokenizer)
+    model = data["model"]
     added = {int(a["id"]): a for a in data.get("added_tokens", [])}
     by_id = {int(i): t for t, i in model["vocab"].items()}
     for i, a in added.items():
@@ -186,7 +202,7 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre or tokenizer_pre(tokenizer))
+    writer.add_tokenizer_pre(pre or detect_tokenizer_pre(tokenizer))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,8 +249,12 @@ def _tensors(model: nn.Module, arch: str) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _encode(name: str, t: torch.Tensor, dtype: str, fallback: list[str]):
-    """(array, raw_shape, raw_dtype) for ``add_tensor``; 1-D tensors stay float32."""
+def _encode(name: str, t: torch.Tensor, dtype: str, fallback: list[str], is_head: bool = False):
+    """(array, raw_shape, raw_dtype) for ``add_tensor``; 1-D tensors stay float32.
+
+    ``is_head``: the tensor the logits are computed from (``output.weight``, or ``token_embd.weight`` when
+    the embeddings are tied), kept in q8_0 when the rest is q4_0.
+    """
     gguf = _gguf()
     array = t.detach().to(torch.float32).cpu().numpy()
     if not np.isfinite(array).all():
@@ -245,7 +265,7 @@ def _encode(name: str, t: torch.Tensor, dtype: str, fallback: list[str]):
         return array.astype(np.float16), None, None
     qtype = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
              "q4_0": gguf.GGMLQuantizationType.Q4_0}[dtype]
-    if dtype in ("q8_0", "q4_0") and name == "output.weight" and dtype == "q4_0":
+    if dtype == "q4_0" and is_head:
         qtype = gguf.GGMLQuantizationType.Q8_0  # the LM head in 8 bits, as llama.cpp's quantizer keeps it high
     if dtype != "bf16" and array.shape[-1] % QUANT_BLOCK:
         fallback.append(name)
@@ -255,6 +275,21 @@ def _encode(name: str, t: torch.Tensor, dtype: str, fallback: list[str]):
 
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
                "q4_0": "MOSTLY_Q4_0"}
+
+
+def check_gguf_support(model: nn.Module, tokenizer, tokenizer_pre: str | None = None) -> str:
+    """Everything :func:`save_gguf` would refuse, checked without writing: returns the architecture."""
+    from ..adapters import unwrap_model
+
+    model = unwrap_model(model)
+    arch = gguf_architecture(model)
+    _rope(model.config)
+    if tokenizer is None:
+        raise ConfigError("save_gguf: tokenizer", None, "the model's transformers tokenizer (GGUF files carry it)")
+    _tokenizer_json(tokenizer)
+    if tokenizer_pre is None:
+        detect_tokenizer_pre(tokenizer)
+    return arch
 
 
 def save_gguf(model: nn.Module, tokenizer, path: str | Path, plan=None, dtype: str = "f16", *,
@@ -296,7 +331,7 @@ def save_gguf(model: nn.Module, tokenizer, path: str | Path, plan=None, dtype: s
 
         model = copy.deepcopy(model).merge_and_unload()
     config = model.config
-    arch = gguf_architecture(model)
+    arch = check_gguf_support(model, tokenizer, tokenizer_pre)
     heads, kv_heads, ffn, head_dim = _layer_widths(model)
     theta, rope_type, rope_params = _rope(config)
     window = getattr(config, "sliding_window", None)
@@ -325,6 +360,8 @@ def save_gguf(model: nn.Module, tokenizer, path: str | Path, plan=None, dtype: s
         writer.add_rope_dimension_count(head_dim)
         writer.add_rope_freq_base(theta)
         if rope_type == "linear":
+            if "factor" not in rope_params:
+                raise ValueError(f"rope_parameters {rope_params} of type linear have no 'factor'")
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(rope_params["factor"]))
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
@@ -336,7 +373,8 @@ def save_gguf(model: nn.Module, tokenizer, path: str | Path, plan=None, dtype: s
         tensors = _tensors(model, arch)
         if rope_type == "llama3":
             tensors.append(("rope_freqs.weight", torch.from_numpy(_llama3_rope_factors(rope_params, head_dim, theta))))
-        encoded = [(n, *_encode(n, t, dtype, fallback)) for n, t in tensors]
+        head = "output.weight" if any(n == "output.weight" for n, _ in tensors) else "token_embd.weight"
+        encoded = [(n, *_encode(n, t, dtype, fallback, is_head=n == head)) for n, t in tensors]
         if fallback:
             writer.add_array("nirvana.f16_fallback", fallback)
             warnings.warn(f"save_gguf({dtype}): {len(fallback)} tensors have rows that are not a multiple of "
@@ -379,4 +417,4 @@ def write_modelfile(gguf_path: Path, tokenizer) -> Path:
     return write_text_atomic(gguf_path.with_suffix(".Modelfile"), "\n".join(lines) + "\n")
 
 
-__all__ = ["GGUF_DTYPES", "gguf_architecture", "save_gguf", "tokenizer_pre", "write_modelfile"]
+__all__ = ["GGUF_DTYPES", "check_gguf_support", "gguf_architecture", "detect_tokenizer_pre", "save_gguf", "write_modelfile"]
