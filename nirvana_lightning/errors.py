@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,6 +31,7 @@ def check_choice(key: str, value: Any, choices: Iterable[Any]) -> Any:
 
 def check_positive(key: str, value: int | float, *, allow_zero: bool = False) -> int | float:
     """Return ``value`` if it is > 0 (or >= 0 with ``allow_zero``), else raise :class:`ConfigError`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(key, value, "a number >= 0" if allow_zero else "a number > 0")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+            or (value == 0 and not allow_zero):
+        raise ConfigError(key, value, "a finite number >= 0" if allow_zero else "a finite number > 0")
     return value

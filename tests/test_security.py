@@ -70,3 +70,13 @@ def test_plain_checkpoint_still_loads(tmp_path):
     ckpt = load_checkpoint(path)
     assert torch.equal(ckpt["state_dict"]["w"], torch.ones(2))
     assert pickle.dumps(ckpt["nirvana_pruning_plan"])  # plain data
+
+
+@pytest.mark.parametrize("key, value", [("lr", float("inf")), ("lr", float("nan")), ("kd_temperature", float("nan")),
+                                        ("kd_temperature", float("inf")), ("weight_decay", float("nan"))])
+def test_non_finite_settings_are_refused_by_key(key, value):
+    """NaN and inf used to pass the > 0 checks and train to a NaN export (issue 15, item 2)."""
+    from nirvana_lightning import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"model\.{key}=.*finite"):
+        NirvanaModule(source="tiny-llama", **{key: value})
