@@ -145,6 +145,10 @@ def save_pruned(
         else:
             merged = copy.deepcopy(model).merge_and_unload() if is_peft else base
             get_adapter(merged)  # supported family
+            for name, param in merged.named_parameters():
+                if not bool(param.detach().isfinite().all()):
+                    raise ValueError(f"save_pruned: parameter {name} holds NaN or inf values; refusing to export a "
+                                     "broken model (nothing was written)")
             config = merged.config
             previous = getattr(config, "auto_map", None), getattr(config, "architectures", None)
             cls_name = remote_modeling.PRUNED_CLASSES[config.model_type].__name__

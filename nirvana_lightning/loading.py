@@ -175,6 +175,31 @@ def load_model(source: str, dtype: str = "float32", *, cache_dir: str | Path | N
 
     check_choice("model.dtype", dtype, DTYPES)
     path = resolve_source(source, cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    if is_pruned_export(path):  # a save_pruned directory: per-layer widths, our classes (no remote code)
+        from .export import load_pruned
+
+        model, _ = load_pruned(path, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     model.eval()
     return model, load_tokenizer(source, cache_dir)
+
+
+def is_pruned_export(path: str | Path) -> bool:
+    """Whether ``path`` is a directory written by ``save_pruned`` (its config carries per-layer widths).
+
+    An int8 (torchao) export is refused as a training source: its weights cannot be fine-tuned.
+    """
+    import json
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text())
+    except ValueError as err:
+        raise ConfigError("model.source", str(path), f"a directory whose config.json is valid JSON ({err})") from None
+    if (Path(path) / "quantization.json").is_file():
+        raise ConfigError("model.source", str(path), "a float export: this directory holds int8 (torchao) weights, "
+                          "which load_pruned reads for inference but cannot be trained or pruned again")
+    return "nirvana_layer_widths" in data

@@ -252,11 +252,36 @@ class NirvanaModule(L.LightningModule):
             loss, n_token = self._distillation_loss(batch)
         else:
             loss, n_token = lm_loss_and_count(self.model, batch)
+        self._stop_unless_finite("loss", loss.detach())
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/tokens", float(n_token), reduce_fx="sum", batch_size=1)
         if self.hparams.recovery == "none":
             return None  # nothing is trainable: no backward
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+            self._stop_unless_finite("gradient norm", norm)
+
+    def _stop_unless_finite(self, what: str, value: torch.Tensor) -> None:
+        """Stop the run with a clear error at the first non-finite loss or gradient (on every rank at once).
+
+        Lightning offers ``Trainer(detect_anomaly=True)`` (autograd anomaly mode: slow, backward only) and
+        ``EarlyStopping(check_finite=True)`` (a monitored metric, checked at validation time, no error);
+        neither stops at the first bad step, so the check is here: one all-reduce of a flag per step
+        under a distributed strategy, nothing else.
+        """
+        finite = bool(torch.isfinite(value).all())
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            lrs = [g["lr"] for opt in self.trainer.optimizers for g in opt.param_groups]
+            raise FloatingPointError(
+                f"non-finite {what} ({value.item() if value.numel() == 1 else value}) at global step "
+                f"{self.trainer.global_step} with learning rate {lrs}: training stopped before any non-finite "
+                "weight could be exported; lower model.lr, check the data, or use 32-bit precision")
 
     def _distillation_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
         """``alpha * tau^2 * KL(teacher_tau || student_tau) + (1 - alpha) * LM`` per scored token."""

@@ -80,3 +80,60 @@ def test_non_finite_settings_are_refused_by_key(key, value):
 
     with pytest.raises(ConfigError, match=rf"model\.{key}=.*finite"):
         NirvanaModule(source="tiny-llama", **{key: value})
+
+
+def _tiny_cli(tmp_path, **model):
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((repo / "configs" / "debug" / "tiny.yaml").read_text())
+    cfg["trainer"].update(default_root_dir=str(tmp_path / "run"), max_steps=4, limit_val_batches=0)
+    cfg["trainer"].pop("val_check_interval", None)
+    cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if "NirvanaPruning" in c["class_path"]]
+    cfg["trainer"]["callbacks"].append({"class_path": "nirvana_lightning.ExportCallback",
+                                        "init_args": {"path": str(tmp_path / "export")}})
+    cfg["model"].update(model)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    return subprocess.run([sys.executable, "-m", "nirvana_lightning", "fit", "--config", str(tmp_path / "c.yaml")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_step_and_exports_nothing(tmp_path):
+    proc = _tiny_cli(tmp_path, lr=1.0e30)
+    assert proc.returncode != 0
+    assert "non-finite" in proc.stderr and "global step" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "export").exists()
+
+
+def test_save_pruned_refuses_non_finite_weights(tmp_path):
+    from nirvana_lightning import save_pruned
+    from nirvana_lightning.debug_models import build_tiny_model
+
+    model = build_tiny_model("tiny-llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="layers.1.mlp.down_proj.weight.*NaN or inf"):
+        save_pruned(model, None, tmp_path / "out")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_pruned_export_is_a_model_source(tmp_path):
+    """Starting from a pruned model (issue 15, item 6): load_model and the CLI read a save_pruned directory."""
+    from nirvana_lightning import load_model, load_pruned, load_tokenizer, prune, save_pruned
+
+    model, _ = load_model("tiny-llama")
+    calib = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(0))
+    plan = prune(model, calib, sparsity=0.3, round_to=1)
+    source = save_pruned(model, load_tokenizer("tiny-llama"), tmp_path / "pruned", plan)
+    again, _ = load_model(str(source))
+    ids = calib[:1]
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    proc = _tiny_cli(tmp_path, source=str(source))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second, _ = load_pruned(tmp_path / "export")
+    assert second.pruning_plan.n_kv_group_before == plan.n_kv_group_after
+    assert second.pruning_plan.mlp_dim_before == plan.mlp_dim_after
