@@ -21,7 +21,7 @@ from torch import nn
 
 from .adapters import get_adapter, remote_modeling, unwrap_model
 from .errors import ConfigError, check_choice
-from .io import write_dir_atomic
+from .io import MANIFEST, sha256_file, verify_manifest, write_dir_atomic
 from .pruning import PruningPlan, count_parameters
 from .pruning.plan import library_versions
 
@@ -80,6 +80,11 @@ def _model_card(model: nn.Module, plan: PruningPlan | None, extra: dict[str, Any
     lines += ["", "Library versions: `" + json.dumps(library_versions()) + "`", ""]
     if plan is not None:
         lines += ["## Per-layer widths", "", plan.table(), ""]
+    if extra.get("weights"):
+        lines += ["## Files", "", "| weight file | sha256 |", "|---|---|"]
+        lines += [f"| {name} | `{digest}` |" for name, digest in extra["weights"].items()]
+        lines += ["", "Every file's size and sha256 is in `nirvana_files.json`; `load_pruned` checks the weights "
+                  "against it (`verify=False` skips this).", ""]
     serving = extra.get("serving")
     if serving is not None:
         lines += ["## Serving", "",
@@ -176,14 +181,16 @@ def save_pruned(
             else:  # torchao weights: neither remote code nor vLLM reads them, so do not point there
                 written.pop("auto_map", None)
             (tmp / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+            weights = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.suffix in (".safetensors", ".pt")}
             (tmp / "README.md").write_text(_model_card(merged, plan, {"base_model": source, "metrics": metrics,
-                                                                      "serving": serving, "quantize": quantize}))
+                                                                      "serving": serving, "quantize": quantize,
+                                                                      "weights": weights}))
         if plan is not None:
             (tmp / PLAN_FILE).write_text(plan.to_json())
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    return write_dir_atomic(path, write, overwrite=overwrite)
+    return write_dir_atomic(path, write, overwrite=overwrite, manifest=True)
 
 
 def _save_quantized(model: nn.Module, tmp: Path, method: str) -> None:
@@ -245,7 +252,7 @@ def _check_plan_against_config(plan: PruningPlan, config) -> None:
             )
 
 
-def load_pruned(path: str | Path, dtype: str | None = None):
+def load_pruned(path: str | Path, dtype: str | None = None, *, verify: bool = True):
     """Load a directory written by :func:`save_pruned` with the stock transformers class.
 
     No code from the directory is executed: the classes come from this package.
@@ -253,6 +260,8 @@ def load_pruned(path: str | Path, dtype: str | None = None):
     Args:
         path: the exported directory.
         dtype: ``float32`` / ``bfloat16`` / ``float16``; default: as saved.
+        verify: check the weight files, ``config.json`` and ``plan.json`` against the sha256 in
+            ``nirvana_files.json`` (exports written before it existed are loaded with a warning).
 
     Returns:
         ``(model, tokenizer)``; ``model.pruning_plan`` holds the plan when ``plan.json`` exists.
@@ -264,6 +273,15 @@ def load_pruned(path: str | Path, dtype: str | None = None):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a saved model directory")
+    if verify:
+        if (path / MANIFEST).is_file():
+            checked = [p.name for p in path.iterdir() if p.suffix in (".safetensors", ".pt")]
+            verify_manifest(path, checked + ["config.json", PLAN_FILE])
+        else:
+            import warnings
+
+            warnings.warn(f"{path} has no {MANIFEST} (written before nirvana-lightning 0.2): its files are not "
+                          "verified", stacklevel=2)
     config = AutoConfig.from_pretrained(path)
     cls = remote_modeling.PRUNED_CLASSES.get(config.model_type)
     if cls is None:

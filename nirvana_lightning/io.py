@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -47,38 +52,194 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
-def write_dir_atomic(target: str | Path, write: Callable[[Path], None], *, overwrite: bool = False) -> Path:
-    """Run ``write(tmp_dir)`` in a temporary sibling directory, then rename it to ``target``.
+MANIFEST = "nirvana_files.json"
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-")
 
-    An existing non-empty ``target`` is refused (``FileExistsError``) before anything is written,
-    unless ``overwrite``; then the old directory is replaced only once the new one is complete,
-    and put back if the final rename fails. On any failure nothing half-written remains.
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(parent: Path, name: str) -> list[Path]:
+    """Delete the temporary siblings (``.<name>.tmp-<pid>-*``, ``.<name>.old-<pid>-*``) of writers that died."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for entry in parent.iterdir():
+        m = _LEFTOVER.match(entry.name)
+        if m and m["name"] == name and not _pid_alive(int(m["pid"])):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux's ``renameat2(RENAME_EXCHANGE)``; False where the OS lacks it."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # kernel or filesystem without the flag
+        return False
+    raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(err)}")
+
+
+def _owned(directory: Path) -> set[str] | None:
+    """Top-level names a previous write of ours listed in its manifest (None: no manifest)."""
+    try:
+        data = json.loads((directory / MANIFEST).read_text())
+        return {Path(f).parts[0] for f in data["files"]} | {MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_manifest(tmp: Path) -> None:
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    entries = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files}
+    (tmp / MANIFEST).write_text(json.dumps({"files": entries}, indent=1, sort_keys=True) + "\n")
+
+
+def verify_manifest(directory: str | Path, names: list[str] | None = None) -> None:
+    """Check the sha256 of the listed files (all, or ``names``) against the directory's manifest.
+
+    Raises:
+        ValueError: naming the file whose bytes changed, or a listed file that is missing.
+    """
+    directory = Path(directory)
+    data = json.loads((directory / MANIFEST).read_text())["files"]
+    for name in names if names is not None else sorted(data):
+        if name not in data:
+            continue
+        path = directory / name
+        if not path.is_file():
+            raise ValueError(f"{path} is listed in {MANIFEST} but missing")
+        if sha256_file(path) != data[name]["sha256"]:
+            raise ValueError(f"{path} does not match its sha256 in {MANIFEST}: the file was modified or corrupted "
+                             "(pass verify=False to load it anyway)")
+
+
+def write_dir_atomic(target: str | Path, write: Callable[[Path], None], *, overwrite: bool = False,
+                     manifest: bool = False) -> Path:
+    """Run ``write(tmp_dir)`` in a temporary sibling directory, then swap it in as ``target``.
+
+    - An existing non-empty ``target`` is refused (``FileExistsError``) before anything is written,
+      unless ``overwrite``; a ``target`` that is a file is refused too.
+    - The new content is fsynced, then exchanged with the old directory in one atomic step
+      (``renameat2(RENAME_EXCHANGE)`` on Linux), so readers and a crash at any point see either the
+      old directory or the complete new one. Where the OS lacks the exchange, the old directory is
+      renamed aside and the new one renamed in: a crash between the two renames leaves the old content
+      under ``.<name>.old-<pid>-*`` and no ``target``, the only window.
+    - ``manifest``: write ``nirvana_files.json`` (size and sha256 of every file). On overwrite, entries of
+      the old directory that its manifest does not list (or, without one, that the new write does not
+      produce) are carried over as hard links: files we did not write are never deleted.
+    - ``target`` a mount point (a Docker volume): it cannot be renamed, so the files are moved in one by
+      one (each atomically), then our stale files removed; a crash in between leaves a mix of files.
+    - Temporary siblings left by writers that died are removed first; on any failure nothing
+      half-written remains.
     """
     target = Path(target)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is a file, not a directory")
+    if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    old = None
+    in_place = target.exists() and os.path.ismount(target)
+    work = target if in_place else target.parent  # the same filesystem as the final names
+    remove_leftovers(work, target.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=work))
+    old: Path | None = None
     try:
         write(tmp)
+        if manifest:
+            _write_manifest(tmp)
         tmp.chmod(dir_mode())  # mkdtemp creates 0700
-        if overwrite and target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.rename(target, old)
-        try:
+        if target.exists() and not in_place:
+            owned = _owned(target)
+            keep = owned if owned is not None else {p.name for p in tmp.iterdir()}
+            for entry in target.iterdir():
+                if entry.name not in keep and not (tmp / entry.name).exists():
+                    if entry.is_dir():
+                        shutil.copytree(entry, tmp / entry.name, copy_function=os.link, symlinks=True)
+                    else:
+                        os.link(entry, tmp / entry.name, follow_symlinks=False)
+        _fsync_tree(tmp)
+        if in_place:
+            _move_into_mount(tmp, target)
+        elif target.exists():
+            if _exchange(tmp, target):
+                old = tmp  # now holds the previous content
+            else:
+                old = target.with_name(f".{target.name}.old-{os.getpid()}-{tmp.name.rsplit('-', 1)[-1]}")
+                os.rename(target, old)
+                try:
+                    os.rename(tmp, target)
+                except BaseException:
+                    os.rename(old, target)  # put the previous content back
+                    old = None
+                    raise
+        else:
             os.rename(tmp, target)
-        except BaseException:
-            if old is not None:
-                os.rename(old, target)  # put the previous content back
-                old = None
-            raise
+        _fsync_path(target.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _move_into_mount(tmp: Path, target: Path) -> None:
+    owned = _owned(target) or set()
+    new = {p.name for p in tmp.iterdir()}
+    for entry in sorted(tmp.iterdir(), key=lambda p: p.name == MANIFEST):  # the manifest last
+        # (the old manifest stays until then, naming what we own if the move stops half-way)
+        dest = target / entry.name
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(entry, dest)
+    for name in owned - new:
+        stale = target / name
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_tree(target)
 
 
 def load_checkpoint(path: str | Path, *, mmap: bool = True) -> dict:

@@ -120,7 +120,7 @@ class ExportCallback(L.Callback):
                           name=pl_module.hparams.source)
 
         # one atomic swap for everything: the destination holds the old export or the complete new one
-        self.exported = write_dir_atomic(target, write, overwrite=self.overwrite)
+        self.exported = write_dir_atomic(target, write, overwrite=self.overwrite, manifest=True)
         if gguf_error is not None:  # the trained model is kept (HF), then the refusal is reported
             raise ConfigError(gguf_error.key, gguf_error.value,
                               f"{gguf_error.expected} (the Hugging Face export was written to {target}; "
