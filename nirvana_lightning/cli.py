@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lightning.pytorch.cli import LightningCLI
 
 from .data import NirvanaDataModule
+from .errors import ConfigError
+from .io import load_checkpoint
 from .module import NirvanaModule
 
 
@@ -14,6 +18,28 @@ class NirvanaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.source", "data.tokenizer")
         parser.link_arguments("model.cache_dir", "data.cache_dir")
+
+    def _parse_ckpt_path(self) -> None:
+        """Refuse a ``--ckpt_path`` written by a run of another model before Lightning adopts its settings.
+
+        LightningCLI replaces the configured model arguments by the checkpoint's hyper-parameters, so a
+        checkpoint of another model's run would silently swap ``model.source``. The file is read with
+        ``weights_only`` (a corrupt or unsafe file is named in the error).
+        """
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            try:
+                saved = load_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {}
+            except ValueError as err:
+                raise ConfigError("ckpt_path", ckpt_path, f"a readable checkpoint of this run ({err})") from None
+            configured = self.config[sub]["model"].get("source") if self.config[sub].get("model") else None
+            if "source" in saved and configured is not None and saved["source"] != configured:
+                raise ConfigError("ckpt_path", ckpt_path,
+                                  f"a checkpoint of a run with model.source={configured!r}; this one was written by "
+                                  f"a run with model.source={saved['source']!r} (set model.source to that, or pick "
+                                  "a checkpoint of this model)")
+        super()._parse_ckpt_path()
 
     def _remember_checkpoint(self) -> None:
         """Tell the module which checkpoint will be restored, so it re-applies the saved plan at setup."""

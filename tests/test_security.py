@@ -137,3 +137,34 @@ def test_a_pruned_export_is_a_model_source(tmp_path):
     second, _ = load_pruned(tmp_path / "export")
     assert second.pruning_plan.n_kv_group_before == plan.n_kv_group_after
     assert second.pruning_plan.mlp_dim_before == plan.mlp_dim_after
+
+
+def test_a_plan_for_another_model_is_refused_naming_both():
+    """Same shapes, other family: the plan records its model's identity and apply_plan compares it (item 5)."""
+    from nirvana_lightning import apply_plan, make_plan
+    from nirvana_lightning.debug_models import build_tiny_model
+
+    llama = build_tiny_model("tiny-llama")
+    plan = make_plan(llama, torch.randint(0, 256, (2, 8)), sparsity=0.3)
+    mistral = build_tiny_model("tiny-mistral")  # identical parameter names and shapes
+    with pytest.raises(ValueError, match=r"made for another model: llama .* applied to mistral"):
+        apply_plan(mistral, plan)
+    assert mistral.model.layers[0].mlp.up_proj.weight.shape[0] == 128  # untouched
+    legacy = type(plan).from_dict({**plan.to_dict(), "provenance": {}})  # a 0.1 plan: no identity recorded
+    apply_plan(mistral, legacy)  # shapes alone are checked, as before
+    apply_plan(build_tiny_model("tiny-llama"), plan)
+
+
+def test_ckpt_path_of_another_models_run_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    ckpt = tmp_path / "other.ckpt"
+    torch.save({"hyper_parameters": {"source": "tiny-qwen2"}, "state_dict": {}}, ckpt)
+    proc = subprocess.run([sys.executable, "-m", "nirvana_lightning", "fit", "--config",
+                           str(repo / "configs" / "debug" / "tiny.yaml"), f"--trainer.default_root_dir={tmp_path}",
+                           f"--ckpt_path={ckpt}"], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "ckpt_path=" in proc.stderr and "'tiny-llama'" in proc.stderr and "'tiny-qwen2'" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -28,6 +28,22 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {"total": total, "block": block, "other": total - block}
 
 
+def model_identity(model: nn.Module) -> dict:
+    """What a plan is made for: model_type, sizes, and a fingerprint of every parameter's name and shape.
+
+    The fingerprint ignores values and dtype, so a plan applies to the same architecture in another
+    precision or after fine-tuning, and to nothing else.
+    """
+    import hashlib
+
+    model = unwrap_model(model)
+    config = model.config
+    spec = ";".join(f"{n}:{tuple(p.shape)}" for n, p in sorted(model.named_parameters()))
+    return {"model_type": config.model_type, "hidden_size": int(config.hidden_size),
+            "vocab_size": int(config.vocab_size), "n_layer": int(config.num_hidden_layers),
+            "fingerprint": hashlib.sha256(spec.encode()).hexdigest()[:16]}
+
+
 def plan_from_scores(
     model: nn.Module,
     scores: UnitScores,
@@ -65,6 +81,7 @@ def plan_from_scores(
         "n_attn_removed_requested": result.n_attn_requested, "n_mlp_removed_requested": result.n_mlp_requested,
         "realised_sparsity": plan.realised_sparsity,
         "model_type": adapter.config.model_type,
+        "model_identity": model_identity(model),
         "model_source": getattr(adapter.config, "_name_or_path", "") or "",
         "versions": library_versions(),
     }

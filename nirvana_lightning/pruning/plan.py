@@ -174,5 +174,9 @@ def compose_plans(first: PruningPlan, second: PruningPlan) -> PruningPlan:
         n_query_per_kv=first.n_query_per_kv,
         head_dim=first.head_dim,
         hidden_dim=first.hidden_dim,
-        provenance={**{k: v for k, v in second.provenance.items() if k != "steps"}, "steps": steps},
+        provenance={**{k: v for k, v in second.provenance.items() if k not in ("steps", "model_identity")},
+                    "steps": steps,
+                    # the composed plan applies to the model the first step was made for
+                    **({"model_identity": first.provenance["model_identity"]}
+                       if "model_identity" in first.provenance else {})},
     )

@@ -12,10 +12,25 @@ from ..adapters import get_adapter, unwrap_model
 from .plan import PruningPlan
 
 
+def _describe(identity: dict) -> str:
+    return (f"{identity.get('model_type')} ({identity.get('n_layer')} layers, hidden {identity.get('hidden_size')}, "
+            f"vocab {identity.get('vocab_size')}, parameter fingerprint {identity.get('fingerprint')})")
+
+
 def check_plan_matches(model: nn.Module, plan: PruningPlan) -> None:
     """Raise (naming the layer) unless the plan was made for the model's current shapes."""
     plan.validate()
     adapter = get_adapter(model)
+    wanted = plan.provenance.get("model_identity")
+    if wanted:  # plans written before identities were recorded carry none; their shapes are still checked
+        from .api import model_identity
+
+        have = model_identity(model)
+        if have != wanted:
+            raise ValueError(
+                f"this plan was made for another model: {_describe(wanted)}; it is being applied to "
+                f"{_describe(have)} (a plan cuts only the model, with the same parameter names and shapes, it was "
+                "made for)")
     layers = adapter.layers()
     if len(layers) != plan.n_layer:
         raise ValueError(f"plan has {plan.n_layer} layers, the model {len(layers)}")
