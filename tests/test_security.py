@@ -168,3 +168,35 @@ def test_ckpt_path_of_another_models_run_is_refused(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "ckpt_path=" in proc.stderr and "'tiny-llama'" in proc.stderr and "'tiny-qwen2'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sizes_beyond_the_text_are_refused_before_scoring(tmp_path):
+    """Item 3: windows are checked against the text (naming the key and the largest count that fits)."""
+    from nirvana_lightning import ConfigError, NirvanaDataModule
+
+    text = tmp_path / "small.txt"
+    text.write_text("\n\n".join(f"Document {i}. " + "The quick brown fox jumps over the lazy dog. " * 20
+                                for i in range(12)))
+    dm = NirvanaDataModule(tokenizer="tiny-llama", sources=[str(text)], seq_len=32, val_fraction=0.25,
+                           calibration_samples=8, calibration_seq_len=16)
+    dm.setup("fit")
+    n_val = dm._probe_stream.numel()
+    with pytest.raises(ConfigError, match=rf"probe_samples=500 .*at most {n_val // 64} windows of 64 tokens"):
+        dm.probe_windows(500, 64)
+    n_cal = dm._calibration_stream.numel()
+    with pytest.raises(ConfigError, match=rf"^calibration_samples=1000 .*at most {n_cal // 16}"):
+        dm.calibration_windows(1000)
+    with pytest.raises(ConfigError, match=r"^data\.calibration_samples"):
+        NirvanaDataModule(tokenizer="tiny-llama", sources=[str(text)], calibration_samples=100000,
+                          calibration_seq_len=16).calibration_windows()
+    assert dm.calibration_windows().shape == (8, 16)
+
+
+def test_a_probe_whose_log_probs_do_not_fit_in_memory_is_refused():
+    from nirvana_lightning import ConfigError
+    from nirvana_lightning.pruning.selection import check_logprob_memory
+
+    # 128 x 64 tokens over a 152k vocabulary take 4.6 GiB; half of 4 GiB holds 55 windows of 38.9 MB
+    with pytest.raises(ConfigError, match=r"probe_samples=128 .*at most 55: .*4\.6 GiB"):
+        check_logprob_memory(128, 64, 151_936, available=4 * 2**30)
+    check_logprob_memory(8, 64, 151_936, available=4 * 2**30)

@@ -266,8 +266,9 @@ class NirvanaPruningCallback(L.Callback):
                 if needs_data:
                     calibration = datamodule.calibration_windows(self.calibration_samples, self.calibration_seq_len, seed)
                 plan = make_plan(model, calibration, **settings)
-        except ConfigError as err:  # name the key as the user wrote it
-            raise ConfigError(f"NirvanaPruningCallback.{err.key}", err.value, err.expected) from None
+        except ConfigError as err:  # name the key as the user wrote it (data.* keys are the datamodule's)
+            key = err.key if "." in err.key else f"NirvanaPruningCallback.{err.key}"
+            raise ConfigError(key, err.value, err.expected) from None
         plan.provenance.update({"schedule": self.schedule, "step": k, "n_steps": self.n_steps,
                                 "global_step": trainer.global_step, "epoch": trainer.current_epoch})
         if self.iterative:

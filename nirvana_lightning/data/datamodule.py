@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, check_choice, check_positive
 from ..loading import load_tokenizer, validate_source
-from .calibration import sample_window_starts, sample_windows
+from .calibration import check_window_count, sample_window_starts, sample_windows
 from .sft import build_sft_example, collate_sft, format_prompt
 from .sources import read_records, validate_source_spec
 from .text import pack_documents, split_documents
@@ -218,9 +218,10 @@ class NirvanaDataModule(L.LightningDataModule):
         """Seeded calibration windows ``(N, T)`` from the training side of the split."""
         if self._calibration_stream is None:
             self.setup("fit")
-        return sample_windows(self._calibration_stream, n_window or self.calibration_samples,
-                              seq_len or self.calibration_seq_len,
-                              self.calibration_seed if seed is None else seed)
+        n, t = n_window or self.calibration_samples, seq_len or self.calibration_seq_len
+        check_window_count("calibration_samples" if n_window else "data.calibration_samples", n, t,
+                           self._calibration_stream.numel(), "calibration text (training side of the split)")
+        return sample_windows(self._calibration_stream, n, t, self.calibration_seed if seed is None else seed)
 
     def calibration_candidates(self, n_candidate: int, n_window: int | None = None, seq_len: int | None = None,
                                seed: int | None = None, mode: str = "random"):
@@ -240,6 +241,8 @@ class NirvanaDataModule(L.LightningDataModule):
         seed = self.calibration_seed if seed is None else seed
         stream = self._calibration_stream
         if mode == "random":
+            check_window_count("calibration_samples" if n_window else "data.calibration_samples", n, t,
+                               stream.numel(), "calibration text (training side of the split)")
             starts = [sample_window_starts(stream.numel(), n, t, seed + i) for i in range(n_candidate)]
         elif mode == "document":
             bounds = list(zip(self._calibration_doc_starts, [*self._calibration_doc_starts[1:], stream.numel()]))
@@ -264,6 +267,8 @@ class NirvanaDataModule(L.LightningDataModule):
         if self._probe_stream.numel() < seq_len:
             raise ConfigError("data.val_fraction", self.val_fraction,
                               f"a split whose held-out text has at least {seq_len} tokens for the probe")
+        check_window_count("probe_samples", n_window, seq_len, self._probe_stream.numel(),
+                           "held-out text (validation side of the split)")
         starts = sample_window_starts(self._probe_stream.numel(), n_window, seq_len, seed)
         probe = torch.stack([self._probe_stream[s:s + seq_len] for s in starts])
         return probe, [("probe", s, seq_len) for s in starts]

@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -86,6 +87,29 @@ def check_disjoint(candidates: Sequence[torch.Tensor], probe: torch.Tensor,
 
 
 @torch.no_grad()
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None (then no check is made)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_logprob_memory(n_window: int, seq_len: int, vocab: int, available: int | None = None) -> None:
+    """Refuse a probe whose dense log-probabilities (``N x T x V`` float32, kept on the CPU) exceed half the RAM."""
+    need = n_window * seq_len * vocab * 4
+    available = available_memory_bytes() if available is None else available
+    if available is not None and need > available // 2:
+        fits = max(0, available // 2 // (seq_len * vocab * 4))
+        raise ConfigError("probe_samples", n_window,
+                          f"at most {fits}: the dense log-probabilities of {n_window} x {seq_len} tokens over "
+                          f"{vocab:,} words take {need / 2**30:.1f} GiB, and half of the available memory is "
+                          f"{available / 2**31:.1f} GiB (lower probe_samples or probe_seq_len)")
+
+
 def compute_dense_logprobs(model: nn.Module, probe: torch.Tensor, batch_size: int = 16) -> list[torch.Tensor]:
     """Log-probabilities of the model on the probe, per batch, float32 on the CPU.
 
@@ -162,6 +186,7 @@ def select_calibration(
         raise ConfigError("num_candidates", len(candidates), "at least 1 candidate")
     check_disjoint(candidates, probe, candidate_spans, probe_spans)
     model = unwrap_model(model)
+    check_logprob_memory(probe.shape[0], probe.shape[1], int(model.config.vocab_size))
     was_training = model.training
     model.eval()
     dense = compute_dense_logprobs(model, probe, probe_batch_size)
