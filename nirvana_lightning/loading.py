@@ -181,6 +181,9 @@ def load_model(source: str, dtype: str = "float32", *, cache_dir: str | Path | N
         model, _ = load_pruned(path, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    if source in EMBEDDED_MODELS or source in TINY_CONFIGS:
+        # plans, model cards and exports record the source as the user named it, not a path in their cache
+        model.config._name_or_path = source
     model.eval()
     return model, load_tokenizer(source, cache_dir)
 

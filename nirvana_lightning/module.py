@@ -8,7 +8,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import MeanMetric
 
 from .adapters import ROLES, unwrap_model
@@ -185,6 +185,21 @@ class NirvanaModule(L.LightningModule):
         if recovery_applied:
             self.configure_model()
 
+    def _warn_beyond_context(self) -> None:
+        """Windows longer than the model's context give positions it never saw: say so once, before training."""
+        if self.__dict__.get("_context_checked"):
+            return
+        self.__dict__["_context_checked"] = True
+        limit = getattr(self.base_model.config, "max_position_embeddings", None)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if limit is None or datamodule is None:
+            return
+        for key in ("seq_len", "calibration_seq_len"):
+            value = getattr(datamodule, key, None)
+            if isinstance(value, int) and value > limit:
+                rank_zero_warn(f"data.{key}={value} exceeds the model's max_position_embeddings={limit}: positions "
+                               f"beyond it were never trained and quality will suffer (lower data.{key})")
+
     def merge_recovery_adapters(self) -> None:
         """Fold LoRA adapters into the base weights and drop the wrapper (no-op without adapters).
 
@@ -227,6 +242,7 @@ class NirvanaModule(L.LightningModule):
     def configure_model(self) -> None:
         """Build the model and attach the recovery adapters (after any pruning at setup)."""
         self.build_model()
+        self._warn_beyond_context()
         if self._recovery_applied:
             return
         hp = self.hparams

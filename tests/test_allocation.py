@@ -182,3 +182,12 @@ def test_tp_size_must_divide_every_layer():
         _alloc([torch.rand(3)], [torch.rand(64)], sparsity=0.2, tp_size=2)
     with pytest.raises(ConfigError, match="tp_size"):
         _alloc([torch.rand(4)], [torch.rand(64)], sparsity=0.2, tp_size=0)
+
+
+def test_a_round_to_that_makes_the_target_unreachable_is_named():
+    """round_to wider than the layers used to blame sparsity; the error now names round_to (issue 15)."""
+    attn = [torch.rand(2), torch.rand(2)]
+    mlp = [torch.rand(16), torch.rand(16)]
+    with pytest.raises(ConfigError, match=r"^round_to=32 .*keeps at least 32 MLP neurons .*narrowest has 16"):
+        _alloc(attn, mlp, sparsity=0.5, gamma=1.0, n_query_per_kv=1, head_dim=1, round_to=32)
+    _alloc(attn, mlp, sparsity=0.5, gamma=1.0, n_query_per_kv=1, head_dim=1, round_to=8)

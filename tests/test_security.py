@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -200,3 +201,74 @@ def test_a_probe_whose_log_probs_do_not_fit_in_memory_is_refused():
     with pytest.raises(ConfigError, match=r"probe_samples=128 .*at most 55: .*4\.6 GiB"):
         check_logprob_memory(128, 64, 151_936, available=4 * 2**30)
     check_logprob_memory(8, 64, 151_936, available=4 * 2**30)
+
+
+def test_bad_files_and_settings_get_clear_errors(tmp_path):
+    """Several classes from issue 15's audit: each now a ConfigError/ValueError naming the key or file."""
+    from nirvana_lightning import ConfigError, NirvanaDataModule, NirvanaPruningCallback, load_model, make_plan
+    from nirvana_lightning.data import read_records
+
+    empty, binary, broken = tmp_path / "empty.txt", tmp_path / "bin.txt", tmp_path / "broken.jsonl"
+    empty.write_text("  \n\n \t\n")
+    binary.write_bytes(bytes(range(256)) * 4)
+    broken.write_text('{"text": "a"}\n{"text": "b"\n')
+    with pytest.raises(ValueError, match="empty.txt: no text"):
+        read_records(str(empty))
+    with pytest.raises(ValueError, match="bin.txt: not UTF-8"):
+        read_records(str(binary))
+    with pytest.raises(ValueError, match=r"broken.jsonl:2: invalid JSON"):
+        read_records(str(broken))
+    with pytest.raises(ConfigError, match=r"data\.sources\[1\]=.*broken.jsonl:2"):
+        NirvanaDataModule(tokenizer="tiny-llama", sources=["brown", str(broken)]).setup("fit")
+
+    model, _ = load_model("tiny-llama")
+    assert model.config._name_or_path == "tiny-llama"  # not the user's cache path
+    for calib, needle in ((torch.full((2, 8), 10**6), r"ids in \[0, "), (torch.full((2, 8), -1), r"\[-1, -1\]"),
+                          (torch.zeros((0, 8), dtype=torch.long), r"shape \(0, 8\)"),
+                          (torch.zeros((2, 0), dtype=torch.long), r"shape \(2, 0\)")):
+        with pytest.raises(ConfigError, match=needle):
+            make_plan(model, calib, sparsity=0.2)
+
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"attention_keep": [[0')
+    with pytest.raises(ConfigError, match=r"NirvanaPruningCallback\.plan_path=.*plan.json.*valid plan"):
+        NirvanaPruningCallback(plan_path=str(plan))
+    good = make_plan(model, torch.randint(0, 100, (2, 8)), sparsity=0.2).to_dict()
+    good["mlp_keep"][0][1] = 1.5
+    plan.write_text(json.dumps(good))
+    with pytest.raises(ConfigError, match=r"plan_path.*holds 1\.5, not an integer index"):
+        NirvanaPruningCallback(plan_path=str(plan))
+
+
+def test_export_path_that_is_a_file_is_refused_before_training(tmp_path):
+    from unittest.mock import MagicMock
+
+    from nirvana_lightning import ConfigError, ExportCallback
+
+    (tmp_path / "export").write_text("not a directory")
+    trainer = MagicMock(log_dir=str(tmp_path))
+    module = MagicMock()
+    module.hparams = {"recovery": "lora"}
+    with pytest.raises(ConfigError, match=r"ExportCallback\.path=.*export.*this is a file"):
+        ExportCallback(path="export").setup(trainer, module, "fit")
+
+
+def test_a_schedule_that_cannot_finish_warns_before_training(tmp_path):
+    from unittest.mock import MagicMock
+
+    from nirvana_lightning import NirvanaPruningCallback
+
+    cb = NirvanaPruningCallback(sparsity=0.4, schedule="linear", n_steps=4, every_n_steps=10)
+    trainer = MagicMock(max_steps=15, max_epochs=None)
+    with pytest.warns(UserWarning, match=r"cannot finish: .*max_steps=15, so only 2 of 4 steps run .*0\.200"):
+        cb._warn_if_schedule_cannot_finish(trainer)
+
+
+def test_windows_longer_than_the_context_warn():
+    from unittest.mock import MagicMock
+
+    module = NirvanaModule(source="tiny-llama")
+    module.build_model()  # max_position_embeddings 512
+    module._trainer = MagicMock(datamodule=MagicMock(seq_len=1024, calibration_seq_len=16))
+    with pytest.warns(UserWarning, match=r"data\.seq_len=1024 exceeds the model's max_position_embeddings=512"):
+        module._warn_beyond_context()

@@ -63,6 +63,8 @@ class ExportCallback(L.Callback):
         if self.adapter_only and pl_module.hparams.get("recovery") != "lora":
             raise ConfigError("ExportCallback.adapter_only", True, "false unless model.recovery is 'lora'")
         target = self._target(trainer)
+        if target.exists() and not target.is_dir():
+            raise ConfigError("ExportCallback.path", str(target), "a directory path (this is a file)")
         if target.exists() and any(target.iterdir()) and not self.overwrite:  # fail before any training
             raise ConfigError("ExportCallback.path", str(target), "a new or empty directory, or overwrite: true")
         if self.best and trainer.checkpoint_callback is None:

@@ -144,6 +144,11 @@ class NirvanaPruningCallback(L.Callback):
             raise ConfigError(key + "plan_path", plan_path, "an existing plan.json file")
         elif select != "none":
             raise ConfigError(key + "select", select, "'none' when plan_path is set (the plan is applied as saved)")
+        if plan_path is not None:  # read it now, before any model loads
+            try:
+                PruningPlan.from_json(Path(plan_path).read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise ConfigError(key + "plan_path", plan_path, f"a valid plan.json ({err})") from None
         check_choice(key + "select", select, ("none", "kl"))
         check_choice(key + "candidate_mode", candidate_mode, ("random", "document"))
         for name, value in (("num_candidates", num_candidates), ("probe_samples", probe_samples),
@@ -178,6 +183,7 @@ class NirvanaPruningCallback(L.Callback):
             return
         if self.iterative:
             check_rebuildable(trainer, "trainer.strategy")
+            self._warn_if_schedule_cannot_finish(trainer)
         model = pl_module.build_model()
         if getattr(pl_module, "pruning_plan", None) is not None:  # resumed from a pruned checkpoint
             self.plan = pl_module.pruning_plan
@@ -192,6 +198,21 @@ class NirvanaPruningCallback(L.Callback):
             plan = self._make_step_plan(trainer, model)
         cut(model, plan)
         self._record(trainer, pl_module, plan)
+
+    def _warn_if_schedule_cannot_finish(self, trainer: L.Trainer) -> None:
+        """Say before training, not after it, when max_steps / max_epochs end the run before the last step."""
+        last = None
+        if self.every_n_steps is not None and trainer.max_steps is not None and trainer.max_steps > 0:
+            last, limit, unit = self.every_n_steps * (self.n_steps - 1), trainer.max_steps, "trainer.max_steps"
+        elif self.at_epochs is not None and trainer.max_epochs is not None and trainer.max_epochs > 0:
+            last, limit, unit = self.at_epochs[-1], trainer.max_epochs, "trainer.max_epochs"
+        if last is not None and last >= limit:
+            done = sum(1 for k in range(self.n_steps) if (self.every_n_steps or 0) * k < limit) \
+                if self.every_n_steps is not None else sum(1 for e in self.at_epochs if e < limit)
+            target = cumulative_sparsity(self.schedule, self.sparsity, max(done, 1), self.n_steps)
+            rank_zero_warn(f"the pruning schedule cannot finish: its last step comes at {last} but {unit}={limit}, so "
+                           f"only {done} of {self.n_steps} steps run and the model ends near sparsity {target:.3f}, not "
+                           f"{self.sparsity} (raise {unit} or lower NirvanaPruningCallback.n_steps / every_n_steps)")
 
     # ----------------------------------------------------------- the schedule
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -146,7 +146,7 @@ class NirvanaDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         self.tokenizer = load_tokenizer(self.tokenizer_source, self.cache_dir)
-        records = [r for s in self.sources for r in read_records(s, hf_split=self.hf_split)]
+        records = [r for i, s in enumerate(self.sources) for r in self._read("data.sources", i, s)]
         train_idx, val_idx = split_documents(len(records), self.val_fraction, self.split_seed)
         if self.task == "lm":
             docs = self._tokenize([self._text(r, i) for i, r in enumerate(records)])
@@ -173,6 +173,12 @@ class NirvanaDataModule(L.LightningDataModule):
             f"seq_len {self.seq_len}), {self._calibration_stream.numel()} calibration tokens"
         )
 
+    def _read(self, key: str, index: int, spec: str) -> list[dict]:
+        try:
+            return read_records(spec, hf_split=self.hf_split)
+        except ValueError as err:  # names the file (and line): report it under the key that named the file
+            raise ConfigError(f"{key}[{index}]", spec, f"a readable text source: {err}") from None
+
     def _text(self, record: dict, index: int) -> str:
         if self.text_field not in record:
             raise ConfigError("data.text_field", self.text_field, f"a field of record {index}: {sorted(record)}")
@@ -184,7 +190,8 @@ class NirvanaDataModule(L.LightningDataModule):
     def _stream(self, docs: list[list[int]] | None, probe: bool = False) -> torch.Tensor:
         """Documents joined with EOS; for calibration, also remembers where each document starts."""
         if docs is None:  # separate calibration sources
-            records = [r for s in self.calibration_sources for r in read_records(s, hf_split=self.hf_split)]
+            records = [r for i, s in enumerate(self.calibration_sources)
+                       for r in self._read("data.calibration_sources", i, s)]
             docs = self._tokenize([self._text(r, i) for i, r in enumerate(records)])
         eos = self.tokenizer.eos_token_id
         if not probe:

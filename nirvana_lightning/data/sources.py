@@ -51,13 +51,35 @@ def read_records(spec: str, *, hf_split: str = "train") -> list[dict]:
             ds = ds[hf_split]
         return [dict(row) for row in ds]
     path = BUILTIN_SOURCES.get(spec) or Path(spec).expanduser()
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); a binary file?") from None
+    if "\x00" in text:
+        raise ValueError(f"{path}: holds NUL bytes; a binary file, not text")
     if path.suffix == ".txt":
         blocks = [b.strip() for b in text.split("\n\n")]
-        return [{"text": b} for b in blocks if b]
-    if path.suffix == ".json":
-        data = json.loads(text)
-        if not isinstance(data, list):
+        records = [{"text": b} for b in blocks if b]
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"{path}: invalid JSON ({err})") from None
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise ValueError(f"{path}: a .json source must hold a list of objects")
-        return data
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = data
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise ValueError(f"{path}:{number}: invalid JSON line ({err})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: each line must be a JSON object, got {type(record).__name__}")
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no text (the file is empty or holds only whitespace)")
+    return records

@@ -114,6 +114,18 @@ def _select_lowest(scores: list[torch.Tensor], protected: list[torch.Tensor], n_
     return list(remove.split([s.numel() for s in scores]))
 
 
+def _blame_guard(n_remove: int, protected: list[torch.Tensor], scores: list[torch.Tensor], skip: set[int],
+                 key: str, value: int, kind: str) -> None:
+    """When a guard setting (round_to, tp_size), not the sparsity, makes the target unreachable, name that setting."""
+    removable = sum(int((~p).sum()) for p in protected)
+    without_guard = sum(s.numel() - 1 for i, s in enumerate(scores) if i not in skip)
+    if removable < n_remove <= without_guard:
+        narrow = min((s.numel(), i) for i, s in enumerate(scores) if i not in skip)
+        raise ConfigError(key, value, f"a smaller value: it keeps at least {value} {kind} in every layer (the "
+                                      f"narrowest has {narrow[0]}, layer {narrow[1]}), leaving {removable} removable "
+                                      f"where the sparsity target needs {n_remove}")
+
+
 def _protect_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     """Mask of the ``n_keep`` highest-scoring units (ties: lower index wins)."""
     mask = torch.zeros(scores.numel(), dtype=torch.bool)
@@ -239,6 +251,8 @@ def allocate(
                 raise ValueError(f"removal counts must be >= 0, got {counts}")
             p_attn = Fraction(n_attn_remove, max(1, n_attn_prunable))
             p_mlp = Fraction(n_mlp_remove, max(1, n_mlp_prunable))
+        _blame_guard(n_attn_remove, attn_protect, attention_scores, skip, "tp_size", tp_size, "attention groups")
+        _blame_guard(n_mlp_remove, mlp_protect, mlp_scores, skip, "round_to", round_to, "MLP neurons")
         attn_remove = _select_lowest(attention_scores, attn_protect, n_attn_remove, "attention groups")
         mlp_remove = _select_lowest(mlp_scores, mlp_protect, n_mlp_remove, "MLP neurons")
     else:

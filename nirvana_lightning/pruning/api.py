@@ -12,7 +12,7 @@ from torch import nn
 from ..adapters import get_adapter, unwrap_model
 from ..errors import ConfigError, check_choice
 from .allocation import MODES, allocate, sparsity_for_param_budget, validate_targets
-from .gradients import ACCUMULATE, UnitScores, as_batches, compute_unit_scores, fingerprint
+from .gradients import ACCUMULATE, UnitScores, as_batches, check_token_ids, compute_unit_scores, fingerprint
 from .plan import PruningPlan, library_versions
 from .saliency import CRITERIA, FUNCTIONALS, check_finite
 from .surgery import apply_plan
@@ -142,6 +142,7 @@ def make_plan(
         if calibration is None:
             raise ConfigError("calibration", None, f"token ids for criterion {criterion!r}")
         batches = as_batches(calibration, micro_batch_size)
+        check_token_ids(batches, int(model.get_input_embeddings().num_embeddings))
     start = time.perf_counter()
     dtype = next(model.parameters()).dtype
     upcast = scoring_dtype == "float32" and dtype != torch.float32 and criterion in ("nirvana", "taylor")

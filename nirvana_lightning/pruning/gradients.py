@@ -44,6 +44,9 @@ def as_batches(calibration: torch.Tensor | Iterable[torch.Tensor], micro_batch_s
         if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
             raise ConfigError("calibration", f"tensor {tuple(calibration.shape)} {calibration.dtype}",
                               "a LongTensor of token ids (N, T) or an iterable of such batches")
+        if calibration.numel() == 0:
+            raise ConfigError("calibration", f"tensor of shape {tuple(calibration.shape)}",
+                              "at least one window of at least one token")
         return list(calibration.split(micro_batch_size)) if micro_batch_size else [calibration]
     batches = []
     for b in calibration:
@@ -57,6 +60,15 @@ def as_batches(calibration: torch.Tensor | Iterable[torch.Tensor], micro_batch_s
     if not batches:
         raise ConfigError("calibration", "an empty iterable", "at least one batch of token ids")
     return batches
+
+
+def check_token_ids(batches: list[torch.Tensor], vocab_size: int) -> None:
+    """Token ids must index the vocabulary: refuse negative or too large ids before any forward pass."""
+    low = min(int(b.min()) for b in batches)
+    high = max(int(b.max()) for b in batches)
+    if low < 0 or high >= vocab_size:
+        raise ConfigError("calibration", f"token ids in [{low}, {high}]",
+                          f"ids in [0, {vocab_size - 1}] (the model's vocabulary; the same tokenizer as the model?)")
 
 
 def fingerprint(batches: list[torch.Tensor]) -> str:

@@ -80,6 +80,22 @@ class PruningPlan:
         """Check internal consistency; errors name the layer."""
         if self.format != PLAN_FORMAT:
             raise ValueError(f"plan format {self.format!r}; this version reads {PLAN_FORMAT!r}")
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        for name, value in (("n_query_per_kv", self.n_query_per_kv), ("head_dim", self.head_dim),
+                            ("hidden_dim", self.hidden_dim)):
+            if not is_int(value) or value < 1:
+                raise ValueError(f"plan {name} is {value!r}, not a positive integer")
+        for name, rows in (("attention_keep", self.attention_keep), ("mlp_keep", self.mlp_keep)):
+            for i, row in enumerate(rows):
+                bad = [x for x in row if not is_int(x)]
+                if bad:
+                    raise ValueError(f"plan layer {i}: {name} holds {bad[0]!r}, not an integer index")
+        for name, seq in (("n_kv_group_before", self.n_kv_group_before), ("mlp_dim_before", self.mlp_dim_before)):
+            bad = [x for x in seq if not is_int(x)]
+            if bad:
+                raise ValueError(f"plan {name} holds {bad[0]!r}, not an integer width")
         n = self.n_layer
         for name, seq in (("mlp_keep", self.mlp_keep), ("n_kv_group_before", self.n_kv_group_before),
                           ("mlp_dim_before", self.mlp_dim_before)):
