@@ -272,3 +272,17 @@ def test_windows_longer_than_the_context_warn():
     module._trainer = MagicMock(datamodule=MagicMock(seq_len=1024, calibration_seq_len=16))
     with pytest.warns(UserWarning, match=r"data\.seq_len=1024 exceeds the model's max_position_embeddings=512"):
         module._warn_beyond_context()
+
+
+def test_run_summary_flags_speed_measured_on_a_loaded_machine(monkeypatch):
+    from nirvana_lightning.callbacks import summary as summary_mod
+
+    monkeypatch.setattr(summary_mod.os, "getloadavg", lambda: (7.5, 7.0, 6.0))
+    monkeypatch.setattr(summary_mod.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert summary_mod.machine_load() == {"load": 7.5, "cores": 2}
+    table = summary_mod.RunSummaryCallback.table({
+        "stages": ["dense", "pruned", "recovered"], "loaded": {"recovered": {"load": 7.5, "cores": 2}},
+        "rows": {"decode tokens/s (batch 1, KV cache)": {"dense": 10.0, "pruned": 11.0, "recovered": 78.8},
+                 "params (total)": {"dense": 100.0, "recovered": 80.0}}, "plan": None, "speed_settings": None})
+    assert "78.8*" in table and "- (loaded)" in table and "recovered 7.5/2" in table
+    assert "| 0.800 |" in table  # other rows keep their ratio

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,6 +79,7 @@ class RunSummaryCallback(L.Callback):
         self.speed, self.batch_size, self.seq_len = speed, batch_size, seq_len
         self.new_tokens, self.repeats, self.warmup = new_tokens, repeats, warmup
         self.measured: dict[str, dict[str, float]] = {}  # stage -> {row: value}
+        self.loaded: dict[str, dict] = {}  # stage -> machine load when its speed was measured (only if loaded)
         self.summary: dict | None = None
 
     # ------------------------------------------------------------------ hooks
@@ -122,6 +124,9 @@ class RunSummaryCallback(L.Callback):
         if n_adapter:
             row["LoRA adapter params (merged at export)"] = n_adapter
         if self.speed:
+            loaded = machine_load()
+            if loaded is not None:
+                self.loaded[stage] = loaded
             was_training = pl_module.model.training
             with _without_adapter_layers(pl_module.model) as plain:
                 result = measure_throughput(plain, batch_size=self.batch_size, seq_len=self.seq_len,
@@ -157,6 +162,7 @@ class RunSummaryCallback(L.Callback):
                          "target_sparsity": plan.provenance.get("sparsity"), "gamma": plan.provenance.get("gamma"),
                          "criterion": plan.provenance.get("criterion")}
         return {"stages": list(SUMMARY_STAGES), "rows": rows, "plan": plan_info, "history": history,
+                "loaded": dict(self.loaded),
                 "global_step": trainer.global_step,
                 "speed_settings": {"batch_size": self.batch_size, "seq_len": self.seq_len,
                                    "new_tokens": self.new_tokens, "repeats": self.repeats, "warmup": self.warmup,
@@ -166,11 +172,19 @@ class RunSummaryCallback(L.Callback):
     def table(summary: dict) -> str:
         stages = summary["stages"]
         out = ["| metric | " + " | ".join(stages) + " | recovered / dense |", "|---|" + "---|" * (len(stages) + 1)]
+        loaded = summary.get("loaded") or {}
         for label, values in summary["rows"].items():
-            cells = [_fmt(values[s]) if s in values else "-" for s in stages]
+            timed = "tokens/s" in label
+            cells = [(_fmt(values[s]) + ("*" if timed and s in loaded else "")) if s in values else "-" for s in stages]
             d, r = values.get("dense"), values.get("recovered")
             ratio = f"{r / d:.3f}" if d and r is not None else "-"
+            if timed and ({"dense", "recovered"} & set(loaded)):
+                ratio = "- (loaded)"
             out.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
+        if loaded:
+            out.append("\n* measured while the machine was loaded (load average / cores: "
+                       + ", ".join(f"{k} {v['load']:.1f}/{v['cores']}" for k, v in loaded.items())
+                       + "): other processes shared the cores, so these tokens/s are not results")
         if summary.get("speed_settings"):
             sp = summary["speed_settings"]
             out.append(f"speed: median of {sp['repeats']} runs after {sp['warmup']} warm-up runs on {sp['device']}, "
@@ -188,10 +202,26 @@ class RunSummaryCallback(L.Callback):
         write_text_atomic(log_dir / "summary.json", json.dumps(self.summary, indent=1))
 
     def state_dict(self) -> dict:
-        return {"measured": {k: dict(v) for k, v in self.measured.items()}}
+        return {"measured": {k: dict(v) for k, v in self.measured.items()},
+                "loaded": {k: dict(v) for k, v in self.loaded.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.measured = {k: dict(v) for k, v in state_dict.get("measured", {}).items()}
+        self.loaded = {k: dict(v) for k, v in state_dict.get("loaded", {}).items()}
+
+
+def machine_load() -> dict | None:
+    """``{"load", "cores"}`` when the 1-minute load average exceeds the cores this process may use, else None.
+
+    The run's own process is idle while it measures, so a load above the core count means other work
+    shares the cores (the same test as ``benchmarks/speedup.py``'s OVERSUBSCRIBED).
+    """
+    try:
+        load = os.getloadavg()[0]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    except OSError:
+        return None
+    return {"load": load, "cores": cores} if load > cores else None
 
 
 def _fmt(value: float) -> str:
