@@ -1,0 +1,278 @@
+"""A table of bad inputs and faults (issue 15): each gives a clear error naming the key or file and the value.
+
+Every row is ``(case id, action, exception type, pattern the message must match)``. Actions run in
+process on tiny models (milliseconds each); the CLI rows run ``python -m nirvana_lightning`` and check
+the exit status 2, one error line and no traceback. Faults (SIGKILL during save, NaN training, malicious
+checkpoints, flipped bytes, a full disk) are in ``test_atomic.py``, ``test_security.py`` and
+``test_export.py``; ``CASE_COUNT`` below counts this table.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nirvana_lightning import (
+    ConfigError,
+    ExportCallback,
+    KLToDenseCallback,
+    LmEvalCallback,
+    NirvanaDataModule,
+    NirvanaModule,
+    NirvanaPruningCallback,
+    PerplexityCallback,
+    RunSummaryCallback,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+INF, NAN = math.inf, math.nan
+
+
+def module(**kw):
+    return lambda: NirvanaModule(**{"source": "tiny-llama", **kw})
+
+
+def data(**kw):
+    return lambda: NirvanaDataModule(**{"tokenizer": "tiny-llama", **kw})
+
+
+def pruning(**kw):
+    return lambda: NirvanaPruningCallback(**kw)
+
+
+MODULE = [
+    ("source unknown", module(source="nope"), r"model\.source='nope'"),
+    ("source empty", module(source=""), r"model\.source=''"),
+    ("source missing dir", module(source="/no/such/dir"), r"model\.source='/no/such/dir'"),
+    ("dtype", module(dtype="float8"), r"model\.dtype='float8'.*'float32'"),
+    ("recovery", module(recovery="qlora"), r"model\.recovery='qlora'.*'lora'"),
+    ("lora target", module(lora_targets=["q", "x"]), r"model\.lora_targets\[1\]='x'"),
+    ("lr zero", module(lr=0), r"model\.lr=0 .*finite number > 0"),
+    ("lr negative", module(lr=-1e-3), r"model\.lr=-0\.001"),
+    ("lr inf", module(lr=INF), r"model\.lr=inf"),
+    ("lr nan", module(lr=NAN), r"model\.lr=nan"),
+    ("lr string", module(lr="fast"), r"model\.lr='fast'"),
+    ("lora_r zero", module(lora_r=0), r"model\.lora_r=0"),
+    ("lora_r bool", module(lora_r=True), r"model\.lora_r=True"),
+    ("warmup negative", module(warmup_steps=-1), r"model\.warmup_steps=-1"),
+    ("weight decay negative", module(weight_decay=-0.1), r"model\.weight_decay=-0\.1"),
+    ("weight decay nan", module(weight_decay=NAN), r"model\.weight_decay=nan"),
+    ("lora dropout 1", module(lora_dropout=1.0), r"model\.lora_dropout=1\.0 .*\[0, 1\)"),
+    ("lora dropout negative", module(lora_dropout=-0.1), r"model\.lora_dropout=-0\.1"),
+    ("lora dropout nan", module(lora_dropout=NAN), r"model\.lora_dropout=nan"),
+    ("min lr ratio", module(min_lr_ratio=1.5), r"model\.min_lr_ratio=1\.5"),
+    ("min lr ratio nan", module(min_lr_ratio=NAN), r"model\.min_lr_ratio=nan"),
+    ("objective", module(objective="rl"), r"model\.objective='rl'"),
+    ("kd temperature zero", module(kd_temperature=0), r"model\.kd_temperature=0"),
+    ("kd temperature nan", module(kd_temperature=NAN), r"model\.kd_temperature=nan"),
+    ("kd temperature inf", module(kd_temperature=INF), r"model\.kd_temperature=inf"),
+    ("kd alpha", module(kd_alpha=1.5), r"model\.kd_alpha=1\.5"),
+    ("kd alpha nan", module(kd_alpha=NAN), r"model\.kd_alpha=nan"),
+    ("teacher dtype", module(teacher_dtype="int8"), r"model\.teacher_dtype='int8'"),
+    ("teacher device", module(teacher_device="gpu:7"), r"model\.teacher_device='gpu:7'"),
+    ("kd without training", module(objective="kd", recovery="none"), r"model\.objective='kd'"),
+]
+
+DATA = [
+    ("seq_len zero", data(seq_len=0), r"data\.seq_len=0"),
+    ("seq_len negative", data(seq_len=-4), r"data\.seq_len=-4"),
+    ("task", data(task="chat"), r"data\.task='chat'"),
+    ("val fraction", data(val_fraction=1.5), r"data\.val_fraction=1\.5"),
+    ("val fraction nan", data(val_fraction=NAN), r"data\.val_fraction=nan"),
+    ("missing source", data(sources=["/no/such/file.jsonl"]), r"data\.sources\[0\]='/no/such/file\.jsonl'"),
+    ("source suffix", data(sources=[str(REPO / "pyproject.toml")]), r"data\.sources\[0\]=.*pyproject\.toml"),
+    ("tokenizer", data(tokenizer="not-a-model"), r"data\.tokenizer='not-a-model'"),
+    ("batch size", data(batch_size=0), r"data\.batch_size=0"),
+    ("num workers", data(num_workers=-1), r"data\.num_workers=-1"),
+    ("calibration samples", data(calibration_samples=0), r"data\.calibration_samples=0"),
+    ("calibration seq_len", data(calibration_seq_len=-1), r"data\.calibration_seq_len=-1"),
+]
+
+PRUNING = [
+    ("sparsity 1", pruning(sparsity=1.0), r"NirvanaPruningCallback\.sparsity=1\.0 .*\[0, 1\)"),
+    ("sparsity negative", pruning(sparsity=-0.1), r"NirvanaPruningCallback\.sparsity=-0\.1"),
+    ("sparsity nan", pruning(sparsity=NAN), r"NirvanaPruningCallback\.sparsity=nan"),
+    ("sparsity string", pruning(sparsity="half"), r"NirvanaPruningCallback\.sparsity='half'"),
+    ("gamma zero", pruning(gamma=0), r"NirvanaPruningCallback\.gamma=0"),
+    ("gamma inf", pruning(gamma=INF), r"NirvanaPruningCallback\.gamma=inf"),
+    ("gamma nan", pruning(gamma=NAN), r"NirvanaPruningCallback\.gamma=nan"),
+    ("criterion", pruning(criterion="l2"), r"NirvanaPruningCallback\.criterion='l2'.*'nirvana'"),
+    ("functional", pruning(functional="mean"), r"NirvanaPruningCallback\.functional='mean'"),
+    ("round_to", pruning(round_to=7), r"NirvanaPruningCallback\.round_to=7"),
+    ("allocation", pruning(allocation="layer"), r"NirvanaPruningCallback\.allocation='layer'"),
+    ("schedule", pruning(schedule="exp"), r"NirvanaPruningCallback\.schedule='exp'"),
+    ("n_steps zero", pruning(n_steps=0), r"NirvanaPruningCallback\.n_steps=0"),
+    ("once with steps", pruning(n_steps=3), r"NirvanaPruningCallback\.schedule='once'"),
+    ("linear without timing", pruning(schedule="linear", n_steps=2), r"NirvanaPruningCallback\.at_epochs=None"),
+    ("epochs unordered", pruning(schedule="linear", n_steps=2, at_epochs=[2, 1]),
+     r"NirvanaPruningCallback\.at_epochs=\[2, 1\]"),
+    ("epochs count", pruning(schedule="linear", n_steps=3, at_epochs=[0, 1]), r"NirvanaPruningCallback\.at_epochs"),
+    ("every_n_steps zero", pruning(schedule="linear", n_steps=2, every_n_steps=0),
+     r"NirvanaPruningCallback\.every_n_steps=0"),
+    ("schedule with budget", pruning(schedule="linear", n_steps=2, every_n_steps=5, sparsity=None, param_budget=10),
+     r"NirvanaPruningCallback\.schedule='linear'"),
+    ("sparsity and budget", pruning(sparsity=0.2, param_budget=1000), r"NirvanaPruningCallback\.sparsity=0\.2"),
+    ("neither target", pruning(sparsity=None), r"NirvanaPruningCallback\.sparsity=None"),
+    ("budget zero", pruning(sparsity=None, param_budget=0), r"NirvanaPruningCallback\.param_budget=0"),
+    ("plan path missing", pruning(plan_path="/no/plan.json"), r"NirvanaPruningCallback\.plan_path='/no/plan\.json'"),
+    ("select", pruning(select="bleu"), r"NirvanaPruningCallback\.select='bleu'"),
+    ("select with magnitude", pruning(select="kl", criterion="magnitude"), r"NirvanaPruningCallback\.select='kl'"),
+    ("candidates zero", pruning(num_candidates=0), r"NirvanaPruningCallback\.num_candidates=0"),
+    ("candidate mode", pruning(candidate_mode="best"), r"NirvanaPruningCallback\.candidate_mode='best'"),
+    ("probe samples", pruning(probe_samples=0), r"NirvanaPruningCallback\.probe_samples=0"),
+    ("probe seq_len", pruning(probe_seq_len=-8), r"NirvanaPruningCallback\.probe_seq_len=-8"),
+    ("calibration samples", pruning(calibration_samples=0), r"NirvanaPruningCallback\.calibration_samples=0"),
+    ("micro batch", pruning(micro_batch_size=0), r"NirvanaPruningCallback\.micro_batch_size=0"),
+    ("accumulate", pruning(accumulate="mean"), r"NirvanaPruningCallback\.accumulate='mean'"),
+    ("scoring dtype", pruning(scoring_dtype="fp8"), r"NirvanaPruningCallback\.scoring_dtype='fp8'"),
+    ("tp_size zero", pruning(tp_size=0), r"NirvanaPruningCallback\.tp_size=0"),
+]
+
+CALLBACKS = [
+    ("export path", lambda: ExportCallback(path=""), r"ExportCallback\.path=''"),
+    ("export format", lambda: ExportCallback(format="onnx"), r"ExportCallback\.format='onnx'"),
+    ("export gguf dtype", lambda: ExportCallback(format="gguf", gguf_dtypes=["q2_k"]),
+     r"ExportCallback\.gguf_dtypes='q2_k'"),
+    ("export adapter gguf", lambda: ExportCallback(format=["hf", "gguf"], adapter_only=True),
+     r"ExportCallback\.adapter_only=True"),
+    ("ppl seq_len", lambda: PerplexityCallback(seq_len=0), r"PerplexityCallback\.seq_len=0"),
+    ("ppl stride", lambda: PerplexityCallback(seq_len=64, stride=128), r"PerplexityCallback\.stride=128"),
+    ("ppl max tokens", lambda: PerplexityCallback(max_tokens=0), r"PerplexityCallback\.max_tokens=0"),
+    ("ppl every_n", lambda: PerplexityCallback(every_n_steps=0), r"every_n_steps=0"),
+    ("ppl dataset", lambda: PerplexityCallback(datasets={"x": "/no/file.txt"}), r"/no/file\.txt"),
+    ("lm-eval task", lambda: LmEvalCallback(tasks=["no_such_task"]), r"LmEvalCallback\.tasks.*no_such_task"),
+    ("lm-eval limit", lambda: LmEvalCallback(limit=0), r"LmEvalCallback\.limit=0"),
+    ("lm-eval batch", lambda: LmEvalCallback(batch_size=0), r"LmEvalCallback\.batch_size=0"),
+    ("kl device", lambda: KLToDenseCallback(device="tpu"), r"KLToDenseCallback\.device='tpu'"),
+    ("kl batches", lambda: KLToDenseCallback(max_batches=0), r"KLToDenseCallback\.max_batches=0"),
+    ("summary batch", lambda: RunSummaryCallback(batch_size=0), r"RunSummaryCallback\.batch_size=0"),
+    ("summary seq_len", lambda: RunSummaryCallback(seq_len=-1), r"RunSummaryCallback\.seq_len=-1"),
+    ("summary repeats", lambda: RunSummaryCallback(repeats=0), r"RunSummaryCallback\.repeats=0"),
+    ("summary new tokens nan", lambda: RunSummaryCallback(new_tokens=NAN), r"RunSummaryCallback\.new_tokens=nan"),
+]
+
+
+def _tiny():
+    from nirvana_lightning import load_model
+
+    return load_model("tiny-llama")[0]
+
+
+def _make_plan(calibration, **kw):
+    from nirvana_lightning import make_plan
+
+    return lambda: make_plan(_tiny(), calibration, **{"sparsity": 0.2, **kw})
+
+
+def _save_gguf(path="x.gguf", dtype="f16", family="tiny-qwen3", **kw):
+    def run():
+        from nirvana_lightning import load_tokenizer, prune, save_gguf
+        from nirvana_lightning.debug_models import build_tiny_model
+
+        tok = load_tokenizer("tiny-llama")
+        model = build_tiny_model(family, vocab_size=len(tok), head_dim=32)
+        plan = prune(model, torch.randint(0, 1000, (2, 8)), sparsity=0.4, round_to=1)
+        save_gguf(model, tok, Path(os.environ["BAD_INPUT_TMP"]) / path, plan, dtype=dtype, **kw)
+    return run
+
+
+API = [
+    ("calibration float", _make_plan(torch.rand(2, 8)), r"calibration=.*float32"),
+    ("calibration 1-d", _make_plan(torch.zeros(8, dtype=torch.long)), r"calibration=.*\(8,\)"),
+    ("calibration empty rows", _make_plan(torch.zeros((0, 8), dtype=torch.long)), r"shape \(0, 8\)"),
+    ("calibration empty cols", _make_plan(torch.zeros((2, 0), dtype=torch.long)), r"shape \(2, 0\)"),
+    ("calibration ids too large", _make_plan(torch.full((2, 8), 10**7)), r"token ids in \[10000000"),
+    ("calibration ids negative", _make_plan(torch.full((2, 8), -3)), r"token ids in \[-3"),
+    ("calibration none", _make_plan(None), r"calibration=None"),
+    ("calibration empty list", _make_plan([]), r"calibration='an empty iterable'"),
+    ("padded batch", _make_plan([{"input_ids": torch.ones(1, 4, dtype=torch.long),
+                                   "attention_mask": torch.tensor([[1, 1, 0, 0]])}]), r"calibration='a padded batch'"),
+    ("api criterion", _make_plan(None, criterion="obs"), r"criterion='obs'"),
+    ("api functional", _make_plan(None, functional="min"), r"functional='min'"),
+    ("api sparsity", _make_plan(None, sparsity=1.2), r"sparsity=1\.2"),
+    ("api gamma", _make_plan(None, gamma=-1.0, criterion="magnitude"), r"gamma=-1\.0"),
+    ("api skip layer", _make_plan(None, skip_layers=[9], criterion="magnitude"), r"skip_layers=9"),
+    ("api round_to", _make_plan(None, round_to=3, criterion="magnitude"), r"round_to=3"),
+    ("api round_to too wide", _make_plan(None, sparsity=0.6, round_to=128, criterion="magnitude", gamma=3.0),
+     r"round_to=128 .*narrowest has 128"),
+    ("api budget below fixed", _make_plan(None, sparsity=None, param_budget=10, criterion="magnitude"),
+     r"param_budget=10"),
+    ("api tp_size not dividing", _make_plan(None, tp_size=4, criterion="magnitude"), r"tp_size=4"),
+    ("gguf dtype", _save_gguf(dtype="q3_k", family="tiny-llama"), r"save_gguf: dtype='q3_k'"),
+    ("gguf path suffix", _save_gguf(path="model.bin", family="tiny-llama"), r"save_gguf: path=.*model\.bin"),
+    ("gguf qwen3 per-layer", _save_gguf(), r"qwen3 with per-layer widths.*q/k norms"),
+]
+
+
+def _values_error(fn, *args, **kw):
+    return lambda: fn(*args, **kw)
+
+
+def _load_pruned(path):
+    from nirvana_lightning import load_pruned
+
+    return lambda: load_pruned(path)
+
+
+FILES = [
+    ("load_pruned no dir", _load_pruned("/no/such/export"), FileNotFoundError, r"/no/such/export has no config\.json"),
+    ("checkpoint missing", lambda: __import__("nirvana_lightning.io", fromlist=["x"]).load_checkpoint("/no/x.ckpt"),
+     FileNotFoundError, r"/no/x\.ckpt does not exist"),
+]
+
+CASES = ([(f"module: {c}", f, ConfigError, p) for c, f, p in MODULE]
+         + [(f"data: {c}", f, ConfigError, p) for c, f, p in DATA]
+         + [(f"pruning: {c}", f, ConfigError, p) for c, f, p in PRUNING]
+         + [(f"callback: {c}", f, ConfigError, p) for c, f, p in CALLBACKS]
+         + [(f"api: {c}", f, ConfigError, p) for c, f, p in API]
+         + [(f"files: {c}", f, e, p) for c, f, e, p in FILES])
+
+
+@pytest.mark.parametrize("case, action, error, pattern", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_a_clear_error(case, action, error, pattern, tmp_path, monkeypatch):
+    monkeypatch.setenv("BAD_INPUT_TMP", str(tmp_path))
+    with pytest.raises(error, match=pattern) as info:
+        action()
+    assert type(info.value) is error or isinstance(info.value, error)
+    assert not list(tmp_path.iterdir()), "a refused action left files behind"
+
+
+CLI = [
+    ("cli bad value", ["--model.lr=-1"], r"model\.lr=-1"),
+    ("cli nan value", ["--model.lr=.nan"], r"model\.lr=nan"),
+    ("cli bad choice", ["--model.recovery=qlora"], r"qlora"),
+    ("cli missing source", ["--data.sources=[/missing.txt]"], r"data\.sources\[0\]='/missing\.txt'"),
+    ("cli broken source", ["--data.sources=[BROKEN]"], r"data\.sources\[0\]=.*broken\.jsonl:2: invalid JSON"),
+    ("cli checkpoint of garbage", ["--ckpt_path=GARBAGE"], r"ckpt_path=.*garbage\.ckpt.*not a readable"),
+]
+
+
+@pytest.mark.parametrize("case, args, pattern", CLI, ids=[c[0] for c in CLI])
+def test_cli_bad_input_exits_2_with_one_line(case, args, pattern, tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "a"}\n{"text": \n')
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(os.urandom(2048))
+    args = [a.replace("BROKEN", str(broken)).replace("GARBAGE", str(garbage)) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "nirvana_lightning", "fit", "--config",
+                           str(REPO / "configs" / "debug" / "tiny.yaml"), f"--trainer.default_root_dir={tmp_path / 'run'}",
+                           *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    import re
+
+    assert re.search(pattern, proc.stderr), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not any((tmp_path / "run").rglob("plan.json")), "work started before the error"
+
+
+CASE_COUNT = len(CASES) + len(CLI)
+
+
+def test_the_table_has_at_least_100_cases():
+    assert CASE_COUNT >= 100, CASE_COUNT
