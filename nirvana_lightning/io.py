@@ -217,13 +217,20 @@ def write_dir_atomic(target: str | Path, write: Callable[[Path], None], *, overw
         else:
             os.rename(tmp, target)
         _fsync_path(target.parent)
-    except BaseException:
+    except BaseException as err:
         if old is not tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(err) and not isinstance(err, OSError):  # e.g. safetensors' own error type
+            raise OSError(errno.ENOSPC, f"no space left on the device of {target} while writing it; nothing was "
+                                        f"written ({type(err).__name__}: {err})") from err
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
 
 
 def _move_into_mount(tmp: Path, target: Path) -> None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +139,61 @@ def test_sigkill_at_random_points_of_a_save_never_leaves_nothing(tmp_path):
         assert len(parts) == 6 and {p.read_bytes()[:1].decode() for p in parts} == {tag}
     write_dir_atomic(target, lambda t: (t / "config.json").write_text("{}"), overwrite=True, manifest=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "writer.py"]  # leftovers gone
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or sys.platform != "linux", reason="mounting a tmpfs needs root on Linux")
+def test_a_full_disk_leaves_nothing_half_written(tmp_path):
+    """A 1 MiB filesystem (a full disk): the save fails with the OS's ENOSPC and no partial export remains."""
+    import errno
+
+    from nirvana_lightning import load_tokenizer
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("this sandbox cannot mount a tmpfs")
+    try:
+        tok = load_tokenizer("tiny-llama")
+        model = build_tiny_model("tiny-llama", vocab_size=len(tok))  # about 25 MB of weights
+        with pytest.raises(OSError) as info:
+            save_pruned(model, tok, disk / "export")
+        assert info.value.errno == errno.ENOSPC and "disk/export" in str(info.value)
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_sigkill_at_random_points_of_a_fit_then_resume_finishes(tmp_path):
+    """A fit killed at two random moments after its first checkpoint resumes from last.ckpt to the end."""
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((repo / "configs" / "debug" / "tiny.yaml").read_text())
+    cfg["trainer"].update(default_root_dir=str(tmp_path / "run"), max_steps=12, limit_val_batches=0,
+                          enable_checkpointing=True)
+    cfg["trainer"].pop("val_check_interval", None)
+    cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if "NirvanaPruning" in c["class_path"]]
+    cfg["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+        "dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 1, "save_last": True, "save_top_k": 0}})
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "nirvana_lightning", "fit", "--config", str(config)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    last = tmp_path / "ckpt" / "last.ckpt"
+    rng = random.Random(1)
+    for _ in range(2):
+        proc = subprocess.Popen(cmd + ([f"--ckpt_path={last}"] if last.exists() else []), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 240
+        start = last.stat().st_mtime if last.exists() else 0
+        while not (last.exists() and last.stat().st_mtime > start) and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = subprocess.run(cmd + [f"--ckpt_path={last}"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from nirvana_lightning.io import load_checkpoint
+
+    assert load_checkpoint(last)["global_step"] == 12
