@@ -57,6 +57,20 @@ class NirvanaCLI(LightningCLI):
         self._remember_checkpoint()
 
 
+def entry() -> None:
+    """The ``nirvana-lightning`` command and ``python -m nirvana_lightning``: a bad setting ends with one line.
+
+    The :class:`ConfigError` names the key, the bad value and the valid choices; exit status 2.
+    """
+    import sys
+
+    try:
+        main()
+    except ConfigError as err:
+        print(f"nirvana-lightning: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(args: list[str] | None = None, run: bool = True) -> NirvanaCLI:
     """Entry point; ``args`` and ``run=False`` serve tests."""
     return NirvanaCLI(

@@ -108,6 +108,7 @@ def save_pruned(
     base_model: str | None = None,
     metrics: dict[str, float] | None = None,
     quantize: str | None = None,
+    into: str | Path | None = None,
 ) -> Path:
     """Write a pruned model as a Hugging Face directory, atomically.
 
@@ -124,6 +125,8 @@ def save_pruned(
             (``model_int8.pt``, per-channel scales; a quantised copy, the model is untouched) instead of
             ``model.safetensors``. :func:`load_pruned` reloads it (``weights_only``); vLLM and remote-code
             loading read the float export only.
+        into: write the files into this existing (temporary) directory instead, with no swap and no
+            manifest: for callers that add files and then swap everything at once (``ExportCallback``).
 
     Returns:
         ``path``. On any failure nothing exists at ``path`` (or the old content is kept).
@@ -190,6 +193,9 @@ def save_pruned(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
+    if into is not None:  # a caller that writes more files runs the one atomic swap itself (ExportCallback)
+        write(Path(into))
+        return Path(into)
     return write_dir_atomic(path, write, overwrite=overwrite, manifest=True)
 
 
@@ -275,8 +281,15 @@ def load_pruned(path: str | Path, dtype: str | None = None, *, verify: bool = Tr
         raise FileNotFoundError(f"{path} has no config.json: not a saved model directory")
     if verify:
         if (path / MANIFEST).is_file():
-            checked = [p.name for p in path.iterdir() if p.suffix in (".safetensors", ".pt")]
-            verify_manifest(path, checked + ["config.json", PLAN_FILE])
+            listed = json.loads((path / MANIFEST).read_text())["files"]
+            # every top-level file the export wrote (weights, config, plan, tokenizer, ...); GGUF files in
+            # gguf/ are not read here (verify_manifest(path) checks them too)
+            verify_manifest(path, [name for name in listed if "/" not in name])
+            unlisted = [p.name for p in path.iterdir() if p.suffix in (".safetensors", ".pt", ".bin")
+                        and p.name not in listed]
+            if unlisted:
+                raise ValueError(f"{path}: weight files {unlisted} are not in {MANIFEST} (added after the export); "
+                                 "pass verify=False to load anyway")
         else:
             import warnings
 

@@ -53,7 +53,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 MANIFEST = "nirvana_files.json"
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+?)\.(?P<kind>tmp|old)-(?P<pid>\d+)-")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -75,7 +75,8 @@ def _fsync_path(path: Path) -> None:
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for name in files:
-            _fsync_path(Path(dirpath) / name)
+            if not os.path.islink(os.path.join(dirpath, name)):  # a link's target is not ours to sync
+                _fsync_path(Path(dirpath) / name)
         _fsync_path(Path(dirpath))
 
 
@@ -90,15 +91,31 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_leftovers(parent: Path, name: str) -> list[Path]:
-    """Delete the temporary siblings (``.<name>.tmp-<pid>-*``, ``.<name>.old-<pid>-*``) of writers that died."""
+    """Clean up after writers of ``parent/name`` that died (their pid is gone).
+
+    A ``.<name>.old-<pid>-*`` directory while ``name`` itself is missing is the previous export of a
+    writer killed between its two renames (systems without an atomic exchange): it is renamed back to
+    ``name``, never deleted. Every other ``.<name>.tmp-*`` / ``.<name>.old-*`` of a dead writer is removed.
+    """
     removed = []
     if not parent.is_dir():
         return removed
+    dead = []
     for entry in parent.iterdir():
         m = _LEFTOVER.match(entry.name)
         if m and m["name"] == name and not _pid_alive(int(m["pid"])):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-            removed.append(entry)
+            dead.append((m["kind"], entry))
+    target = parent / name
+    orphans = sorted((e for k, e in dead if k == "old" and e.is_dir()), key=lambda e: e.stat().st_mtime)
+    if orphans and not os.path.lexists(target):
+        os.rename(orphans[-1], target)  # the newest previous export comes back
+        dead = [(k, e) for k, e in dead if e != orphans[-1]]
+    for _, entry in dead:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
     return removed
 
 
@@ -122,16 +139,36 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _owned(directory: Path) -> set[str] | None:
-    """Top-level names a previous write of ours listed in its manifest (None: no manifest)."""
+    """Relative paths of the files a previous write of ours listed in its manifest (None: no manifest)."""
     try:
         data = json.loads((directory / MANIFEST).read_text())
-        return {Path(f).parts[0] for f in data["files"]} | {MANIFEST}
+        return set(data["files"]) | {MANIFEST}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
+def _files(root: Path) -> list[str]:
+    """Relative paths of every file (and symlink) below ``root``."""
+    out = []
+    for dirpath, _, files in os.walk(root):
+        out += [Path(dirpath, f).relative_to(root).as_posix() for f in files]
+    return sorted(out)
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """Put ``src`` at ``dst`` without copying bytes where possible (a hard link), else a copy (links stay links)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem below, protected hard links, no hard links at all
+        shutil.copy2(src, dst)
+
+
 def _write_manifest(tmp: Path) -> None:
-    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    files = [f for f in _files(tmp) if f != MANIFEST and not (tmp / f).is_symlink()]
     entries = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files}
     (tmp / MANIFEST).write_text(json.dumps({"files": entries}, indent=1, sort_keys=True) + "\n")
 
@@ -143,7 +180,12 @@ def verify_manifest(directory: str | Path, names: list[str] | None = None) -> No
         ValueError: naming the file whose bytes changed, or a listed file that is missing.
     """
     directory = Path(directory)
-    data = json.loads((directory / MANIFEST).read_text())["files"]
+    try:
+        data = json.loads((directory / MANIFEST).read_text())["files"]
+        if not isinstance(data, dict):
+            raise TypeError("'files' is not an object")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{directory / MANIFEST} is corrupt ({type(err).__name__}: {err})") from None
     for name in names if names is not None else sorted(data):
         if name not in data:
             continue
@@ -175,6 +217,8 @@ def write_dir_atomic(target: str | Path, write: Callable[[Path], None], *, overw
       half-written remains.
     """
     target = Path(target)
+    if target.is_symlink():  # write where the link points; the link stays
+        target = target.resolve()
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is a file, not a directory")
     if target.exists() and any(target.iterdir()) and not overwrite:
@@ -192,13 +236,10 @@ def write_dir_atomic(target: str | Path, write: Callable[[Path], None], *, overw
         tmp.chmod(dir_mode())  # mkdtemp creates 0700
         if target.exists() and not in_place:
             owned = _owned(target)
-            keep = owned if owned is not None else {p.name for p in tmp.iterdir()}
-            for entry in target.iterdir():
-                if entry.name not in keep and not (tmp / entry.name).exists():
-                    if entry.is_dir():
-                        shutil.copytree(entry, tmp / entry.name, copy_function=os.link, symlinks=True)
-                    else:
-                        os.link(entry, tmp / entry.name, follow_symlinks=False)
+            ours = owned if owned is not None else set(_files(tmp))
+            for rel in _files(target):  # files we did not write (by path) are carried into the new copy
+                if rel not in ours and not os.path.lexists(tmp / rel):
+                    _carry(target / rel, tmp / rel)
         _fsync_tree(tmp)
         if in_place:
             _move_into_mount(tmp, target)
@@ -234,19 +275,21 @@ def _is_disk_full(err: BaseException) -> bool:
 
 
 def _move_into_mount(tmp: Path, target: Path) -> None:
+    """File by file into a directory that cannot be renamed; only files of ours are replaced or removed."""
     owned = _owned(target) or set()
-    new = {p.name for p in tmp.iterdir()}
-    for entry in sorted(tmp.iterdir(), key=lambda p: p.name == MANIFEST):  # the manifest last
-        # (the old manifest stays until then, naming what we own if the move stops half-way)
-        dest = target / entry.name
+    new = _files(tmp)
+    for rel in sorted(new, key=lambda r: r == MANIFEST):  # the manifest last: until then the old one names ours
+        dest = target / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.is_dir() and not dest.is_symlink():
-            shutil.rmtree(dest)
-        os.replace(entry, dest)
-    for name in owned - new:
-        stale = target / name
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            raise IsADirectoryError(f"{dest} is a directory; cannot write the file {rel} there")
+        os.replace(tmp / rel, dest)
+        if not dest.is_symlink():
+            _fsync_path(dest)
+    for rel in sorted(owned - set(new) - {MANIFEST}):
+        (target / rel).unlink(missing_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_tree(target)
+    _fsync_path(target)
 
 
 def load_checkpoint(path: str | Path, *, mmap: bool = True) -> dict:

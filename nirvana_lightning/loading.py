@@ -202,7 +202,7 @@ def is_pruned_export(path: str | Path) -> bool:
         data = json.loads(config.read_text())
     except ValueError as err:
         raise ConfigError("model.source", str(path), f"a directory whose config.json is valid JSON ({err})") from None
-    if (Path(path) / "quantization.json").is_file():
+    if (Path(path) / "quantization.json").is_file() and (Path(path) / "model_int8.pt").is_file():  # ours, int8
         raise ConfigError("model.source", str(path), "a float export: this directory holds int8 (torchao) weights, "
                           "which load_pruned reads for inference but cannot be trained or pruned again")
     return "nirvana_layer_widths" in data

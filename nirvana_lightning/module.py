@@ -276,9 +276,12 @@ class NirvanaModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16 loss scaling: an overflowing step is skipped by the GradScaler, by design
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+            norm = torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g.detach(), dtype=torch.float32) for g in grads]))
             self._stop_unless_finite("gradient norm", norm)
 
     def _stop_unless_finite(self, what: str, value: torch.Tensor) -> None:

@@ -44,6 +44,49 @@ def test_overwrite_keeps_files_we_did_not_write_and_drops_our_stale_ones(pruned,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary sibling left
 
 
+def test_user_files_inside_our_directories_survive_an_overwrite(tmp_path):
+    target = tmp_path / "out"
+    write_dir_atomic(target, lambda t: ((t / "gguf").mkdir(), (t / "gguf" / "model-f16.gguf").write_text("ours")),
+                     manifest=True)
+    (target / "gguf" / "model-q5.gguf").write_text("the user's")
+    os.symlink("/nonexistent/target", target / "dangling")
+    write_dir_atomic(target, lambda t: (t / "config.json").write_text("{}"), overwrite=True, manifest=True)
+    assert (target / "gguf" / "model-q5.gguf").read_text() == "the user's"
+    assert not (target / "gguf" / "model-f16.gguf").exists()  # ours, no longer written
+    assert os.path.islink(target / "dangling")
+    verify_manifest(target)
+
+
+def test_without_an_atomic_exchange_a_crash_between_the_renames_loses_nothing(tmp_path, monkeypatch):
+    """The documented fallback window: the old export waits under .out.old-<pid>-*; the next save puts it back."""
+    import nirvana_lightning.io as io_mod
+
+    target = tmp_path / "out"
+    write_dir_atomic(target, lambda t: (t / "v").write_text("old"), manifest=True)
+    monkeypatch.setattr(io_mod, "_exchange", lambda a, b: False)
+    real_rename, calls = os.rename, []
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed between the renames")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(io_mod.os, "rename", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        write_dir_atomic(target, lambda t: (t / "v").write_text("new"), overwrite=True, manifest=True)
+    monkeypatch.setattr(io_mod.os, "rename", real_rename)
+    assert (target / "v").read_text() == "old"  # the writer itself put it back
+    # a writer killed for real between the renames (simulated: the old copy aside, under a dead pid)
+    os.rename(target, tmp_path / ".out.old-999999-zz")
+    with pytest.raises(RuntimeError):
+        write_dir_atomic(target, lambda t: (_ for _ in ()).throw(RuntimeError("a failing save")))
+    assert (target / "v").read_text() == "old"  # restored before the failing save, which left nothing
+    write_dir_atomic(target, lambda t: (t / "v").write_text("new"), overwrite=True, manifest=True)
+    assert (target / "v").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_flipped_bytes_in_the_weights_are_caught(pruned, tmp_path):
     model, plan = pruned
     target = save_pruned(model, None, tmp_path / "out", plan)
@@ -191,7 +234,10 @@ def test_sigkill_at_random_points_of_a_fit_then_resume_finishes(tmp_path):
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 0.6))
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.wait() == -signal.SIGKILL, "the run ended before the kill: the kill point proves nothing"
+        from nirvana_lightning.io import load_checkpoint
+
+        assert load_checkpoint(last)["global_step"] < 12  # killed mid-run, with a readable last checkpoint
     done = subprocess.run(cmd + [f"--ckpt_path={last}"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     from nirvana_lightning.io import load_checkpoint

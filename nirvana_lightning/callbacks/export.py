@@ -115,8 +115,8 @@ class ExportCallback(L.Callback):
 
         def write(tmp: Path) -> None:
             if "hf" in self.formats:
-                save_pruned(model, tokenizer, tmp, plan, overwrite=True, adapter_only=self.adapter_only,
-                            base_model=pl_module.hparams.source, metrics=metrics)
+                save_pruned(model, tokenizer, tmp, plan, adapter_only=self.adapter_only,
+                            base_model=pl_module.hparams.source, metrics=metrics, into=tmp)
             for dtype in self.gguf_dtypes if "gguf" in self.formats and gguf_error is None else ():
                 save_gguf(model, tokenizer, tmp / "gguf" / f"model-{dtype}.gguf", plan, dtype=dtype,
                           name=pl_module.hparams.source)
