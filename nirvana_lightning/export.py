@@ -21,7 +21,7 @@ from torch import nn
 
 from .adapters import get_adapter, remote_modeling, unwrap_model
 from .errors import ConfigError, check_choice
-from .io import MANIFEST, sha256_file, verify_manifest, write_dir_atomic
+from .io import MANIFEST, sha256_written, verify_manifest, write_dir_atomic
 from .pruning import PruningPlan, count_parameters
 from .pruning.plan import library_versions
 
@@ -184,7 +184,7 @@ def save_pruned(
             else:  # torchao weights: neither remote code nor vLLM reads them, so do not point there
                 written.pop("auto_map", None)
             (tmp / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
-            weights = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.suffix in (".safetensors", ".pt")}
+            weights = {f.name: sha256_written(f) for f in sorted(tmp.iterdir()) if f.suffix in (".safetensors", ".pt")}
             (tmp / "README.md").write_text(_model_card(merged, plan, {"base_model": source, "metrics": metrics,
                                                                       "serving": serving, "quantize": quantize,
                                                                       "weights": weights}))
@@ -281,10 +281,9 @@ def load_pruned(path: str | Path, dtype: str | None = None, *, verify: bool = Tr
         raise FileNotFoundError(f"{path} has no config.json: not a saved model directory")
     if verify:
         if (path / MANIFEST).is_file():
-            listed = json.loads((path / MANIFEST).read_text())["files"]
             # every top-level file the export wrote (weights, config, plan, tokenizer, ...); GGUF files in
             # gguf/ are not read here (verify_manifest(path) checks them too)
-            verify_manifest(path, [name for name in listed if "/" not in name])
+            listed = verify_manifest(path, top_level=True)
             unlisted = [p.name for p in path.iterdir() if p.suffix in (".safetensors", ".pt", ".bin")
                         and p.name not in listed]
             if unlisted:

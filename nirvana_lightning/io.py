@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -62,6 +63,21 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of(path: str, _dev: int, _ino: int, _size: int, _mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def sha256_written(path: str | Path) -> str:
+    """sha256 of a file this process just wrote, hashed once even when the model card and the manifest both ask.
+
+    Keyed on the file's identity, size and modification time; checks of files on disk (``verify_manifest``)
+    always read the bytes again.
+    """
+    st = os.stat(path)
+    return _sha256_of(str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _fsync_path(path: Path) -> None:
@@ -169,12 +185,16 @@ def _carry(src: Path, dst: Path) -> None:
 
 def _write_manifest(tmp: Path) -> None:
     files = [f for f in _files(tmp) if f != MANIFEST and not (tmp / f).is_symlink()]
-    entries = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files}
+    entries = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_written(tmp / f)} for f in files}
     (tmp / MANIFEST).write_text(json.dumps({"files": entries}, indent=1, sort_keys=True) + "\n")
 
 
-def verify_manifest(directory: str | Path, names: list[str] | None = None) -> None:
-    """Check the sha256 of the listed files (all, or ``names``) against the directory's manifest.
+def verify_manifest(directory: str | Path, names: list[str] | None = None, *,
+                    top_level: bool = False) -> dict[str, dict]:
+    """Check the sha256 of the listed files (all, ``names``, or with ``top_level`` those not in a subfolder).
+
+    Returns:
+        the manifest's ``{relative path: {"bytes", "sha256"}}``.
 
     Raises:
         ValueError: naming the file whose bytes changed, or a listed file that is missing.
@@ -186,7 +206,9 @@ def verify_manifest(directory: str | Path, names: list[str] | None = None) -> No
             raise TypeError("'files' is not an object")
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{directory / MANIFEST} is corrupt ({type(err).__name__}: {err})") from None
-    for name in names if names is not None else sorted(data):
+    if names is None:
+        names = sorted(n for n in data if not (top_level and "/" in n))
+    for name in names:
         if name not in data:
             continue
         path = directory / name
@@ -195,6 +217,7 @@ def verify_manifest(directory: str | Path, names: list[str] | None = None) -> No
         if sha256_file(path) != data[name]["sha256"]:
             raise ValueError(f"{path} does not match its sha256 in {MANIFEST}: the file was modified or corrupted "
                              "(pass verify=False to load it anyway)")
+    return data
 
 
 def write_dir_atomic(target: str | Path, write: Callable[[Path], None], *, overwrite: bool = False,
@@ -208,9 +231,10 @@ def write_dir_atomic(target: str | Path, write: Callable[[Path], None], *, overw
       old directory or the complete new one. Where the OS lacks the exchange, the old directory is
       renamed aside and the new one renamed in: a crash between the two renames leaves the old content
       under ``.<name>.old-<pid>-*`` and no ``target``, the only window.
-    - ``manifest``: write ``nirvana_files.json`` (size and sha256 of every file). On overwrite, entries of
+    - ``manifest``: write ``nirvana_files.json`` (size and sha256 of every file). On overwrite, files of
       the old directory that its manifest does not list (or, without one, that the new write does not
-      produce) are carried over as hard links: files we did not write are never deleted.
+      produce) are carried over (hard links, or copies across filesystems): files we did not write are
+      never deleted.
     - ``target`` a mount point (a Docker volume): it cannot be renamed, so the files are moved in one by
       one (each atomically), then our stale files removed; a crash in between leaves a mix of files.
     - Temporary siblings left by writers that died are removed first; on any failure nothing

@@ -202,7 +202,10 @@ def is_pruned_export(path: str | Path) -> bool:
         data = json.loads(config.read_text())
     except ValueError as err:
         raise ConfigError("model.source", str(path), f"a directory whose config.json is valid JSON ({err})") from None
-    if (Path(path) / "quantization.json").is_file() and (Path(path) / "model_int8.pt").is_file():  # ours, int8
+    from .adapters.remote_modeling import WIDTHS_KEY
+    from .serving.quantize import INT8_WEIGHTS, QUANT_FILE
+
+    if (Path(path) / QUANT_FILE).is_file() and (Path(path) / INT8_WEIGHTS).is_file():  # ours, int8
         raise ConfigError("model.source", str(path), "a float export: this directory holds int8 (torchao) weights, "
                           "which load_pruned reads for inference but cannot be trained or pruned again")
-    return "nirvana_layer_widths" in data
+    return WIDTHS_KEY in data

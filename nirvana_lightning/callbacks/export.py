@@ -9,10 +9,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from ..adapters import unwrap_model
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice
 from ..export import save_pruned
 from ..io import load_checkpoint, write_dir_atomic
-from ..serving.gguf_export import check_gguf_support, save_gguf
+from ..serving.gguf_export import GGUF_DTYPES, check_gguf_support, save_gguf
 
 FORMATS = ("hf", "gguf")
 
@@ -35,9 +35,6 @@ class ExportCallback(L.Callback):
 
     def __init__(self, path: str = "export", overwrite: bool = False, adapter_only: bool = False,
                  best: bool = False, format: str | list[str] = "hf", gguf_dtypes: list[str] | None = None) -> None:
-        from ..errors import check_choice
-        from ..serving.gguf_export import GGUF_DTYPES
-
         if not path:
             raise ConfigError("ExportCallback.path", path, "a directory path")
         formats = [format] if isinstance(format, str) else list(format)

@@ -214,7 +214,7 @@ def machine_load() -> dict | None:
     """``{"load", "cores"}`` when the 1-minute load average exceeds the cores this process may use, else None.
 
     The run's own process is idle while it measures, so a load above the core count means other work
-    shares the cores (the same test as ``benchmarks/speedup.py``'s OVERSUBSCRIBED).
+    shares the cores (``benchmarks/speedup.py`` flags OVERSUBSCRIBED the same way, with 0.5 of slack).
     """
     try:
         load = os.getloadavg()[0]

@@ -133,12 +133,15 @@ class LlamaServer:
         with urllib.request.urlopen(req, timeout=600) as resp:
             return json.loads(resp.read())
 
-    def completion(self, prompt: list[int], max_tokens: int, *, n_probs: int = 1, cache_prompt: bool = False,
-                   ignore_eos: bool = False) -> dict:
-        """Greedy continuation (temperature 0); stops at an end-of-generation token like any llama.cpp client."""
+    def completion(self, prompt: list[int], max_tokens: int, *, n_probs: int = 0, cache_prompt: bool = False,
+                   **extra) -> dict:
+        """Greedy continuation (temperature 0); stops at an end-of-generation token like any llama.cpp client.
+
+        ``n_probs``: the top-n next-token log-probabilities of the model (before the sampler chain).
+        """
         return self.request("/completion", {
             "prompt": list(prompt), "n_predict": max_tokens, "temperature": 0.0, "cache_prompt": cache_prompt,
-            "return_tokens": True, "n_probs": n_probs, "post_sampling_probs": False, "ignore_eos": ignore_eos,
+            "return_tokens": True, "n_probs": n_probs, "post_sampling_probs": False, **extra,
         })
 
     def next_token_logprob(self, prefix: list[int], target: int, widths: tuple[int, ...] = (16, 1024)) -> float:
@@ -151,10 +154,7 @@ class LlamaServer:
             # The server sends no distribution when the sampled token ends the reply (end of generation) or
             # is part of a UTF-8 character; a logit bias makes the sampled token a plain "a". The reported
             # values are the model's own softmax, taken before the sampler chain and its biases.
-            out = self.request("/completion", {
-                "prompt": list(prefix), "n_predict": 1, "temperature": 0.0, "cache_prompt": True, "return_tokens": True,
-                "n_probs": n, "post_sampling_probs": False, "logit_bias": [[self.plain_token, 1000.0]],
-            })
+            out = self.completion(prefix, 1, n_probs=n, cache_prompt=True, logit_bias=[[self.plain_token, 1000.0]])
             for cand in out["completion_probabilities"][0]["top_logprobs"]:
                 if int(cand["id"]) == int(target):
                     return float(cand["logprob"])
@@ -191,7 +191,7 @@ def run_llamacpp(gguf: str, prompts: list[list[int]], max_tokens: int, *, prompt
     server = LlamaServer(gguf, n_ctx=max(512, longest + max_tokens + 16), threads=threads, exact=exact)
     results = []
     for prompt in prompts:
-        tokens = list(server.completion(prompt, max_tokens, n_probs=0)["tokens"])
+        tokens = list(server.completion(prompt, max_tokens)["tokens"])
         # the log-probability of each chosen token under the model (before sampling), teacher-forced: the
         # completion's own n_probs values are those of the greedy sampler chain, not the model's
         seq = list(prompt) + tokens
@@ -217,8 +217,7 @@ def _llamacpp_timing(server: LlamaServer, prompt: list[int], rounds: int = 3) ->
     """Prefill and decode tokens/s from llama.cpp's own timings (batch 1, 128 tokens decoded), best of rounds."""
     best_prefill, best_decode = 0.0, 0.0
     for _ in range(rounds):
-        out = server.request("/completion", {"prompt": list(prompt), "n_predict": 128, "temperature": 0.0,
-                                             "cache_prompt": False, "ignore_eos": True})
+        out = server.completion(prompt, 128, ignore_eos=True)
         t = out.get("timings", {})
         best_prefill = max(best_prefill, float(t.get("prompt_per_second", 0.0)))
         best_decode = max(best_decode, float(t.get("predicted_per_second", 0.0)))

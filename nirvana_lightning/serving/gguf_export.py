@@ -73,14 +73,8 @@ def _layer_widths(model: nn.Module) -> tuple[list[int], list[int], list[int], in
     from ..adapters import get_adapter
 
     adapter = get_adapter(model)
-    d = adapter.head_dim
-    heads, kv_heads, ffn = [], [], []
-    for layer in adapter.layers():
-        attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-        heads.append(attn.q.weight.shape[0] // d)
-        kv_heads.append(attn.k.weight.shape[0] // d)
-        ffn.append(mlp.gate.weight.shape[0])
-    return heads, kv_heads, ffn, d
+    kv_heads, ffn = map(list, zip(*(adapter.layer_geometry(layer) for layer in adapter.layers())))
+    return [k * adapter.n_query_per_kv for k in kv_heads], kv_heads, ffn, adapter.head_dim
 
 
 def gguf_architecture(model: nn.Module) -> str:

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from vllm.model_executor.models import llama, mistral, qwen3
 from vllm.model_executor.models.utils import extract_layer_index
 
-WIDTHS_KEY = "nirvana_layer_widths"
+from ..adapters.remote_modeling import WIDTHS_KEY
+
 _WIDTH_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 
@@ -73,7 +74,7 @@ class _PerLayerQwen3Model(qwen3.Qwen3Model):
 
 @contextmanager
 def _model_class(module, name: str, cls):
-    """Qwen2/Qwen3 ForCausalLM build their body by the module-level name: point it at ``cls`` meanwhile."""
+    """Qwen3ForCausalLM builds its body by the module-level name: point it at ``cls`` meanwhile."""
     original = getattr(module, name)
     setattr(module, name, cls)
     try:
