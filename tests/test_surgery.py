@@ -176,14 +176,54 @@ def test_param_budget_target(tiny, calib):
 
 
 def test_bf16_model_is_scored_in_float32_and_stays_bf16(family, calib):
+    """float32 scoring of a bf16 model equals scoring an fp32 copy exactly, and never converts the model."""
+    from nirvana_lightning.adapters import get_adapter
     from nirvana_lightning.debug_models import build_tiny_model
+    from nirvana_lightning.pruning.gradients import compute_unit_scores
 
     model = build_tiny_model(family).to(torch.bfloat16)
+    reference = build_tiny_model(family).to(torch.bfloat16).float()
+    seen = []  # parameter dtypes of the whole model at every layer call, forward and backward recompute
+    hooks = [layer.register_forward_pre_hook(lambda *_: seen.append({p.dtype for p in model.parameters()}))
+             for layer in get_adapter(model).layers()]
+    for criterion in ("nirvana", "taylor"):
+        for kwargs in ({}, {"micro_batch_size": 2}, {"micro_batch_size": 2, "accumulate": "saliency"},
+                       {"lean": False, "checkpointing": False, "head_chunk": None}):
+            got = compute_unit_scores(model, calib, criterion=criterion, compute_dtype=torch.float32, **kwargs)
+            want = compute_unit_scores(reference, calib, criterion=criterion, **kwargs)
+            for a, b in zip(got.attention + got.mlp, want.attention + want.mlp):
+                assert torch.equal(a, b), (criterion, kwargs)
+    for h in hooks:
+        h.remove()
+    assert seen and all(s == {torch.bfloat16} for s in seen)
     plan = prune(model, calib, sparsity=0.3, gamma=1.0)
     assert plan.provenance["scoring_dtype"] == "float32"
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    reference = make_plan(build_tiny_model(family).to(torch.bfloat16).float(), calib, sparsity=0.3, gamma=1.0)
-    assert plan.fingerprint() == reference.fingerprint()
+    assert plan.fingerprint() == make_plan(build_tiny_model(family).to(torch.bfloat16).float(), calib,
+                                           sparsity=0.3, gamma=1.0).fingerprint()
+
+
+def test_out_of_memory_half_way_leaves_the_model_untouched(family, calib):
+    """An error in the middle of float32 scoring (e.g. CUDA OOM in layer 1) leaves weights, dtypes and hooks as before."""
+    from nirvana_lightning.adapters import get_adapter
+    from nirvana_lightning.debug_models import build_tiny_model
+
+    model = build_tiny_model(family).to(torch.bfloat16)
+    before = {n: (p.clone(), p.requires_grad) for n, p in model.named_parameters()}
+
+    def explode(*_):  # the last layer, after the others have made their float32 copies
+        raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+    handle = get_adapter(model).layers()[-1].register_forward_pre_hook(explode)
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        prune(model, calib, sparsity=0.3, gamma=1.0)
+    handle.remove()
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16 and p.grad is None and p.requires_grad == before[n][1], n
+        assert torch.equal(p, before[n][0]), n
+    assert not any("forward" in m.__dict__ for m in model.modules())  # every wrapper removed
+    assert torch.equal(model(input_ids=calib).logits,
+                       build_tiny_model(family).to(torch.bfloat16)(input_ids=calib).logits)
 
 
 def test_scoring_upcast_leaves_buffers_alone(family, calib):

@@ -144,20 +144,11 @@ def make_plan(
         batches = as_batches(calibration, micro_batch_size)
         check_token_ids(batches, int(model.get_input_embeddings().num_embeddings))
     start = time.perf_counter()
-    dtype = next(model.parameters()).dtype
-    upcast = scoring_dtype == "float32" and dtype != torch.float32 and criterion in ("nirvana", "taylor")
-    if upcast:
-        # parameters only (an exact round trip: every bf16/fp16 value is representable in fp32);
-        # buffers such as RoPE's fp32 inv_freq must not pass through the model dtype
-        for p in model.parameters():
-            p.data = p.data.float()
-    try:
-        scores = compute_unit_scores(model, batches, criterion=criterion, functional=functional,
-                                     accumulate=accumulate, checkpointing=checkpointing, seed=seed)
-    finally:
-        if upcast:
-            for p in model.parameters():
-                p.data = p.data.to(dtype)
+    # float32 scoring of a half-precision model: one module at a time, the model is never converted
+    compute_dtype = torch.float32 if scoring_dtype == "float32" else None
+    scores = compute_unit_scores(model, batches, criterion=criterion, functional=functional,
+                                 accumulate=accumulate, checkpointing=checkpointing, seed=seed,
+                                 compute_dtype=compute_dtype)
     provenance = {
         "criterion": criterion, "functional": functional if criterion == "nirvana" else None,
         "calibration_fingerprint": fingerprint(batches) if batches else None,
@@ -208,7 +199,8 @@ def prune(
         allocation: ``global`` ranking or ``uniform`` per-layer fractions.
         micro_batch_size / accumulate: see :mod:`nirvana_lightning.pruning.gradients`.
         checkpointing: activation checkpointing during scoring.
-        scoring_dtype: ``float32`` (upcast for scoring, then back) or ``model``.
+        scoring_dtype: ``float32`` (a half-precision model is scored in float32 one layer at a time, never
+            converted: see :mod:`nirvana_lightning.pruning.gradients`) or ``model``.
         seed: seed of the ``random`` criterion (recorded in the plan).
 
     Returns:

@@ -11,13 +11,22 @@ and lean. With several micro-batches, ``accumulate="gradient"`` (default) keeps 
 gradients across micro-batches, which is exact but holds them all (like the released code);
 ``accumulate="saliency"`` sums |w * grad_mb| per micro-batch instead: lean, but an upper bound of
 the exact score (triangle inequality) that differs from the released semantics.
+
+Precision: ``compute_dtype=torch.float32`` scores a bf16/fp16 model in float32 without converting
+it. Each module is given float32 copies of its parameters only while it runs (inside the
+checkpointed layer forward, so backward recomputes them), the residual stream is float32 from the
+embedding output on, and every block weight's float32 gradient is reduced the moment autograd
+produces it. The model's parameters are never touched: peak memory is the half-precision model
+plus one layer's float32 copy and its gradients, and an error half-way (out of memory) leaves the
+model exactly as it was. Upcasting the whole model instead costs 2x its size (33 GiB for an 8B
+model in bf16) and was the 0.1 behaviour.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +88,94 @@ def fingerprint(batches: list[torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+class _UpcastCapture(torch.autograd.Function):
+    """``weight.to(dtype)`` whose backward hands the gradient (in ``dtype``) to ``sink`` instead of the weight.
+
+    ``anchor`` is a scalar leaf that makes the output require grad although the weight does not, so
+    no half-precision ``.grad`` is ever allocated and nothing large is saved for backward (the
+    copy is recomputed by the checkpointed forward).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, anchor, dtype, sink):
+        ctx.sink = sink
+        return weight.detach().to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.sink(grad)
+        return None, None, None, None
+
+
+@contextmanager
+def _parameters_as(module: nn.Module, make) -> Iterable[None]:
+    """Let ``module`` (and its children) see ``make(p)`` instead of each parameter ``p`` while inside."""
+    saved = []
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None:
+                saved.append((sub, name, p))
+                sub._parameters[name] = make(p)
+    try:
+        yield
+    finally:
+        for sub, name, p in saved:
+            sub._parameters[name] = p
+
+
+@contextmanager
+def _computed_in(model: nn.Module, adapter, dtype: torch.dtype, sinks: dict[int, object]) -> Iterable[None]:
+    """Run the model's forward in ``dtype`` without converting it (see the module doc).
+
+    Enter it before :meth:`ModelAdapter.checkpointed_layers`, which then wraps these forwards, so
+    each layer's copies are made (and remade in backward) inside its checkpointed region. ``sinks`` maps ``id(weight)`` to the callback that
+    receives that weight's gradient in ``dtype``.
+    """
+    anchor = torch.zeros((), requires_grad=True)
+
+    def make(p: nn.Parameter) -> torch.Tensor:
+        sink = sinks.get(id(p))
+        return p.detach().to(dtype) if sink is None else _UpcastCapture.apply(p, anchor, dtype, sink)
+
+    def wrap(module: nn.Module) -> None:
+        forward = module.forward  # the checkpointing wrapper for layers: copies are made inside it
+
+        def run(*args, _module=module, _forward=forward, **kwargs):
+            with _parameters_as(_module, make):
+                return _forward(*args, **kwargs)
+
+        module.forward = run
+
+    layers = adapter.layers()
+    embedding = model.get_input_embeddings()
+    inside = {id(m) for layer in layers for m in layer.modules()} | {id(m) for m in embedding.modules()}
+    # modules outside the layers that hold parameters (final norm, LM head), outermost only
+    others, covered = [], set()
+    layer_ids = {id(layer) for layer in layers}
+    for m in model.modules():
+        if id(m) in inside or id(m) in covered or not any(True for _ in m.parameters(recurse=False)):
+            continue
+        if any(id(x) in layer_ids for x in m.modules()):
+            raise NotImplementedError(f"{type(m).__name__} holds parameters and contains decoder layers: "
+                                      "score this family with scoring_dtype='model' or convert it to float32 first")
+        others.append(m)
+        covered |= {id(x) for x in m.modules()}
+    wrapped = [*layers, *others]
+    saved = [m.__dict__.get("forward") for m in wrapped]
+    for m in wrapped:
+        wrap(m)
+    handle = embedding.register_forward_hook(lambda _m, _inp, out: out.to(dtype))
+    try:
+        yield
+    finally:
+        handle.remove()
+        for m, previous in zip(wrapped, saved):
+            if previous is None:
+                del m.forward
+            else:
+                m.forward = previous
+
+
 def _chunked_head_functional(hidden: torch.Tensor, head: nn.Linear, functional: str, chunk: int) -> None:
     """Backpropagate f(head(hidden)) into ``hidden.grad`` one vocabulary chunk at a time.
 
@@ -90,8 +187,8 @@ def _chunked_head_functional(hidden: torch.Tensor, head: nn.Linear, functional: 
     n_vocab = weight.shape[0]
     if functional in ("max_over_seq", "sum_logits"):
         for start in range(0, n_vocab, chunk):
-            w = weight[start:start + chunk]
-            b = None if bias is None else bias[start:start + chunk]
+            w = weight[start:start + chunk].to(hidden.dtype)
+            b = None if bias is None else bias[start:start + chunk].to(hidden.dtype)
             logits = nn.functional.linear(hidden, w, b)  # (B, T, chunk)
             if functional == "max_over_seq":
                 part = logits.amax(dim=1).float().sum() / (hidden.shape[0] * n_vocab)
@@ -103,15 +200,15 @@ def _chunked_head_functional(hidden: torch.Tensor, head: nn.Linear, functional: 
         best = torch.full(hidden.shape[:2], -torch.inf, device=hidden.device)
         arg = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         for start in range(0, n_vocab, chunk):
-            logits = nn.functional.linear(hidden, weight[start:start + chunk],
-                                          None if bias is None else bias[start:start + chunk]).float()
+            logits = nn.functional.linear(hidden, weight[start:start + chunk].to(hidden.dtype),
+                                          None if bias is None else bias[start:start + chunk].to(hidden.dtype)).float()
             value, index = logits.max(dim=2)
             better = value > best
             best = torch.where(better, value, best)
             arg = torch.where(better, index + start, arg)
-    top = (hidden * weight[arg]).sum(-1)
+    top = (hidden * weight[arg].to(hidden.dtype)).sum(-1)
     if bias is not None:
-        top = top + bias[arg]
+        top = top + bias[arg].to(hidden.dtype)
     top.float().mean().backward()
 
 
@@ -127,6 +224,7 @@ def compute_unit_scores(
     checkpointing: bool = True,
     head_chunk: int | None = 8192,
     seed: int = 0,
+    compute_dtype: torch.dtype | None = None,
 ) -> UnitScores:
     """Score every attention group and MLP neuron of ``model`` (weights are not modified).
 
@@ -142,6 +240,8 @@ def compute_unit_scores(
         checkpointing: recompute layer activations in backward.
         head_chunk: vocabulary chunk for the NIRVANA functionals (None: full logits).
         seed: seed of the ``random`` criterion.
+        compute_dtype: dtype of the forward/backward (None: the model's); float32 on a bf16/fp16 model
+            casts one module at a time and never converts the model (see the module doc).
 
     Returns:
         :class:`UnitScores` in float32 on the CPU.
@@ -158,12 +258,16 @@ def compute_unit_scores(
     for i, layer in enumerate(adapter.layers()):
         widths[i] = adapter.layer_geometry(layer)
     n_unit = {(i, r): widths[i][0] if r in ("q", "k", "v", "o") else widths[i][1] for i, r, _ in linears}
-    attention = [torch.zeros(widths[i][0]) for i in range(len(widths))]
-    mlp = [torch.zeros(widths[i][1]) for i in range(len(widths))]
+    device = next(model.parameters()).device  # score where the model is
+    attention = [torch.zeros(widths[i][0], device=device) for i in range(len(widths))]
+    mlp = [torch.zeros(widths[i][1], device=device) for i in range(len(widths))]
 
     def add(i: int, role: str, saliency: torch.Tensor) -> None:
         target = attention if role in ("q", "k", "v", "o") else mlp
-        target[i] += reduce_role_scores(role, saliency, n_unit[(i, role)]).cpu()
+        target[i] += reduce_role_scores(role, saliency, n_unit[(i, role)])  # on the device: no sync per hook
+
+    def result() -> UnitScores:
+        return UnitScores([a.cpu() for a in attention], [m.cpu() for m in mlp])
 
     if criterion == "random":
         gen = torch.Generator().manual_seed(seed)
@@ -172,21 +276,34 @@ def compute_unit_scores(
     if criterion == "magnitude":
         for i, role, lin in linears:
             add(i, role, compute_weight_saliency(lin.weight, None))
-        return UnitScores(attention, mlp)
+        return result()
 
     batches = as_batches(calibration, micro_batch_size)
     n_total = sum(b.shape[0] for b in batches)
-    device = next(model.parameters()).device  # score where the model is
+    model_dtype = next(model.parameters()).dtype
+    upcast = compute_dtype is not None and compute_dtype != model_dtype
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     saved_grads = {p: p.grad for p in model.parameters()}
     was_training = model.training
-    handles, state = [], {"active": accumulate == "saliency"}
+    handles, state = [], {"active": accumulate == "saliency" and lean}
+    held: dict[int, torch.Tensor] = {}  # upcast path: gradients kept until reduced (several batches, or not lean)
+    sinks = {}
     try:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
             p.grad = None
         for i, role, lin in linears:
+            if upcast:
+                def sink(grad, _i=i, _role=role, _w=lin.weight):
+                    if id(_w) in held:
+                        grad = held.pop(id(_w)) + grad
+                    if state["active"]:
+                        add(_i, _role, compute_weight_saliency(_w, grad))
+                    else:
+                        held[id(_w)] = grad
+                sinks[id(lin.weight)] = sink
+                continue
             lin.weight.requires_grad_(True)
             if lean:
                 def hook(param, _i=i, _role=role):
@@ -194,9 +311,11 @@ def compute_unit_scores(
                         add(_i, _role, compute_weight_saliency(param, param.grad))
                         param.grad = None
                 handles.append(lin.weight.register_post_accumulate_grad_hook(hook))
-        with adapter.checkpointed_layers() if checkpointing else nullcontext():
+        # the copies must be made inside each checkpointed region, so the casting wrapper goes on first
+        with _computed_in(model, adapter, compute_dtype, sinks) if upcast else nullcontext(), \
+                adapter.checkpointed_layers() if checkpointing or upcast else nullcontext():
             for n, batch in enumerate(batches):
-                if n == len(batches) - 1:
+                if n == len(batches) - 1 and lean:
                     state["active"] = True  # gradient mode: reduce only once the sum is complete
                 ids = batch.to(device)
                 scale = 1.0 if functional == "sum_logits" and criterion == "nirvana" else ids.shape[0] / n_total
@@ -214,12 +333,14 @@ def compute_unit_scores(
                     del logits
         if not lean:
             for i, role, lin in linears:
-                add(i, role, compute_weight_saliency(lin.weight, lin.weight.grad))
+                add(i, role, compute_weight_saliency(lin.weight, held.pop(id(lin.weight)) if upcast
+                                                     else lin.weight.grad))
     finally:
+        held.clear()
         for h in handles:
             h.remove()
         for p, flag in saved_flags.items():
             p.requires_grad_(flag)
             p.grad = saved_grads[p]
         model.train(was_training)
-    return UnitScores(attention, mlp)
+    return result()
