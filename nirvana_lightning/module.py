@@ -323,6 +323,19 @@ class NirvanaModule(L.LightningModule):
         loss = hp.kd_alpha * kd + (1 - hp.kd_alpha) * out.loss if hp.kd_alpha < 1 else kd
         return loss, n_token
 
+    def _accumulate_metrics_in_full_precision(self) -> None:
+        """``bf16-true`` / ``16-true`` convert the whole module, torchmetrics states included; a perplexity summed
+        over hundreds of batches in bf16 is off by percents. The states are put back into float64 (float32 on
+        MPS) before every evaluation loop, after any conversion."""
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        self.val_nll.set_dtype(dtype)
+
+    def on_validation_start(self) -> None:
+        self._accumulate_metrics_in_full_precision()
+
+    def on_test_start(self) -> None:
+        self._accumulate_metrics_in_full_precision()
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, n_token = lm_loss_and_count(self.model, batch)
         self.val_nll.update(loss.detach().float(), weight=n_token)
@@ -343,10 +356,32 @@ class NirvanaModule(L.LightningModule):
         self._log_epoch_nll("test")
 
     # ------------------------------------------------------------ optimizer
+    def _trainable_in_float32(self, params: list[torch.nn.Parameter]) -> None:
+        """LoRA adapters and their AdamW state stay float32 whatever the precision plugin did to the module.
+
+        ``bf16-true`` converts every parameter; bf16 adapters lose updates smaller than 2^-8 of the weight (at
+        lr 1e-5 most ``lora_A`` entries never change). Adapters are a fraction of a percent of the model, so
+        keeping them in float32 costs nothing; peft casts the layer input to the adapter's dtype and the
+        result back, and merging casts the delta to the base dtype. Runs here because Lightning calls
+        ``configure_optimizers`` after the precision plugin has converted the module (also after a rebuild).
+        Full fine-tuning is left in the dtype the user chose (float32 master weights would double its memory).
+        """
+        if self.hparams.recovery != "lora":
+            if any(p.dtype in (torch.bfloat16, torch.float16) for p in params) and not self.__dict__.get("_warned_half"):
+                self.__dict__["_warned_half"] = True
+                rank_zero_warn("recovery 'full' with half-precision weights: weights and AdamW states are "
+                               f"{params[0].dtype}, so small updates are lost; use trainer.precision bf16-mixed "
+                               "with model.dtype float32 for float32 master weights")
+            return
+        for p in params:
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             return None
+        self._trainable_in_float32(params)
         hp = self.hparams
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))

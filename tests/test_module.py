@@ -1,20 +1,24 @@
 """The LightningModule without the CLI: recovery modes, optimizer and schedule."""
 
+import math
+
 import lightning as L
+import pytest
 import torch
 
 from nirvana_lightning import NirvanaModule
 from nirvana_lightning.data import NirvanaDataModule
 
 
-def _fit(recovery, tmp_path, steps=3, **kwargs):
+def _fit(recovery, tmp_path, steps=3, precision="32-true", **kwargs):
     L.seed_everything(0)
-    module = NirvanaModule(source="tiny-llama", recovery=recovery, lr=1e-2, warmup_steps=1, lora_r=4, **kwargs)
+    kwargs.setdefault("lr", 1e-2)
+    module = NirvanaModule(source="tiny-llama", recovery=recovery, warmup_steps=1, lora_r=4, **kwargs)
     data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=32, max_val_windows=2,
                              batch_size=2)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1, val_check_interval=steps,
-                        default_root_dir=tmp_path)
+                        default_root_dir=tmp_path, precision=precision)
     module.build_model()
     before = {n: p.detach().clone() for n, p in module.base_model.named_parameters()}
     trainer.fit(module, datamodule=data)
@@ -50,3 +54,24 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
     for (n, p), (_, q) in zip(plain.base_model.named_parameters(), ckpt.base_model.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_bf16_true_keeps_adapters_optimizer_and_metrics_in_full_precision(tmp_path):
+    """Under bf16-true the base is bf16, but LoRA weights, AdamW moments and the perplexity sums are not."""
+    from nirvana_lightning.eval.perplexity import lm_loss_and_count
+
+    module, _, trainer = _fit("lora", tmp_path, steps=3, dtype="bfloat16", precision="bf16-true", lr=1e-5)
+    lora = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    assert all(p.dtype == torch.bfloat16 for n, p in module.model.named_parameters() if "lora_" not in n)
+    state = trainer.optimizers[0].state
+    assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+    assert module.val_nll.mean_value.dtype == torch.float64
+    # the logged perplexity equals a float64 sum over the same validation batches (same forward context)
+    total, count = 0.0, 0
+    module.model.eval()
+    with torch.no_grad(), trainer.precision_plugin.forward_context():
+        for batch in trainer.datamodule.val_dataloader():
+            loss, n = lm_loss_and_count(module.model, batch)
+            total, count = total + float(loss) * n, count + n
+    assert float(trainer.callback_metrics["val/ppl"]) == pytest.approx(math.exp(total / count), rel=1e-6)
