@@ -13,7 +13,6 @@ from torchmetrics.aggregation import MeanMetric
 
 from .adapters import ROLES, unwrap_model
 from .errors import ConfigError, check_choice, check_positive
-from .eval.kl import target_mask, token_kl
 from .eval.perplexity import lm_loss_and_count
 from .io import load_checkpoint
 from .loading import DTYPES, load_model, validate_source
@@ -21,6 +20,7 @@ from .pruning import PruningPlan, apply_plan
 from .pruning.api import cut
 from .pruning.plan import compose_plans
 from .recovery import RECOVERY_MODES, apply_recovery
+from .recovery.objectives import distillation_loss
 
 OBJECTIVES = ("lm", "kd")
 
@@ -305,23 +305,16 @@ class NirvanaModule(L.LightningModule):
     def _distillation_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
         """``alpha * tau^2 * KL(teacher_tau || student_tau) + (1 - alpha) * LM`` per scored token."""
         hp = self.hparams
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
         teacher = self.dense_reference()
         wanted = torch.device(hp.teacher_device) if hp.teacher_device else self.device
         if next(teacher.parameters()).device != wanted:  # e.g. first loaded on the CPU by KLToDenseCallback
             teacher.to(wanted)
-        teacher_device = next(teacher.parameters()).device
-        with torch.no_grad():
-            mask = batch.get("attention_mask")
-            teacher_logits = teacher(input_ids=batch["input_ids"].to(teacher_device),
-                                     attention_mask=None if mask is None else mask.to(teacher_device)).logits
-        kl_sum, n_token = token_kl(teacher_logits, out.logits, target_mask(batch), temperature=hp.kd_temperature)
-        kd = kl_sum / max(1, n_token) * hp.kd_temperature ** 2
+        out = distillation_loss(self.model, teacher, batch, temperature=hp.kd_temperature, alpha=hp.kd_alpha)
         bs = batch["input_ids"].shape[0]
-        self.log("train/kd", kd.detach(), batch_size=bs)
-        self.log("train/lm_loss", out.loss.detach(), batch_size=bs)
-        loss = hp.kd_alpha * kd + (1 - hp.kd_alpha) * out.loss if hp.kd_alpha < 1 else kd
-        return loss, n_token
+        self.log("train/kd", out["kd"].detach(), batch_size=bs)
+        if out["lm"] is not None:
+            self.log("train/lm_loss", out["lm"].detach(), batch_size=bs)
+        return out["loss"], out["n_token"]
 
     def _accumulate_metrics_in_full_precision(self) -> None:
         """``bf16-true`` / ``16-true`` convert the whole module, torchmetrics states included; a perplexity summed

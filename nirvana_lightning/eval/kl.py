@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..data.sft import IGNORE_INDEX
 
@@ -41,11 +42,19 @@ def token_kl(
         keep = mask.reshape(-1).to(out.device).bool()
         ref, out = ref[keep.to(ref.device)], out[keep]
     total = out.new_zeros((), dtype=torch.float32)
+    grad = torch.is_grad_enabled() and out.requires_grad
     for s in range(0, out.shape[0], token_chunk):
-        p = torch.log_softmax(ref[s:s + token_chunk].to(out.device).float() / temperature, dim=-1)
-        q = torch.log_softmax(out[s:s + token_chunk].float() / temperature, dim=-1)
-        total = total + (p.exp() * (p - q)).sum()
+        args = (ref[s:s + token_chunk].to(out.device), out[s:s + token_chunk], temperature)
+        # with autograd, a chunk's float32 log-probs would be kept for backward (4x the logits in all):
+        # recompute them in backward instead
+        total = total + (checkpoint(_chunk_kl, *args, use_reentrant=False) if grad else _chunk_kl(*args))
     return total, int(out.shape[0])
+
+
+def _chunk_kl(ref: torch.Tensor, out: torch.Tensor, temperature: float) -> torch.Tensor:
+    p = torch.log_softmax(ref.float() / temperature, dim=-1)
+    q = torch.log_softmax(out.float() / temperature, dim=-1)
+    return (p.exp() * (p - q)).sum()
 
 
 def target_mask(batch: dict) -> torch.Tensor:

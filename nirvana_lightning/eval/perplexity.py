@@ -15,11 +15,12 @@ def lm_loss_and_count(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]
     """Mean next-token loss of a batch and the number of tokens it averages over.
 
     ``batch`` holds ``input_ids``, ``labels`` (-100 where ignored) and optionally
-    ``attention_mask``, all ``(B, T)``. The model shifts labels internally (HF convention).
+    ``attention_mask``, all ``(B, T)``. Labels are shifted by one (HF convention). The logits are
+    never materialised whole (:mod:`nirvana_lightning.recovery.objectives`).
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
-    n_token = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    return out.loss, n_token
+    from ..recovery.objectives import lm_loss
+
+    return lm_loss(model, batch)
 
 
 @torch.no_grad()
