@@ -25,6 +25,28 @@ from .recovery.objectives import distillation_loss
 OBJECTIVES = ("lm", "kd")
 
 
+def resolve_device(spec: str, root: torch.device, world_size: int, *, key: str) -> torch.device:
+    """A device setting for one rank: ``cpu``, ``+N`` (this rank's accelerator index + N, modulo the
+    number of devices of that type) or an absolute device, refused under several processes when it names
+    one accelerator (every rank would put its copy there)."""
+    spec = str(spec).strip()
+    if spec.startswith("+"):
+        if not spec[1:].isdigit():
+            raise ConfigError(key, spec, "cpu, a device such as cuda:1, or +N (N accelerators after each rank's own)")
+        if root.type == "cpu":
+            return root
+        count = torch.cuda.device_count() if root.type == "cuda" else 1
+        return torch.device(root.type, ((root.index or 0) + int(spec[1:])) % max(1, count))
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ConfigError(key, spec, "cpu, a device such as cuda:1, or +N (N accelerators after each rank's own)") from None
+    if world_size > 1 and device.type != "cpu":
+        raise ConfigError(key, spec, f"cpu or +N under {world_size} processes ({spec!r} would put every rank's copy "
+                          "on the same device)")
+    return device
+
+
 class NirvanaModule(L.LightningModule):
     """Wraps a causal LM for recovery training and evaluation.
 
@@ -46,8 +68,10 @@ class NirvanaModule(L.LightningModule):
         kd_temperature: softmax temperature tau of both teacher and student in ``kd``; the KL term
             is scaled by tau**2 so its gradient scale does not depend on tau.
         kd_alpha: weight of the KL term; the loss is ``kd_alpha * KL + (1 - kd_alpha) * LM``.
-        teacher_device: where the frozen dense teacher lives (default: the training device),
-            e.g. ``cpu`` or ``cuda:1``.
+        teacher_device: where the frozen dense teacher lives (default: the training device): ``cpu``,
+            ``+1`` (the accelerator after each rank's own, so 4 ranks on 8 GPUs put their teachers on
+            the other 4), or a device such as ``cuda:1`` (single process only: under DDP every rank's
+            teacher would land on that one GPU).
         teacher_dtype: teacher weight dtype (default: ``dtype``), e.g. ``bfloat16`` to halve its memory.
     """
 
@@ -95,10 +119,7 @@ class NirvanaModule(L.LightningModule):
         if teacher_dtype is not None:
             check_choice("model.teacher_dtype", teacher_dtype, DTYPES)
         if teacher_device is not None:
-            try:
-                torch.device(teacher_device)
-            except (RuntimeError, TypeError):
-                raise ConfigError("model.teacher_device", teacher_device, "a torch device such as cpu or cuda:1") from None
+            resolve_device(teacher_device, torch.device("cpu"), 1, key="model.teacher_device")  # syntax only
         if objective == "kd" and recovery == "none":
             raise ConfigError("model.objective", objective, "'lm' when recovery is 'none' (nothing is trained)")
         self.save_hyperparameters()
@@ -116,6 +137,7 @@ class NirvanaModule(L.LightningModule):
         if self.model is None:
             hp = self.hparams
             self.model, self.tokenizer = load_model(hp.source, hp.dtype, cache_dir=hp.cache_dir)
+            self._keep_float32_buffers()
             self._restore_plan_from_checkpoint()
         return self.base_model
 
@@ -133,11 +155,17 @@ class NirvanaModule(L.LightningModule):
             teacher, _ = load_model(hp.source, hp.teacher_dtype or hp.dtype, cache_dir=hp.cache_dir)
             teacher.requires_grad_(False)
             teacher.eval()
-            teacher.to(hp.teacher_device or device or self.device)
+            teacher.to(self._teacher_device() if hp.teacher_device else (device or self.device))
             self.__dict__["_dense_reference"] = teacher  # bypasses nn.Module registration on purpose
             rank_zero_info(f"dense reference loaded on {next(teacher.parameters()).device} "
                            f"({next(teacher.parameters()).dtype})")
         return teacher
+
+    def _teacher_device(self) -> torch.device:
+        trainer = self._trainer
+        root = trainer.strategy.root_device if trainer is not None else self.device
+        world = trainer.world_size if trainer is not None else 1
+        return resolve_device(self.hparams.teacher_device, root, world, key="model.teacher_device")
 
     def _restore_plan_from_checkpoint(self) -> None:
         """When the Trainer resumes from a checkpoint written after pruning, cut the same units now.
@@ -181,6 +209,7 @@ class NirvanaModule(L.LightningModule):
         self.model, self.pruning_plan, self._recovery_applied = None, None, False
         hp = self.hparams
         self.model, self.tokenizer = load_model(hp.source, hp.dtype, cache_dir=hp.cache_dir)
+        self._keep_float32_buffers()
         self._apply_saved_plan(saved, "the checkpoint")
         if recovery_applied:
             self.configure_model()
@@ -242,6 +271,8 @@ class NirvanaModule(L.LightningModule):
     def configure_model(self) -> None:
         """Build the model and attach the recovery adapters (after any pruning at setup)."""
         self.build_model()
+        if "_float32_buffers" not in self.__dict__:  # a model handed in as module.model, not loaded by build_model
+            self._keep_float32_buffers()
         self._warn_beyond_context()
         if self._recovery_applied:
             return
@@ -306,7 +337,7 @@ class NirvanaModule(L.LightningModule):
         """``alpha * tau^2 * KL(teacher_tau || student_tau) + (1 - alpha) * LM`` per scored token."""
         hp = self.hparams
         teacher = self.dense_reference()
-        wanted = torch.device(hp.teacher_device) if hp.teacher_device else self.device
+        wanted = self._teacher_device() if hp.teacher_device else self.device
         if next(teacher.parameters()).device != wanted:  # e.g. first loaded on the CPU by KLToDenseCallback
             teacher.to(wanted)
         out = distillation_loss(self.model, teacher, batch, temperature=hp.kd_temperature, alpha=hp.kd_alpha)
@@ -349,6 +380,27 @@ class NirvanaModule(L.LightningModule):
         self._log_epoch_nll("test")
 
     # ------------------------------------------------------------ optimizer
+    def _keep_float32_buffers(self) -> None:
+        """Remember the model's float32 buffers (RoPE ``inv_freq``) as loaded, before any precision plugin runs."""
+        self.__dict__["_float32_buffers"] = {n: b.detach().clone() for n, b in self.base_model.named_buffers()
+                                             if b.dtype == torch.float32}
+
+    def _restore_float32_buffers(self) -> None:
+        """Undo the precision plugin's conversion of float32 buffers.
+
+        ``bf16-true`` runs ``module.to(bfloat16)``, which rounds RoPE's ``inv_freq`` to bf16: the rotation
+        angle at position 8192 is then off by up to ~15 rad for Llama-3 frequencies, so recovery would
+        train a model with other position encodings than the one exported (transformers recomputes the
+        buffer in float32 at load) and served. The buffers are put back as loaded, bit for bit.
+        """
+        base = self.base_model
+        for name, saved in self.__dict__.get("_float32_buffers", {}).items():
+            owner, _, leaf = name.rpartition(".")
+            module = base.get_submodule(owner) if owner else base
+            current = module._buffers.get(leaf)
+            if current is not None and current.dtype != torch.float32:
+                module._buffers[leaf] = saved.to(current.device)
+
     def _trainable_in_float32(self, params: list[torch.nn.Parameter]) -> None:
         """LoRA adapters and their AdamW state stay float32 whatever the precision plugin did to the module.
 
@@ -374,6 +426,7 @@ class NirvanaModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             return None
+        self._restore_float32_buffers()
         self._trainable_in_float32(params)
         hp = self.hparams
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))

@@ -67,6 +67,10 @@ def test_bf16_true_keeps_adapters_optimizer_and_metrics_in_full_precision(tmp_pa
     state = trainer.optimizers[0].state
     assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
     assert module.val_nll.mean_value.dtype == torch.float64
+    # RoPE's inv_freq is back in float32, bit for bit as loaded (transformers recomputes it so at export reload)
+    fresh = NirvanaModule(source="tiny-llama", dtype="bfloat16").build_model()
+    for name, buffer in fresh.named_buffers():
+        assert torch.equal(module.base_model.get_buffer(name), buffer) and buffer.dtype == torch.float32, name
     # the logged perplexity equals a float64 sum over the same validation batches (same forward context)
     total, count = 0.0, 0
     module.model.eval()
@@ -75,3 +79,49 @@ def test_bf16_true_keeps_adapters_optimizer_and_metrics_in_full_precision(tmp_pa
             loss, n = lm_loss_and_count(module.model, batch)
             total, count = total + float(loss) * n, count + n
     assert float(trainer.callback_metrics["val/ppl"]) == pytest.approx(math.exp(total / count), rel=1e-6)
+
+
+def test_teacher_device_is_relative_to_each_rank(monkeypatch):
+    from nirvana_lightning.errors import ConfigError
+    from nirvana_lightning.module import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    cuda = [torch.device("cuda", i) for i in range(8)]
+    assert [resolve_device("+1", cuda[r], 4, key="k") for r in range(4)] == cuda[1:5]
+    assert resolve_device("+4", cuda[6], 8, key="k") == cuda[2]  # wraps around the node's devices
+    assert resolve_device("+1", torch.device("cpu"), 2, key="k") == torch.device("cpu")
+    assert resolve_device("cuda:1", cuda[0], 1, key="k") == cuda[1]  # one process: an absolute device is fine
+    assert resolve_device("cpu", cuda[3], 8, key="k") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"model\.teacher_device='cuda:1'.*every rank"):
+        resolve_device("cuda:1", cuda[0], 2, key="model.teacher_device")
+    with pytest.raises(ConfigError, match=r"\+N"):
+        resolve_device("+one", cuda[0], 1, key="model.teacher_device")
+
+
+def test_kl_callback_offloads_the_dense_copy_between_measurements(monkeypatch):
+    """device=offload: the dense copy is moved to the model's device for a measurement and back to the host after."""
+    from nirvana_lightning.callbacks.kl import KLToDenseCallback
+    from nirvana_lightning.debug_models import build_tiny_model
+
+    reference = build_tiny_model("tiny-llama")
+    moves = []
+    original = reference.to
+    monkeypatch.setattr(reference, "to", lambda *a, **k: (moves.append(str(a[0])), original(*a, **k))[1])
+
+    class Module:
+        model = build_tiny_model("tiny-llama", seed=1)
+
+        def dense_reference(self, device=None):
+            moves.append(f"load:{device}")
+            return reference
+
+    class Trainer:
+        class datamodule:  # noqa: N801
+            @staticmethod
+            def val_dataloader():
+                ids = torch.randint(0, 256, (2, 8))
+                return [{"input_ids": ids, "labels": ids}]
+
+    kl = KLToDenseCallback(device="offload").evaluate(Trainer(), Module(), "pruned")
+    assert kl["val"] > 0
+    assert moves == ["load:cpu", "cpu", "cpu"]  # loaded in host memory, moved to the model's device, moved back
