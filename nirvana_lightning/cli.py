@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from lightning.pytorch.cli import LightningCLI
 
 from .data import NirvanaDataModule
 from .errors import ConfigError
-from .io import load_checkpoint
+from .io import checkpoint_file, load_checkpoint
 from .module import NirvanaModule
 
 
@@ -28,9 +26,9 @@ class NirvanaCLI(LightningCLI):
         """
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt_path and Path(ckpt_path).is_file():
+        if ckpt_path and checkpoint_file(ckpt_path).is_file():
             try:
-                saved = load_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {}
+                saved = load_checkpoint(checkpoint_file(ckpt_path), mmap=True).get("hyper_parameters") or {}
             except ValueError as err:
                 raise ConfigError("ckpt_path", ckpt_path, f"a readable checkpoint of this run ({err})") from None
             configured = self.config[sub]["model"].get("source") if self.config[sub].get("model") else None

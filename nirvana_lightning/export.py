@@ -118,7 +118,8 @@ def save_pruned(
         path: destination directory; an existing non-empty one is refused unless ``overwrite``.
         plan: the plan that produced the model (``plan.json`` and the model card).
         adapter_only: for a peft model, write only the adapter + plan + base reference
-            (``nirvana_base.json``); otherwise LoRA adapters are merged (on a copy).
+            (``nirvana_base.json``); otherwise LoRA adapters are merged into a plain model that shares
+            every untouched tensor with ``model`` (:func:`~nirvana_lightning.recovery.lora.merged_model`).
         base_model: source of the dense model, recorded in the card and the base reference.
         metrics: numbers to put in the model card.
         quantize: ``int8_weight_only`` writes the decoder's linear weights as torchao int8 tensors
@@ -146,12 +147,14 @@ def save_pruned(
         raise ValueError("adapter_only=True needs the plan: the adapter only fits the pruned shapes")
 
     def write(tmp: Path) -> None:
+        from .recovery.lora import merged_model  # (recovery imports Lightning; this module must not)
+
         if adapter_only:
             model.save_pretrained(tmp)
             dtype = str(next(base.parameters()).dtype).replace("torch.", "")
             (tmp / BASE_FILE).write_text(json.dumps({"base_model": source, "dtype": dtype}, indent=1))
         else:
-            merged = copy.deepcopy(model).merge_and_unload() if is_peft else base
+            merged = merged_model(model) if is_peft else base  # no copy of the model (recovery.lora)
             get_adapter(merged)  # supported family
             for name, param in merged.named_parameters():
                 if not bool(param.detach().isfinite().all()):

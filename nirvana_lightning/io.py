@@ -316,6 +316,13 @@ def _move_into_mount(tmp: Path, target: Path) -> None:
     _fsync_path(target)
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """The file holding a checkpoint's non-tensor state: the path itself, or ``meta.pt`` inside a sharded
+    (distributed) checkpoint directory written by Lightning's ``ModelParallelStrategy`` / FSDP."""
+    path = Path(path)
+    return path / "meta.pt" if path.is_dir() and (path / "meta.pt").is_file() else path
+
+
 def load_checkpoint(path: str | Path, *, mmap: bool = True) -> dict:
     """Load a Lightning / torch checkpoint file without executing code from it.
 

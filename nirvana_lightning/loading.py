@@ -160,16 +160,19 @@ def load_tokenizer(source: str, cache_dir: str | Path | None = None):
     return tokenizer
 
 
-def load_model(source: str, dtype: str = "float32", *, cache_dir: str | Path | None = None):
+def load_model(source: str, dtype: str = "float32", *, cache_dir: str | Path | None = None,
+               device: str | None = None):
     """Load a causal LM and its tokenizer.
 
     Args:
         source: an embedded name (``smollm2-135m``), a local Hugging Face directory or a hub id.
         dtype: ``float32``, ``bfloat16`` or ``float16``.
         cache_dir: where embedded models are converted (default :func:`default_cache_dir`).
+        device: load the weights straight onto this device (e.g. each DDP rank's own GPU), so no
+            rank holds a host copy: 8 ranks loading an 8B model on the host would need 120 GiB.
 
     Returns:
-        ``(model, tokenizer)``; the model is in eval mode on the CPU.
+        ``(model, tokenizer)``; the model is in eval mode on ``device`` (default the CPU).
     """
     from transformers import AutoModelForCausalLM
 
@@ -179,6 +182,10 @@ def load_model(source: str, dtype: str = "float32", *, cache_dir: str | Path | N
         from .export import load_pruned
 
         model, _ = load_pruned(path, dtype=dtype)
+        if device is not None:
+            model.to(device)
+    elif device is not None and torch.device(device).type != "cpu":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], device_map={"": str(device)})
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     if source in EMBEDDED_MODELS or source in TINY_CONFIGS:

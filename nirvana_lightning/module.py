@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -14,13 +13,14 @@ from torchmetrics.aggregation import MeanMetric
 from .adapters import ROLES, unwrap_model
 from .errors import ConfigError, check_choice, check_positive
 from .eval.perplexity import lm_loss_and_count
-from .io import load_checkpoint
+from .io import checkpoint_file, load_checkpoint
 from .loading import DTYPES, load_model, validate_source
 from .pruning import PruningPlan, apply_plan
 from .pruning.api import cut
 from .pruning.plan import compose_plans
 from .recovery import RECOVERY_MODES, apply_recovery
 from .recovery.objectives import distillation_loss
+from .sharding import is_sharded, shard_model
 
 OBJECTIVES = ("lm", "kd")
 
@@ -136,7 +136,8 @@ class NirvanaModule(L.LightningModule):
         """Load the base model once (idempotent) and return it (unwrapped, without adapters)."""
         if self.model is None:
             hp = self.hparams
-            self.model, self.tokenizer = load_model(hp.source, hp.dtype, cache_dir=hp.cache_dir)
+            self.model, self.tokenizer = load_model(hp.source, hp.dtype, cache_dir=hp.cache_dir,
+                                                    device=self._load_device())
             self._keep_float32_buffers()
             self._restore_plan_from_checkpoint()
         return self.base_model
@@ -161,6 +162,14 @@ class NirvanaModule(L.LightningModule):
                            f"({next(teacher.parameters()).dtype})")
         return teacher
 
+    def _load_device(self) -> str | None:
+        """Each rank's own accelerator when the whole model lives there anyway (single device, DDP): weights
+        go straight to it instead of through a host copy per rank. Sharded strategies load on the host."""
+        trainer = self._trainer
+        if trainer is None or trainer.strategy.root_device.type == "cpu" or is_sharded(trainer.strategy):
+            return None
+        return str(trainer.strategy.root_device)
+
     def _teacher_device(self) -> torch.device:
         trainer = self._trainer
         root = trainer.strategy.root_device if trainer is not None else self.device
@@ -173,8 +182,10 @@ class NirvanaModule(L.LightningModule):
         Lightning loads checkpoint weights after ``setup``/``configure_model``; the pruned shapes
         must exist by then, and pruning must not be recomputed (calibration or code may differ).
         """
-        ckpt_path = self.resume_ckpt_path
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not self.resume_ckpt_path:
+            return
+        ckpt_path = checkpoint_file(self.resume_ckpt_path)  # a sharded checkpoint keeps the plan in meta.pt
+        if not ckpt_path.is_file():
             return  # "last"/"best"/URLs: on_load_checkpoint rebuilds the shapes instead
         checkpoint = load_checkpoint(ckpt_path)  # weights_only: never runs code from the file
         self._apply_saved_plan(checkpoint.get(self.PLAN_KEY), ckpt_path)
@@ -289,6 +300,15 @@ class NirvanaModule(L.LightningModule):
             self.base_model.config.use_cache = False
         self.model.train()  # loaded in eval mode; dropout (LoRA) must be live during recovery
         self._recovery_applied = True
+        trainer = self._trainer
+        if trainer is not None and getattr(self, "_device_mesh", None) is not None and is_sharded(trainer.strategy):
+            # ModelParallelStrategy (FSDP2): after pruning and LoRA, so each rank keeps 1/N of the pruned model
+            mesh = self.device_mesh
+            if mesh["tensor_parallel"].size() != 1:
+                raise ConfigError("trainer.strategy.init_args.tensor_parallel_size", mesh["tensor_parallel"].size(),
+                                  "1 (layers of per-layer widths are sharded with FSDP2, not split by tensor "
+                                  "parallelism; set data_parallel_size to the number of processes)")
+            shard_model(self.model, mesh["data_parallel"])
 
     def forward(self, **batch):
         return self.model(**batch)
@@ -420,6 +440,11 @@ class NirvanaModule(L.LightningModule):
             return
         for p in params:
             if p.dtype != torch.float32:
+                if isinstance(p, torch.distributed.tensor.DTensor):
+                    raise ConfigError("trainer.precision", str(self.trainer.precision),
+                                      "32-true or bf16-mixed under a sharded strategy (float32 storage sharded across "
+                                      "ranks, bf16 compute): a *-true precision would leave the LoRA adapters in "
+                                      f"{p.dtype}")
                 p.data = p.data.float()
 
     def configure_optimizers(self):

@@ -16,6 +16,39 @@ class RecordRankState(L.Callback):
         for name, p in sorted(pl_module.base_model.state_dict().items()):
             h.update(name.encode())
             h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        pruning = next(c for c in trainer.callbacks if type(c).__name__ == "NirvanaPruningCallback")
         record = {"plan": pl_module.pruning_plan.fingerprint(), "weights": h.hexdigest(),
-                  "step": trainer.global_step}
+                  "step": trainer.global_step, "scored": pruning.scored_on_this_rank,
+                  "device": str(next(pl_module.base_model.parameters()).device)}
+        Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class RecordShardedState(L.Callback):
+    """Under FSDP2: each rank gathers the full state (a collective) and hashes it, records how much of the
+    model it holds itself, and the logits of fixed ids through the sharded model."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        import torch
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.tensor import DTensor
+
+        state = get_model_state_dict(pl_module.model, options=StateDictOptions(full_state_dict=True))
+        h = hashlib.sha256()
+        for name, p in sorted(state.items()):
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        params = list(pl_module.model.parameters())
+        local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+        ids = torch.arange(1, 17).reshape(2, 8) * 37 % 1000
+        pl_module.model.eval()
+        with torch.no_grad():
+            logits = pl_module.model(input_ids=ids).logits
+        pruning = next(c for c in trainer.callbacks if type(c).__name__ == "NirvanaPruningCallback")
+        record = {"plan": pl_module.pruning_plan.fingerprint(), "weights": h.hexdigest(), "step": trainer.global_step,
+                  "scored": pruning.scored_on_this_rank, "local_numel": local,
+                  "global_numel": sum(p.numel() for p in params), "all_dtensor": all(isinstance(p, DTensor) for p in params),
+                  "ids": ids.tolist(), "logits": logits.float().tolist()}
         Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

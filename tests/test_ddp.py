@@ -27,6 +27,7 @@ def test_two_process_ddp_same_plan_and_weights(tmp_path):
     assert ranks[0]["step"] == ranks[1]["step"] == cfg["trainer"]["max_steps"]
     assert ranks[0]["plan"] == ranks[1]["plan"]
     assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert (ranks[0]["scored"], ranks[1]["scored"]) == (2, 0)  # rank 0 scores both steps, rank 1 only cuts
     plan = json.loads(next((tmp_path / "run").rglob("plan.json")).read_text())
     assert plan["provenance"]["sparsity"] == 0.4 and len(plan["provenance"]["steps"]) == 2
     # the second cut happened mid-training on both ranks; identical weights after the steps that

@@ -160,3 +160,31 @@ def test_corrupt_or_mismatched_plan_names_the_layer(tmp_path):
     (tmp_path / "m" / "plan.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"):
         load_pruned(tmp_path / "m", verify=False)
+
+
+def test_merged_model_shares_untouched_tensors_and_equals_peft_merge():
+    """The export's merge copies only the adapted weights and gives peft's merge_and_unload values, bit for bit."""
+    import copy
+
+    from nirvana_lightning.recovery.lora import merged_model
+
+    model = build_tiny_model("tiny-llama")
+    prune(model, IDS, sparsity=0.4, gamma=1.5)
+    peft_model = apply_recovery(model, "lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets=["q", "v", "down"])
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.02)
+    before = {n: p.clone() for n, p in peft_model.named_parameters()}
+    plain = merged_model(peft_model)
+    want = copy.deepcopy(peft_model).merge_and_unload()
+    assert plain.state_dict().keys() == want.state_dict().keys()
+    base = {n.replace(".base_layer", ""): p for n, p in peft_model.get_base_model().named_parameters()}
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(tensor, want.state_dict()[name]), name
+        adapted = any(f".{role}." in name for role in ("q_proj", "v_proj", "down_proj"))
+        shared = tensor.data_ptr() == base[name].data_ptr() if name in base else True
+        assert shared != adapted, name  # untouched weights are the model's own tensors, adapted ones new
+    assert all(torch.equal(p, before[n]) for n, p in peft_model.named_parameters())  # the trained model is untouched
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=IDS).logits, want(input_ids=IDS).logits)

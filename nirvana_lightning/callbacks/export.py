@@ -12,7 +12,9 @@ from ..adapters import unwrap_model
 from ..errors import ConfigError, check_choice
 from ..export import save_pruned
 from ..io import load_checkpoint, write_dir_atomic
+from ..recovery.lora import merged_model
 from ..serving.gguf_export import GGUF_DTYPES, check_gguf_support, save_gguf
+from ..sharding import full_state_dict, is_fully_sharded, is_sharded
 
 FORMATS = ("hf", "gguf")
 
@@ -66,6 +68,12 @@ class ExportCallback(L.Callback):
             raise ConfigError("ExportCallback.path", str(target), "a new or empty directory, or overwrite: true")
         if self.best and trainer.checkpoint_callback is None:
             raise ConfigError("ExportCallback.best", True, "a ModelCheckpoint in trainer.callbacks")
+        if is_sharded(trainer.strategy):
+            for key, value in (("adapter_only", self.adapter_only), ("best", self.best)):
+                if value:
+                    raise ConfigError(f"ExportCallback.{key}", True, f"false under {type(trainer.strategy).__name__}: "
+                                      "the sharded export gathers and merges the final weights (an adapter-only "
+                                      "or best-checkpoint export from shards is not implemented)")
 
     def _target(self, trainer: L.Trainer) -> Path:
         path = Path(self.path)
@@ -80,7 +88,11 @@ class ExportCallback(L.Callback):
             state = load_checkpoint(ckpt.best_model_path, mmap=False)["state_dict"]  # never runs code
             pl_module.load_state_dict(state)
         metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        self._export(self._target(trainer), pl_module, metrics)  # _target on every rank: log_dir broadcasts
+        model = pl_module.model
+        if is_fully_sharded(model):  # FSDP2: every rank sends its shards, rank 0 builds the plain model
+            state = full_state_dict(model)
+            model = merged_model(model, state) if trainer.global_rank == 0 else None
+        self._export(self._target(trainer), pl_module, model, metrics)  # _target on every rank: log_dir broadcasts
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """GGUF refusals (family, widths, rope, tokenizer) surface before training, not after it."""
@@ -95,8 +107,8 @@ class ExportCallback(L.Callback):
             raise ConfigError("ExportCallback.format", "gguf", f"a model GGUF can express: {err}") from None
 
     @rank_zero_only
-    def _export(self, target: Path, pl_module: L.LightningModule, metrics: dict) -> None:
-        model, tokenizer, plan = pl_module.model, pl_module.tokenizer, pl_module.pruning_plan
+    def _export(self, target: Path, pl_module: L.LightningModule, model, metrics: dict) -> None:
+        tokenizer, plan = pl_module.tokenizer, pl_module.pruning_plan
         gguf_error = None
         if "gguf" in self.formats:
             try:  # an iterative schedule may have changed the widths since training started
@@ -106,9 +118,7 @@ class ExportCallback(L.Callback):
         if gguf_error is not None and "hf" not in self.formats:
             raise gguf_error
         if "gguf" in self.formats and gguf_error is None and unwrap_model(model) is not model:
-            import copy
-
-            model = copy.deepcopy(model).merge_and_unload()  # merge LoRA once for every file
+            model = merged_model(model)  # merge LoRA once for every file (no copy of the model)
 
         def write(tmp: Path) -> None:
             if "hf" in self.formats:

@@ -173,6 +173,7 @@ class NirvanaPruningCallback(L.Callback):
         self.selection = None
         self.plan: PruningPlan | None = None  # the composed plan: keep indices into the dense model
         self.history: list[PruningPlan] = []  # one plan per step, each made for the model the previous left
+        self.scored_on_this_rank = 0  # scoring passes run by this process (rank 0 only under DDP)
 
     @property
     def iterative(self) -> bool:
@@ -279,23 +280,26 @@ class NirvanaPruningCallback(L.Callback):
         model.to(trainer.strategy.root_device)
         seed = self.calibration_seed if self.calibration_seed is not None else getattr(datamodule, "calibration_seed", 0)
         seed += k - 1  # fresh calibration windows at every step
-        try:
-            if self.select == "kl":
-                plan = self._select(trainer, model, datamodule, settings, seed)
-            else:
-                calibration = None
-                if needs_data:
-                    calibration = datamodule.calibration_windows(self.calibration_samples, self.calibration_seq_len, seed)
-                plan = make_plan(model, calibration, **settings)
-        except ConfigError as err:  # name the key as the user wrote it (data.* keys are the datamodule's)
-            key = err.key if "." in err.key else f"NirvanaPruningCallback.{err.key}"
-            raise ConfigError(key, err.value, err.expected) from None
+        plan = self._on_rank_zero(trainer, lambda: self._score(trainer, model, datamodule, settings, seed, needs_data))
         plan.provenance.update({"schedule": self.schedule, "step": k, "n_steps": self.n_steps,
                                 "global_step": trainer.global_step, "epoch": trainer.current_epoch})
         if self.iterative:
             plan.provenance.update({"step_sparsity": settings["sparsity"], "step_counts": settings.get("counts"),
                                     "target_cumulative_sparsity": target, "final_sparsity": self.sparsity})
-        return self._agree(trainer, plan)
+        return plan
+
+    def _score(self, trainer: L.Trainer, model, datamodule, settings: dict, seed: int, needs_data: bool) -> PruningPlan:
+        self.scored_on_this_rank += 1
+        try:
+            if self.select == "kl":
+                return self._select(trainer, model, datamodule, settings, seed)
+            calibration = None
+            if needs_data:
+                calibration = datamodule.calibration_windows(self.calibration_samples, self.calibration_seq_len, seed)
+            return make_plan(model, calibration, **settings)
+        except ConfigError as err:  # name the key as the user wrote it (data.* keys are the datamodule's)
+            key = err.key if "." in err.key else f"NirvanaPruningCallback.{err.key}"
+            raise ConfigError(key, err.value, err.expected) from None
 
     def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, step: PruningPlan,
                 composed: PruningPlan | None = None) -> None:
@@ -325,12 +329,35 @@ class NirvanaPruningCallback(L.Callback):
         self.history = [PruningPlan.from_dict(d) for d in state_dict.get("history", [])]
 
     @staticmethod
-    def _agree(trainer: L.Trainer, plan: PruningPlan) -> PruningPlan:
-        """Every rank cuts rank 0's plan (scores can differ in the last bits across ranks: non-deterministic
-        attention kernels, near-ties), so all ranks end with identical shapes."""
+    def _on_rank_zero(trainer: L.Trainer, make) -> PruningPlan:
+        """Rank 0 scores and plans; every other rank waits and cuts the same plan.
+
+        Scoring on every rank would cost each of them the scoring memory and time (and host memory
+        for KL selection's reference log-probs) for a plan thrown away: scores can differ in the last
+        bits across ranks (non-deterministic kernels, near-ties), so all ranks must cut rank 0's plan
+        anyway. An error on rank 0 is sent to the others, so no rank waits forever. The other ranks
+        wait in a collective for as long as scoring takes: the process group's timeout (Lightning's
+        default 30 minutes; ``DDPStrategy(timeout=...)``) must exceed it.
+        """
         if trainer.world_size <= 1:
-            return plan
-        return PruningPlan.from_dict(trainer.strategy.broadcast(plan.to_dict(), src=0))
+            return make()
+        payload, error = None, None
+        if trainer.global_rank == 0:
+            try:
+                payload = {"plan": make().to_dict()}
+            except ConfigError as err:
+                error, payload = err, {"config_error": [err.key, err.value, err.expected]}
+            except Exception as err:  # noqa: BLE001 - sent to the other ranks, then re-raised here
+                error, payload = err, {"error": f"{type(err).__name__}: {err}"}
+        payload = trainer.strategy.broadcast(payload, src=0)
+        if error is not None:
+            raise error
+        if "config_error" in payload:
+            key, value, expected = payload["config_error"]
+            raise ConfigError(key, value, expected)
+        if "error" in payload:
+            raise RuntimeError(f"pruning failed on rank 0: {payload['error']}")
+        return PruningPlan.from_dict(payload["plan"])
 
     def _select(self, trainer: L.Trainer, model, datamodule, settings: dict, seed: int) -> PruningPlan:
         """KL selection among candidate calibration sets; returns the winner's plan (not yet cut)."""

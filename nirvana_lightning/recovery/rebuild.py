@@ -16,8 +16,11 @@ def check_rebuildable(trainer: L.Trainer, key: str) -> None:
     strategy = trainer.strategy
     if type(strategy) not in REBUILDABLE_STRATEGIES:
         raise ConfigError(key, type(strategy).__name__,
-                          "single-device or ddp for pruning during training (FSDP / DeepSpeed shard parameters: "
-                          "prune once at fit start, which happens before any wrapper exists)")
+                          "single-device or ddp for pruning during training; with a sharded strategy prune once at "
+                          "fit start (schedule: once), which happens before any parameter is sharded. A cut during "
+                          "training would need every unit gathered, LoRA merged on the shards, the cut model "
+                          "re-sharded with fully_shard and the optimizer rebuilt over the new DTensors: not "
+                          "implemented")
 
 
 def rebuild_optimization(trainer: L.Trainer, pl_module: L.LightningModule) -> None:

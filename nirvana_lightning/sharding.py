@@ -1,0 +1,57 @@
+"""Fully sharded training (FSDP2 through Lightning's ``ModelParallelStrategy``) of a pruned model.
+
+Why FSDP2 and not Lightning's ``FSDPStrategy`` (FSDP1): FSDP1 in torch 2.13 refuses to run without an
+accelerator ("FSDP needs a non-CPU accelerator device"), and Lightning refuses ``strategy: fsdp`` with
+``accelerator: cpu``, so nothing of it can be tested on a CPU machine. FSDP2 (``fully_shard``) runs on
+CPU processes over gloo, shards each parameter as a ``DTensor`` (frozen and trainable parameters may
+share a unit, so LoRA needs no ``use_orig_params``), and is PyTorch's supported path. Lightning's
+``ModelParallelStrategy`` leaves the wrapping to ``LightningModule.configure_model``, which is where
+:meth:`NirvanaModule.configure_model` calls :func:`shard_model` after pruning and LoRA.
+
+Order of a sharded run: ``setup`` loads the dense model (host memory) and the pruning callback scores
+and cuts it (rank 0 scores, every rank cuts the broadcast plan); ``configure_model`` attaches LoRA and
+shards each decoder layer and the root, so each rank keeps 1/N of the pruned weights; the precision
+plugin and optimizers come after. Code that runs the model outside ``training_step`` goes through the
+root module's forward, which gathers each unit's parameters in turn (FSDP2's hooks), so the evaluation
+callbacks need no change; the export gathers a full state dict on rank 0 (:func:`full_state_dict`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import get_adapter
+
+
+def is_sharded(strategy) -> bool:
+    """Whether parameters are split across processes (FSDP1/2, DeepSpeed): no rank holds the whole model."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(strategy, (ModelParallelStrategy, FSDPStrategy, DeepSpeedStrategy))
+
+
+def shard_model(model: nn.Module, mesh) -> nn.Module:
+    """``fully_shard`` every decoder layer, then the root (embeddings, final norm, LM head and anything left)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in get_adapter(model).layers():
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_fully_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state on rank 0, gathered unit by unit into host memory (empty on other ranks).
+
+    A collective: every rank must call it.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
