@@ -457,6 +457,10 @@ class NirvanaModule(L.LightningModule):
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(hp.warmup_steps, total)
+        if hp.warmup_steps > total // 2 and not self.__dict__.get("_warned_warmup"):
+            self.__dict__["_warned_warmup"] = True
+            rank_zero_warn(f"model.warmup_steps={hp.warmup_steps} is more than half of this run's {total} optimizer "
+                           "steps: the learning rate barely decays (lower model.warmup_steps)")
 
         def schedule(step: int) -> float:
             if step < warmup:

@@ -137,3 +137,20 @@ def test_throughput_cuda_reports_measured_peaks():
     assert result["device"].startswith("cuda") and result["dtype"] == "bfloat16"
     for key in ("peak_memory_bytes", "prefill_peak_memory_bytes", "decode_peak_memory_bytes"):
         assert result[key] >= result["weights_bytes"], key
+
+
+def test_peak_memory_counts_the_model_not_what_else_the_device_holds(monkeypatch):
+    """On CUDA the reported peak is the weights plus what the measurement allocates, not the device's absolute
+    peak (which would include optimizer state and reference models during a training run)."""
+    from nirvana_lightning.eval import speed
+
+    held = {"now": 10 * 2**30, "peak": 10 * 2**30}  # 10 GiB already allocated by something else
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: held["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: held["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: held.update(peak=held["now"]))
+    monkeypatch.setattr(speed, "_synchronize", lambda device: None)
+
+    def run():
+        held["peak"] = held["now"] + 3 * 2**20  # the run needs 3 MiB at its peak
+
+    assert speed._cuda_peak(torch.device("cuda", 0), run) == 3 * 2**20

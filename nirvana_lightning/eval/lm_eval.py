@@ -226,7 +226,9 @@ def run_lm_eval(
         if target != home:
             model.to(target)
         with _preserved_rng(), _quiet_in_memory_warnings():
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            # log-probs in float32 whatever the model's dtype: a bf16 log-softmax over a large vocabulary
+            # rounds every choice's score and flips close multiple-choice answers
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
             out = lm_eval.simple_evaluate(
                 model=lm, tasks=specs, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
                 log_samples=False, bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,

@@ -167,14 +167,20 @@ def _decode_greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
 
 
 def _cuda_peak(device: torch.device, run: Callable[[], None]) -> int | None:
-    """Peak bytes allocated on ``device`` while ``run()`` executes (weights included); None off CUDA."""
+    """Peak bytes ``run()`` allocates on ``device`` beyond what was allocated before it; None off CUDA.
+
+    The difference, not the device's absolute peak: during a training run the device also holds the
+    optimizer state, gradients, a dense reference model, ..., which are not the measured model's cost.
+    """
     if device.type != "cuda":
         run()
         return None
+    _synchronize(device)
+    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     run()
     _synchronize(device)
-    return int(torch.cuda.max_memory_allocated(device))
+    return int(torch.cuda.max_memory_allocated(device)) - before
 
 
 def measure_throughput(
@@ -211,8 +217,9 @@ def measure_throughput(
         A dict with ``prefill_tokens_per_s`` (``B * T / median seconds``), ``prefill_seconds``,
         ``decode_tokens_per_s`` (``B * new_tokens / median seconds of the steps``; None when
         ``new_tokens`` is 0), ``decode_seconds``; measured memory, CUDA only (else None):
-        ``prefill_peak_memory_bytes`` and ``decode_peak_memory_bytes`` (``max_memory_allocated``
-        over the phase's runs, weights included) and ``peak_memory_bytes`` (the larger; no CPU
+        ``prefill_peak_memory_bytes`` and ``decode_peak_memory_bytes`` (the model's weights plus the
+        phase's peak allocation above what the device held before it, so a training run's optimizer
+        state, gradients and reference models are not counted) and ``peak_memory_bytes`` (the larger; no CPU
         peak is reported: torch's CPU allocations bypass ``tracemalloc`` and RSS growth mixes in
         the allocator's cache and memory-mapped weights); analytic memory: ``weights_bytes`` (distinct
         parameters) and ``kv_cache_bytes`` (keys and values of ``seq_len + new_tokens`` positions
@@ -264,8 +271,12 @@ def measure_throughput(
                     time_decode()
                 decode_times.extend(time_decode() for _ in range(repeats))
 
+            # the model's own peak: its weights plus what the phase allocates (activations, KV cache)
+            weights = weights_bytes(base)
             prefill_peak = _cuda_peak(device, run_prefill)
             decode_peak = _cuda_peak(device, run_decode) if new_tokens > 0 else None
+            prefill_peak = None if prefill_peak is None else weights + prefill_peak
+            decode_peak = None if decode_peak is None else weights + decode_peak
     finally:
         model.train(was_training)
     prefill_s = statistics.median(prefill_times)
