@@ -132,6 +132,7 @@ PRUNING = [
     ("accumulate", pruning(accumulate="mean"), r"NirvanaPruningCallback\.accumulate='mean'"),
     ("scoring dtype", pruning(scoring_dtype="fp8"), r"NirvanaPruningCallback\.scoring_dtype='fp8'"),
     ("tp_size zero", pruning(tp_size=0), r"NirvanaPruningCallback\.tp_size=0"),
+    ("offload with kl", pruning(offload_scoring=True, select="kl"), r"NirvanaPruningCallback\.offload_scoring=True"),
 ]
 
 CALLBACKS = [

@@ -235,3 +235,22 @@ def test_scoring_upcast_leaves_buffers_alone(family, calib):
     prune(model, calib, sparsity=0.3, gamma=1.0)
     for n, b in model.named_buffers():
         assert b.dtype == buffers[n].dtype and torch.equal(b, buffers[n]), n
+
+
+def test_offloaded_scoring_equals_scoring_in_place(family, calib):
+    """compute_device runs every module on per-layer copies (the offload path); on the model's own device it must
+    give exactly the scores of the ordinary pass, for every criterion and accumulation mode."""
+    from nirvana_lightning.debug_models import build_tiny_model
+    from nirvana_lightning.pruning.gradients import compute_unit_scores
+
+    model = build_tiny_model(family)
+    for criterion in ("nirvana", "taylor", "magnitude"):
+        for kwargs in ({}, {"micro_batch_size": 2, "accumulate": "saliency"}, {"functional": "max_over_vocab"}):
+            if criterion != "nirvana" and "functional" in kwargs:
+                continue
+            want = compute_unit_scores(model, calib, criterion=criterion, **kwargs)
+            got = compute_unit_scores(model, calib, criterion=criterion, compute_device="cpu:0", **kwargs)
+            for a, b in zip(got.attention + got.mlp, want.attention + want.mlp):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=0), (criterion, kwargs)
+    plan = prune(model, calib, sparsity=0.3, gamma=1.0, scoring_device="cpu")
+    assert plan.provenance["scoring_device"] == "cpu"

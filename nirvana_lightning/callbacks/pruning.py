@@ -60,6 +60,8 @@ class NirvanaPruningCallback(L.Callback):
         at_epochs: the epochs at whose start each step prunes (epoch 0 prunes at setup, before
             optimizers exist); or
         every_n_steps: prune at setup and then every N optimizer steps until ``n_steps`` are done.
+        offload_scoring: keep the model in host memory while scoring and run one layer at a time on the
+            training device (accelerator memory: one layer's parameters and activations, not the model).
 
     Iterative steps re-score the current (already pruned, partly recovered) model on fresh
     calibration windows (seed ``calibration_seed + step``; with ``select: kl`` too), cut it,
@@ -104,6 +106,7 @@ class NirvanaPruningCallback(L.Callback):
         n_steps: int = 1,
         at_epochs: list[int] | None = None,
         every_n_steps: int | None = None,
+        offload_scoring: bool = False,
     ) -> None:
         key = "NirvanaPruningCallback."
         check_choice(key + "schedule", schedule, SCHEDULES)
@@ -150,6 +153,9 @@ class NirvanaPruningCallback(L.Callback):
             except (ValueError, UnicodeDecodeError) as err:
                 raise ConfigError(key + "plan_path", plan_path, f"a valid plan.json ({err})") from None
         check_choice(key + "select", select, ("none", "kl"))
+        if offload_scoring and select == "kl":
+            raise ConfigError(key + "offload_scoring", True, "false with select: kl (the KL probe runs the whole model "
+                              "where it is; only scoring is offloaded layer by layer)")
         check_choice(key + "candidate_mode", candidate_mode, ("random", "document"))
         for name, value in (("num_candidates", num_candidates), ("probe_samples", probe_samples),
                             ("probe_seq_len", probe_seq_len)):
@@ -170,6 +176,7 @@ class NirvanaPruningCallback(L.Callback):
         self.select, self.num_candidates, self.candidate_mode = select, num_candidates, candidate_mode
         self.probe_samples, self.probe_seq_len, self.probe_seed = probe_samples, probe_seq_len, probe_seed
         self.schedule, self.n_steps, self.at_epochs, self.every_n_steps = schedule, n_steps, at_epochs, every_n_steps
+        self.offload_scoring = offload_scoring
         self.selection = None
         self.plan: PruningPlan | None = None  # the composed plan: keep indices into the dense model
         self.history: list[PruningPlan] = []  # one plan per step, each made for the model the previous left
@@ -277,7 +284,10 @@ class NirvanaPruningCallback(L.Callback):
         needs_data = self.criterion in ("nirvana", "taylor")
         if needs_data and (datamodule is None or not hasattr(datamodule, "calibration_windows")):
             raise ConfigError("data", type(datamodule).__name__, "a datamodule with calibration_windows()")
-        model.to(trainer.strategy.root_device)
+        if self.offload_scoring:  # the model stays in host memory; each layer visits the device in turn
+            settings["scoring_device"] = str(trainer.strategy.root_device)
+        else:
+            model.to(trainer.strategy.root_device)
         seed = self.calibration_seed if self.calibration_seed is not None else getattr(datamodule, "calibration_seed", 0)
         seed += k - 1  # fresh calibration windows at every step
         plan = self._on_rank_zero(trainer, lambda: self._score(trainer, model, datamodule, settings, seed, needs_data))

@@ -110,10 +110,12 @@ def make_plan(
     seed: int = 0,
     counts: tuple[int, int] | None = None,
     tp_size: int = 1,
+    scoring_device: str | None = None,
 ) -> PruningPlan:
     """Score and allocate without cutting (see :func:`prune` for the arguments).
 
-    Scoring runs where the model is (move it first to score on an accelerator). ``counts``
+    Scoring runs where the model is (move it first to score on an accelerator), or on
+    ``scoring_device`` one layer at a time with the model left where it is. ``counts``
     (attention groups, neurons) to remove overrides the counts ``sparsity`` gives (global
     allocation; iterative schedules pass them).
     """
@@ -148,12 +150,13 @@ def make_plan(
     compute_dtype = torch.float32 if scoring_dtype == "float32" else None
     scores = compute_unit_scores(model, batches, criterion=criterion, functional=functional,
                                  accumulate=accumulate, checkpointing=checkpointing, seed=seed,
-                                 compute_dtype=compute_dtype)
+                                 compute_dtype=compute_dtype, compute_device=scoring_device)
     provenance = {
         "criterion": criterion, "functional": functional if criterion == "nirvana" else None,
         "calibration_fingerprint": fingerprint(batches) if batches else None,
         "calibration_shape": [sum(b.shape[0] for b in batches), batches[0].shape[1]] if batches else None,
         "micro_batches": len(batches), "accumulate": accumulate, "checkpointing": checkpointing, "scoring_dtype": scoring_dtype, "seed": seed,
+        "scoring_device": None if scoring_device is None else str(scoring_device),
         "scoring_seconds": round(time.perf_counter() - start, 3),
     }
     return plan_from_scores(model, scores, sparsity=sparsity, gamma=gamma, round_to=round_to,
@@ -179,6 +182,7 @@ def prune(
     scoring_dtype: str = "float32",
     seed: int = 0,
     tp_size: int = 1,
+    scoring_device: str | None = None,
 ) -> PruningPlan:
     """Structurally prune ``model`` in place with NIRVANA (or a baseline criterion).
 
@@ -202,6 +206,8 @@ def prune(
         scoring_dtype: ``float32`` (a half-precision model is scored in float32 one layer at a time, never
             converted: see :mod:`nirvana_lightning.pruning.gradients`) or ``model``.
         seed: seed of the ``random`` criterion (recorded in the plan).
+        scoring_device: score on this device one layer at a time while the model stays where it is (e.g. a
+            70B model in host memory scored on one GPU); default: where the model is.
 
     Returns:
         The applied :class:`PruningPlan`. On any error the model is untouched.
@@ -209,7 +215,8 @@ def prune(
     plan = make_plan(model, calibration, sparsity=sparsity, param_budget=param_budget, gamma=gamma,
                      criterion=criterion, functional=functional, round_to=round_to, skip_layers=skip_layers,
                      allocation=allocation, micro_batch_size=micro_batch_size, accumulate=accumulate,
-                     checkpointing=checkpointing, scoring_dtype=scoring_dtype, seed=seed, tp_size=tp_size)
+                     checkpointing=checkpointing, scoring_dtype=scoring_dtype, seed=seed, tp_size=tp_size,
+                     scoring_device=scoring_device)
     return cut(model, plan)
 
 

@@ -20,6 +20,10 @@ produces it. The model's parameters are never touched: peak memory is the half-p
 plus one layer's float32 copy and its gradients, and an error half-way (out of memory) leaves the
 model exactly as it was. Upcasting the whole model instead costs 2x its size (33 GiB for an 8B
 model in bf16) and was the 0.1 behaviour.
+
+Offload: ``compute_device`` (e.g. ``cuda:0`` for a model in host memory) runs every module there on
+copies made the same way, one layer at a time, so the accelerator holds one layer's parameters, the
+layer-boundary hidden states and one layer's recomputed activations, never the model.
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ def fingerprint(batches: list[torch.Tensor]) -> str:
 
 
 class _UpcastCapture(torch.autograd.Function):
-    """``weight.to(dtype)`` whose backward hands the gradient (in ``dtype``) to ``sink`` instead of the weight.
+    """``weight.to(device, dtype)`` whose backward hands the gradient (in ``dtype``) to ``sink`` instead of the weight.
 
     ``anchor`` is a scalar leaf that makes the output require grad although the weight does not, so
     no half-precision ``.grad`` is ever allocated and nothing large is saved for backward (the
@@ -97,51 +101,56 @@ class _UpcastCapture(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, anchor, dtype, sink):
+    def forward(ctx, weight, anchor, device, dtype, sink):
         ctx.sink = sink
-        return weight.detach().to(dtype)
+        return weight.detach().to(device=device, dtype=dtype)
 
     @staticmethod
     def backward(ctx, grad):
         ctx.sink(grad)
-        return None, None, None, None
+        return None, None, None, None, None
 
 
 @contextmanager
-def _parameters_as(module: nn.Module, make) -> Iterable[None]:
-    """Let ``module`` (and its children) see ``make(p)`` instead of each parameter ``p`` while inside."""
+def _parameters_as(module: nn.Module, make, device: torch.device) -> Iterable[None]:
+    """Let ``module`` (and its children) see ``make(p)`` instead of each parameter ``p`` while inside,
+    and its buffers on ``device``."""
     saved = []
     for sub in module.modules():
-        for name, p in list(sub._parameters.items()):
-            if p is not None:
-                saved.append((sub, name, p))
-                sub._parameters[name] = make(p)
+        for store, convert in ((sub._parameters, make), (sub._buffers, lambda b: b.to(device))):
+            for name, t in list(store.items()):
+                if t is not None:
+                    saved.append((store, name, t))
+                    store[name] = convert(t)
     try:
         yield
     finally:
-        for sub, name, p in saved:
-            sub._parameters[name] = p
+        for store, name, t in saved:
+            store[name] = t
 
 
 @contextmanager
-def _computed_in(model: nn.Module, adapter, dtype: torch.dtype, sinks: dict[int, object]) -> Iterable[None]:
-    """Run the model's forward in ``dtype`` without converting it (see the module doc).
+def _computed_in(model: nn.Module, adapter, device: torch.device, dtype: torch.dtype,
+                 sinks: dict[int, object]) -> Iterable[None]:
+    """Run the model's forward on ``device`` in ``dtype`` without converting or moving it (see the module doc).
 
     Enter it before :meth:`ModelAdapter.checkpointed_layers`, which then wraps these forwards, so
     each layer's copies are made (and remade in backward) inside its checkpointed region. ``sinks`` maps ``id(weight)`` to the callback that
-    receives that weight's gradient in ``dtype``.
+    receives that weight's gradient (on ``device``, in ``dtype``).
     """
     anchor = torch.zeros((), requires_grad=True)
 
     def make(p: nn.Parameter) -> torch.Tensor:
         sink = sinks.get(id(p))
-        return p.detach().to(dtype) if sink is None else _UpcastCapture.apply(p, anchor, dtype, sink)
+        if sink is None:
+            return p.detach().to(device=device, dtype=dtype if p.is_floating_point() else p.dtype)
+        return _UpcastCapture.apply(p, anchor, device, dtype, sink)
 
     def wrap(module: nn.Module) -> None:
         forward = module.forward  # the checkpointing wrapper for layers: copies are made inside it
 
         def run(*args, _module=module, _forward=forward, **kwargs):
-            with _parameters_as(_module, make):
+            with _parameters_as(_module, make, device):
                 return _forward(*args, **kwargs)
 
         module.forward = run
@@ -164,7 +173,7 @@ def _computed_in(model: nn.Module, adapter, dtype: torch.dtype, sinks: dict[int,
     saved = [m.__dict__.get("forward") for m in wrapped]
     for m in wrapped:
         wrap(m)
-    handle = embedding.register_forward_hook(lambda _m, _inp, out: out.to(dtype))
+    handle = embedding.register_forward_hook(lambda _m, _inp, out: out.to(device=device, dtype=dtype))
     try:
         yield
     finally:
@@ -187,8 +196,8 @@ def _chunked_head_functional(hidden: torch.Tensor, head: nn.Linear, functional: 
     n_vocab = weight.shape[0]
     if functional in ("max_over_seq", "sum_logits"):
         for start in range(0, n_vocab, chunk):
-            w = weight[start:start + chunk].to(hidden.dtype)
-            b = None if bias is None else bias[start:start + chunk].to(hidden.dtype)
+            w = weight[start:start + chunk].to(hidden.device, hidden.dtype)
+            b = None if bias is None else bias[start:start + chunk].to(hidden.device, hidden.dtype)
             logits = nn.functional.linear(hidden, w, b)  # (B, T, chunk)
             if functional == "max_over_seq":
                 part = logits.amax(dim=1).float().sum() / (hidden.shape[0] * n_vocab)
@@ -200,15 +209,16 @@ def _chunked_head_functional(hidden: torch.Tensor, head: nn.Linear, functional: 
         best = torch.full(hidden.shape[:2], -torch.inf, device=hidden.device)
         arg = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         for start in range(0, n_vocab, chunk):
-            logits = nn.functional.linear(hidden, weight[start:start + chunk].to(hidden.dtype),
-                                          None if bias is None else bias[start:start + chunk].to(hidden.dtype)).float()
+            logits = nn.functional.linear(hidden, weight[start:start + chunk].to(hidden.device, hidden.dtype),
+                                          None if bias is None else
+                                          bias[start:start + chunk].to(hidden.device, hidden.dtype)).float()
             value, index = logits.max(dim=2)
             better = value > best
             best = torch.where(better, value, best)
             arg = torch.where(better, index + start, arg)
-    top = (hidden * weight[arg].to(hidden.dtype)).sum(-1)
+    top = (hidden * weight[arg.to(weight.device)].to(hidden.device, hidden.dtype)).sum(-1)
     if bias is not None:
-        top = top + bias[arg].to(hidden.dtype)
+        top = top + bias[arg.to(bias.device)].to(hidden.device, hidden.dtype)
     top.float().mean().backward()
 
 
@@ -225,6 +235,7 @@ def compute_unit_scores(
     head_chunk: int | None = 8192,
     seed: int = 0,
     compute_dtype: torch.dtype | None = None,
+    compute_device: torch.device | str | None = None,
 ) -> UnitScores:
     """Score every attention group and MLP neuron of ``model`` (weights are not modified).
 
@@ -242,6 +253,8 @@ def compute_unit_scores(
         seed: seed of the ``random`` criterion.
         compute_dtype: dtype of the forward/backward (None: the model's); float32 on a bf16/fp16 model
             casts one module at a time and never converts the model (see the module doc).
+        compute_device: run the forward/backward there, one module at a time, with the model staying
+            where it is (None: where the model is); e.g. a model in host memory scored on ``cuda``.
 
     Returns:
         :class:`UnitScores` in float32 on the CPU.
@@ -258,13 +271,14 @@ def compute_unit_scores(
     for i, layer in enumerate(adapter.layers()):
         widths[i] = adapter.layer_geometry(layer)
     n_unit = {(i, r): widths[i][0] if r in ("q", "k", "v", "o") else widths[i][1] for i, r, _ in linears}
-    device = next(model.parameters()).device  # score where the model is
+    home = next(model.parameters()).device
+    device = torch.device(compute_device) if compute_device is not None else home  # where the maths runs
     attention = [torch.zeros(widths[i][0], device=device) for i in range(len(widths))]
     mlp = [torch.zeros(widths[i][1], device=device) for i in range(len(widths))]
 
     def add(i: int, role: str, saliency: torch.Tensor) -> None:
         target = attention if role in ("q", "k", "v", "o") else mlp
-        target[i] += reduce_role_scores(role, saliency, n_unit[(i, role)])  # on the device: no sync per hook
+        target[i] += reduce_role_scores(role, saliency, n_unit[(i, role)]).to(target[i].device)  # no sync per hook
 
     def result() -> UnitScores:
         return UnitScores([a.cpu() for a in attention], [m.cpu() for m in mlp])
@@ -281,7 +295,8 @@ def compute_unit_scores(
     batches = as_batches(calibration, micro_batch_size)
     n_total = sum(b.shape[0] for b in batches)
     model_dtype = next(model.parameters()).dtype
-    upcast = compute_dtype is not None and compute_dtype != model_dtype
+    compute_dtype = compute_dtype or model_dtype
+    upcast = compute_dtype != model_dtype or device != home  # copies per module (dtype, device or both)
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     saved_grads = {p: p.grad for p in model.parameters()}
     was_training = model.training
@@ -299,7 +314,7 @@ def compute_unit_scores(
                     if id(_w) in held:
                         grad = held.pop(id(_w)) + grad
                     if state["active"]:
-                        add(_i, _role, compute_weight_saliency(_w, grad))
+                        add(_i, _role, compute_weight_saliency(_w.to(grad.device), grad))
                     else:
                         held[id(_w)] = grad
                 sinks[id(lin.weight)] = sink
@@ -312,12 +327,12 @@ def compute_unit_scores(
                         param.grad = None
                 handles.append(lin.weight.register_post_accumulate_grad_hook(hook))
         # the copies must be made inside each checkpointed region, so the casting wrapper goes on first
-        with _computed_in(model, adapter, compute_dtype, sinks) if upcast else nullcontext(), \
+        with _computed_in(model, adapter, device, compute_dtype, sinks) if upcast else nullcontext(), \
                 adapter.checkpointed_layers() if checkpointing or upcast else nullcontext():
             for n, batch in enumerate(batches):
                 if n == len(batches) - 1 and lean:
                     state["active"] = True  # gradient mode: reduce only once the sum is complete
-                ids = batch.to(device)
+                ids = batch.to(home)  # the embedding lookup runs where the model is
                 scale = 1.0 if functional == "sum_logits" and criterion == "nirvana" else ids.shape[0] / n_total
                 if criterion == "taylor":
                     (model(input_ids=ids, labels=ids).loss * scale).backward()
@@ -333,8 +348,8 @@ def compute_unit_scores(
                     del logits
         if not lean:
             for i, role, lin in linears:
-                add(i, role, compute_weight_saliency(lin.weight, held.pop(id(lin.weight)) if upcast
-                                                     else lin.weight.grad))
+                grad = held.pop(id(lin.weight)) if upcast else lin.weight.grad
+                add(i, role, compute_weight_saliency(lin.weight.to(grad.device), grad))
     finally:
         held.clear()
         for h in handles:
