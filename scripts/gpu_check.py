@@ -58,6 +58,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "small": dict(round_to=8, calib=(32, 128), lora_batch=(4, 32), time_limit_s=60.0, sparsity_tol=0.06),
 }
 SCORING_PEAK_GOAL_GIB = 24.0
+#: offloaded scoring (model in host memory): one layer in float32 with its gradients and activations
+OFFLOAD_PEAK_GOAL_GIB = 8.0
 #: SmolLM2 perplexity after a 20% cut without recovery may grow, but not by more than this factor
 SMOLLM2_PPL_RATIO_GOAL = 10.0
 
@@ -188,7 +190,7 @@ def _lora_dataloader(vocab: int, batch: tuple[int, int], steps: int, seed: int):
 
 def run(args: argparse.Namespace, check: Check) -> None:
     import nirvana_lightning
-    from nirvana_lightning import count_parameters, prune
+    from nirvana_lightning import count_parameters, make_plan, prune
 
     total_start = time.perf_counter()
     mode = "small" if args.small else "full"
@@ -224,6 +226,29 @@ def run(args: argparse.Namespace, check: Check) -> None:
         f["model_param_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
         f["model_param_device"] = str(next(model.parameters()).device)
         f["model_rope_inv_freq_dtype"] = str(model.model.rotary_emb.inv_freq.dtype).replace("torch.", "")
+
+    # ------------------------------------------------------------------ 0. offloaded scoring
+    if model is not None:
+        with check.step("offload"):  # the model in host memory, one layer at a time on the device
+            n_calib, calib_len = settings["calib"]
+            calibration = torch.randint(0, shape["vocab_size"], (n_calib, calib_len),
+                                        generator=torch.Generator().manual_seed(args.seed))
+            model.to("cpu")
+            _reset_peak(device)
+            t = time.perf_counter()
+            offloaded = make_plan(model, calibration, sparsity=SPARSITY, gamma=GAMMA, round_to=settings["round_to"],
+                                  scoring_device=str(device) if gpu else "cpu:0")
+            _sync(device)
+            peak = _peak_gib(device)
+            f["offload"] = {"peak_gib": peak, "seconds": round(time.perf_counter() - t, 3),
+                            "plan": offloaded.fingerprint()}
+            if gpu and mode == "full":
+                check.goal("offload_peak_gib", peak, f"< {OFFLOAD_PEAK_GOAL_GIB}", peak < OFFLOAD_PEAK_GOAL_GIB)
+            else:
+                check.goal("offload_peak_gib", peak, f"< {OFFLOAD_PEAK_GOAL_GIB}", None,
+                           skipped="GPU-only, 8B shape only (CUDA peak memory)")
+            model.to(device)
+            del calibration
 
     # ------------------------------------------------------------------ 1-2. score and cut
     if model is not None:
