@@ -198,10 +198,26 @@ class NirvanaModule(L.LightningModule):
         rank_zero_info(f"restored pruning plan {self.pruning_plan.fingerprint()} from {origin}")
 
     PLAN_KEY = "nirvana_pruning_plan"
+    #: set in checkpoints whose state_dict holds the trainable (LoRA) parameters only
+    BASE_OMITTED_KEY = "nirvana_base_omitted"
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Add the plan; with LoRA, leave out the frozen base weights (rebuilt from ``source`` and the plan).
+
+        An 8B model's checkpoint would otherwise write its 12 GiB base at every save, for a few MiB of
+        adapters. Only while the base is still ``source`` + plan: after an iterative step merged the
+        adapters into it, the base is state to keep and is written in full.
+        """
         if self.pruning_plan is not None:
             checkpoint[self.PLAN_KEY] = self.pruning_plan.to_dict()
+        state = checkpoint.get("state_dict")
+        if (self.hparams.recovery == "lora" and self._recovery_applied and state is not None
+                and not self.__dict__.get("_base_modified")):
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            frozen = [k for k in state if k.startswith("model.") and k not in trainable]
+            for k in frozen:
+                del state[k]
+            checkpoint[self.BASE_OMITTED_KEY] = len(frozen)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Make the model's shapes those of the checkpoint before Lightning loads its weights.
@@ -214,16 +230,29 @@ class NirvanaModule(L.LightningModule):
         saved = checkpoint.get(self.PLAN_KEY)
         current = self.pruning_plan.fingerprint() if self.pruning_plan is not None else None
         wanted = PruningPlan.from_dict(saved).fingerprint() if saved is not None else None
-        if current == wanted:
+        try:
+            if current == wanted:
+                return
+            recovery_applied = self._recovery_applied
+            self.model, self.pruning_plan, self._recovery_applied = None, None, False
+            hp = self.hparams
+            self.model, self.tokenizer = load_model(hp.source, hp.dtype, cache_dir=hp.cache_dir)
+            self._keep_float32_buffers()
+            self._apply_saved_plan(saved, "the checkpoint")
+            if recovery_applied:
+                self.configure_model()
+        finally:
+            self._fill_omitted_base(checkpoint)
+
+    def _fill_omitted_base(self, checkpoint: dict) -> None:
+        """A LoRA checkpoint without its frozen base: take the base from the model as rebuilt (``source`` + plan),
+        so the strict load that follows still checks every key and shape."""
+        if not checkpoint.get(self.BASE_OMITTED_KEY):
             return
-        recovery_applied = self._recovery_applied
-        self.model, self.pruning_plan, self._recovery_applied = None, None, False
-        hp = self.hparams
-        self.model, self.tokenizer = load_model(hp.source, hp.dtype, cache_dir=hp.cache_dir)
-        self._keep_float32_buffers()
-        self._apply_saved_plan(saved, "the checkpoint")
-        if recovery_applied:
-            self.configure_model()
+        state = checkpoint["state_dict"]
+        for name, tensor in self.state_dict().items():
+            if name.startswith("model.") and name not in state:
+                state[name] = tensor
 
     def _warn_beyond_context(self) -> None:
         """Windows longer than the model's context give positions it never saw: say so once, before training."""
@@ -249,6 +278,7 @@ class NirvanaModule(L.LightningModule):
         if self._recovery_applied and self.hparams.recovery == "lora":
             self.model = self.model.merge_and_unload()
             self._recovery_applied = False
+            self.__dict__["_base_modified"] = True  # checkpoints must now carry the base
 
     def apply_pruning_step(self, step: PruningPlan) -> PruningPlan:
         """Cut ``step`` (a plan made for the model as it is now) during training; returns the composed plan.

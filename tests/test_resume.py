@@ -91,3 +91,25 @@ def test_resume_mid_schedule_continues_the_schedule(tmp_path):
     want_loss, got_loss = _losses(want_dir / "metrics.csv"), _losses(got_dir / "metrics.csv")
     for step in (3, 4, 5):
         assert abs(got_loss[step] - want_loss[step]) <= 1e-6 * abs(want_loss[step]), step
+
+
+def test_lora_checkpoint_holds_adapters_only_and_resumes_exactly(tmp_path):
+    """A LoRA checkpoint leaves out the frozen base (rebuilt from source + plan): small, and the resumed run
+    matches the uninterrupted one."""
+    import torch
+
+    lora = {"recovery": "lora", "lora_dropout": 0.0, "lora_r": 4}
+    straight = _fit(_config(tmp_path, "straight", kill=False, model=lora))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = _fit(_config(tmp_path, "killed", kill=True, model=lora))
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-3000:])
+    ckpt = next((tmp_path / "killed").rglob("*.ckpt"))
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["nirvana_base_omitted"] > 0 and saved["state_dict"]
+    assert all("lora_" in k for k in saved["state_dict"]), sorted(saved["state_dict"])[:5]
+    resumed = _fit(_config(tmp_path, "killed", kill=False, model=lora), f"--ckpt_path={ckpt}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want = _losses(next((tmp_path / "straight").rglob("metrics.csv")))
+    got = _losses(sorted((tmp_path / "killed").rglob("version_1/metrics.csv"))[0])
+    for step in range(N // 2, N):
+        assert abs(got[step] - want[step]) <= 1e-6 * abs(want[step]), (step, got, want)
