@@ -20,7 +20,7 @@ from .pruning.api import cut
 from .pruning.plan import compose_plans
 from .recovery import RECOVERY_MODES, apply_recovery
 from .recovery.objectives import distillation_loss
-from .sharding import is_sharded, shard_model
+from .sharding import check_strategy, is_sharded, shard_model
 
 OBJECTIVES = ("lm", "kd")
 
@@ -136,6 +136,8 @@ class NirvanaModule(L.LightningModule):
         """Load the base model once (idempotent) and return it (unwrapped, without adapters)."""
         if self.model is None:
             hp = self.hparams
+            if self._trainer is not None:  # strategies and callbacks that cannot run right: before any weight loads
+                check_strategy(self._trainer.strategy, self._trainer.callbacks)
             self.model, self.tokenizer = load_model(hp.source, hp.dtype, cache_dir=hp.cache_dir,
                                                     device=self._load_device())
             self._keep_float32_buffers()
@@ -206,13 +208,14 @@ class NirvanaModule(L.LightningModule):
 
         An 8B model's checkpoint would otherwise write its 12 GiB base at every save, for a few MiB of
         adapters. Only while the base is still ``source`` + plan: after an iterative step merged the
-        adapters into it, the base is state to keep and is written in full.
+        adapters into it, the base is state to keep and is written in full. Sharded checkpoints keep the
+        base too (the distributed checkpoint loader restores every key of the module, each rank its shard).
         """
         if self.pruning_plan is not None:
             checkpoint[self.PLAN_KEY] = self.pruning_plan.to_dict()
         state = checkpoint.get("state_dict")
         if (self.hparams.recovery == "lora" and self._recovery_applied and state is not None
-                and not self.__dict__.get("_base_modified")):
+                and not self.__dict__.get("_base_modified") and not is_sharded(self.trainer.strategy)):
             trainable = {n for n, p in self.named_parameters() if p.requires_grad}
             frozen = [k for k in state if k.startswith("model.") and k not in trainable]
             for k in frozen:

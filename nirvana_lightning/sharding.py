@@ -55,3 +55,35 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def check_strategy(strategy, callbacks=()) -> None:
+    """Refuse what this project cannot run right under a sharded strategy, before any weight is loaded.
+
+    * ``FSDPStrategy`` (FSDP1) and ``DeepSpeedStrategy``: they wrap the LightningModule, so code that runs
+      ``pl_module.model`` outside ``training_step`` (evaluation callbacks, the export) would see flat shards,
+      and neither can be run here (no accelerator) to prove otherwise. ``ModelParallelStrategy`` (FSDP2)
+      is the supported way to shard.
+    * Rank-0-only work on a sharded model: ``LmEvalCallback`` (lm-eval runs in one process, the other ranks
+      would wait in the forward's collectives forever) and the summary's speed measurement (it times the
+      unwrapped model, which would bypass the gathering).
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    from .errors import ConfigError
+
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        raise ConfigError("trainer.strategy", type(strategy).__name__,
+                          "ModelParallelStrategy (FSDP2; data_parallel_size: <processes>, tensor_parallel_size: 1) "
+                          "to shard, or ddp: FSDP1 and DeepSpeed wrap the whole module, which the evaluation "
+                          "callbacks and the export do not go through")
+    if not is_sharded(strategy):
+        return
+    for callback in callbacks:
+        name = type(callback).__name__
+        if name == "LmEvalCallback":
+            raise ConfigError("trainer.callbacks", name, "no LmEvalCallback under a sharded strategy (lm-eval runs on "
+                              "rank 0 alone; the other ranks would hang): evaluate the export with lm-eval instead")
+        if name == "RunSummaryCallback" and getattr(callback, "speed", False):
+            raise ConfigError("RunSummaryCallback.speed", True, "false under a sharded strategy (the timed forward "
+                              "would bypass the gathering of shards); measure the export's speed instead")

@@ -62,3 +62,22 @@ def test_fsdp2_prune_train_export_and_resume(tmp_path):
     resumed = _fit(_config(tmp_path, "resumed"), f"--ckpt_path={ckpts[0]}")
     assert resumed[0]["plan"] == ranks[0]["plan"] and resumed[0]["scored"] == 0  # the plan came from the checkpoint
     assert resumed[0]["weights"] == ranks[0]["weights"]
+
+
+def test_unsupported_sharding_is_refused_before_loading():
+    import pytest
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    from nirvana_lightning import LmEvalCallback, RunSummaryCallback
+    from nirvana_lightning.errors import ConfigError
+    from nirvana_lightning.sharding import check_strategy
+
+    for cls in (FSDPStrategy, DeepSpeedStrategy):  # not constructible without an accelerator / deepspeed here
+        with pytest.raises(ConfigError, match=rf"trainer\.strategy='{cls.__name__}'.*ModelParallelStrategy"):
+            check_strategy(object.__new__(cls))
+    sharded = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    with pytest.raises(ConfigError, match="LmEvalCallback"):
+        check_strategy(sharded, [LmEvalCallback(tasks=["nirvana_brown_cloze"])])
+    with pytest.raises(ConfigError, match=r"RunSummaryCallback\.speed=True"):
+        check_strategy(sharded, [RunSummaryCallback(speed=True)])
+    check_strategy(sharded, [RunSummaryCallback(speed=False)])
