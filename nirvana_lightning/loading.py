@@ -170,6 +170,8 @@ def load_model(source: str, dtype: str = "float32", *, cache_dir: str | Path | N
         cache_dir: where embedded models are converted (default :func:`default_cache_dir`).
         device: load the weights straight onto this device (e.g. each DDP rank's own GPU), so no
             rank holds a host copy: 8 ranks loading an 8B model on the host would need 120 GiB.
+            ``meta`` builds the model without reading any weight (shapes only; a sharded run's
+            other ranks receive theirs from rank 0).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode on ``device`` (default the CPU).
@@ -178,7 +180,18 @@ def load_model(source: str, dtype: str = "float32", *, cache_dir: str | Path | N
 
     check_choice("model.dtype", dtype, DTYPES)
     path = resolve_source(source, cache_dir)
-    if is_pruned_export(path):  # a save_pruned directory: per-layer widths, our classes (no remote code)
+    if device is not None and torch.device(device).type == "meta":  # shapes only: the weights come from elsewhere
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            if is_pruned_export(path):
+                from .adapters import remote_modeling
+
+                model = remote_modeling.PRUNED_CLASSES[config.model_type](config).to(DTYPES[dtype])
+            else:
+                model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    elif is_pruned_export(path):  # a save_pruned directory: per-layer widths, our classes (no remote code)
         from .export import load_pruned
 
         model, _ = load_pruned(path, dtype=dtype)

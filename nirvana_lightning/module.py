@@ -20,7 +20,7 @@ from .pruning.api import cut
 from .pruning.plan import compose_plans
 from .recovery import RECOVERY_MODES, apply_recovery
 from .recovery.objectives import distillation_loss
-from .sharding import check_strategy, is_sharded, shard_model
+from .sharding import check_strategy, is_sharded, load_from_rank_zero, shard_model
 
 OBJECTIVES = ("lm", "kd")
 
@@ -138,8 +138,10 @@ class NirvanaModule(L.LightningModule):
             hp = self.hparams
             if self._trainer is not None:  # strategies and callbacks that cannot run right: before any weight loads
                 check_strategy(self._trainer.strategy, self._trainer.callbacks)
-            self.model, self.tokenizer = load_model(hp.source, hp.dtype, cache_dir=hp.cache_dir,
-                                                    device=self._load_device())
+            device = self._load_device()
+            self.model, self.tokenizer = load_model(hp.source, hp.dtype, cache_dir=hp.cache_dir, device=device)
+            #: whether this process read the weights from ``source`` (not under sharding's other ranks)
+            self.read_weights = device != "meta"
             self._keep_float32_buffers()
             self._restore_plan_from_checkpoint()
         return self.base_model
@@ -165,12 +167,19 @@ class NirvanaModule(L.LightningModule):
         return teacher
 
     def _load_device(self) -> str | None:
-        """Each rank's own accelerator when the whole model lives there anyway (single device, DDP): weights
-        go straight to it instead of through a host copy per rank. Sharded strategies load on the host."""
+        """Where :meth:`build_model` puts the weights it loads.
+
+        Single device and DDP: each rank's own accelerator, straight (no host copy per rank). Sharded
+        (FSDP2): rank 0 loads the model in host memory (it scores it and is the source of every rank's
+        shards); the other ranks build it on the meta device, read no weight and receive their shards
+        from rank 0 in :meth:`configure_model` (8 ranks of a 70B model would otherwise hold 8 host copies).
+        """
         trainer = self._trainer
-        if trainer is None or trainer.strategy.root_device.type == "cpu" or is_sharded(trainer.strategy):
+        if trainer is None:
             return None
-        return str(trainer.strategy.root_device)
+        if is_sharded(trainer.strategy):
+            return "meta" if trainer.global_rank != 0 else None
+        return None if trainer.strategy.root_device.type == "cpu" else str(trainer.strategy.root_device)
 
     def _teacher_device(self) -> torch.device:
         trainer = self._trainer
@@ -341,7 +350,11 @@ class NirvanaModule(L.LightningModule):
                 raise ConfigError("trainer.strategy.init_args.tensor_parallel_size", mesh["tensor_parallel"].size(),
                                   "1 (layers of per-layer widths are sharded with FSDP2, not split by tensor "
                                   "parallelism; set data_parallel_size to the number of processes)")
+            full = self.model.state_dict() if trainer.global_rank == 0 else {}  # references: no copy
+            buffers = dict(self.model.named_buffers()) if trainer.global_rank == 0 else None
             shard_model(self.model, mesh["data_parallel"])
+            load_from_rank_zero(self.model, full, trainer.strategy.broadcast(buffers, src=0),
+                                trainer.strategy.root_device)
 
     def forward(self, **batch):
         return self.model(**batch)

@@ -8,10 +8,11 @@ share a unit, so LoRA needs no ``use_orig_params``), and is PyTorch's supported 
 ``ModelParallelStrategy`` leaves the wrapping to ``LightningModule.configure_model``, which is where
 :meth:`NirvanaModule.configure_model` calls :func:`shard_model` after pruning and LoRA.
 
-Order of a sharded run: ``setup`` loads the dense model (host memory) and the pruning callback scores
-and cuts it (rank 0 scores, every rank cuts the broadcast plan); ``configure_model`` attaches LoRA and
-shards each decoder layer and the root, so each rank keeps 1/N of the pruned weights; the precision
-plugin and optimizers come after. Code that runs the model outside ``training_step`` goes through the
+Order of a sharded run: ``setup`` loads the dense model on rank 0 (host memory; the other ranks build
+it on the meta device and read no weight) and the pruning callback scores it on rank 0 and cuts it on
+every rank (the broadcast plan; a meta model is cut by shape); ``configure_model`` attaches LoRA, shards
+each decoder layer and the root, and fills every rank's shards from rank 0 (:func:`load_from_rank_zero`),
+so each rank keeps 1/N of the pruned weights; the precision plugin and optimizers come after. Code that runs the model outside ``training_step`` goes through the
 root module's forward, which gathers each unit's parameters in turn (FSDP2's hooks), so the evaluation
 callbacks need no change; the export gathers a full state dict on rank 0 (:func:`full_state_dict`).
 """
@@ -39,6 +40,26 @@ def shard_model(model: nn.Module, mesh) -> nn.Module:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def load_from_rank_zero(model: nn.Module, full: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                        device: torch.device) -> None:
+    """Fill every rank's shards from rank 0's full state (a collective).
+
+    Rank 0 passes its full (unsharded, pruned, LoRA-attached) state; the others pass ``{}``: their model
+    was built on the meta device, is materialised empty here and receives its shards by broadcast.
+    ``buffers`` (rank 0's, broadcast by the caller) fill the non-persistent buffers a state dict leaves
+    out (RoPE ``inv_freq``).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in model.parameters()) or any(b.is_meta for b in model.buffers()):
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, value in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        module._buffers[leaf] = value.to(device)
 
 
 def is_fully_sharded(model: nn.Module) -> bool:
@@ -87,3 +108,31 @@ def check_strategy(strategy, callbacks=()) -> None:
         if name == "RunSummaryCallback" and getattr(callback, "speed", False):
             raise ConfigError("RunSummaryCallback.speed", True, "false under a sharded strategy (the timed forward "
                               "would bypass the gathering of shards); measure the export's speed instead")
+
+
+def on_rank_zero(trainer, make, *, what: str):
+    """``make()`` on global rank 0 only, its (picklable) result broadcast to every rank (a collective).
+
+    An exception on rank 0 is sent to the others, so no rank waits forever; rank 0 re-raises its own,
+    the others raise a RuntimeError naming it (a ConfigError keeps its key, value and choices).
+    """
+    from .errors import ConfigError
+
+    if trainer.world_size <= 1:
+        return make()
+    payload, error = None, None
+    if trainer.global_rank == 0:
+        try:
+            payload = {"value": make()}
+        except ConfigError as err:
+            error, payload = err, {"config_error": [err.key, err.value, err.expected]}
+        except Exception as err:  # noqa: BLE001 - sent to the other ranks, then re-raised here
+            error, payload = err, {"error": f"{type(err).__name__}: {err}"}
+    payload = trainer.strategy.broadcast(payload, src=0)
+    if error is not None:
+        raise error
+    if "config_error" in payload:
+        raise ConfigError(*payload["config_error"])
+    if "error" in payload:
+        raise RuntimeError(f"{what} failed on rank 0: {payload['error']}")
+    return payload["value"]

@@ -48,7 +48,7 @@ class RecordShardedState(L.Callback):
             logits = pl_module.model(input_ids=ids).logits
         pruning = next(c for c in trainer.callbacks if type(c).__name__ == "NirvanaPruningCallback")
         record = {"plan": pl_module.pruning_plan.fingerprint(), "weights": h.hexdigest(), "step": trainer.global_step,
-                  "scored": pruning.scored_on_this_rank, "local_numel": local,
+                  "scored": pruning.scored_on_this_rank, "local_numel": local, "read_weights": pl_module.read_weights,
                   "global_numel": sum(p.numel() for p in params), "all_dtensor": all(isinstance(p, DTensor) for p in params),
                   "ids": ids.tolist(), "logits": logits.float().tolist()}
         Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

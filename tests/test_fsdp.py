@@ -44,6 +44,8 @@ def test_fsdp2_prune_train_export_and_resume(tmp_path):
     assert ranks[0]["step"] == ranks[1]["step"] == STEPS
     assert ranks[0]["plan"] == ranks[1]["plan"]
     assert (ranks[0]["scored"], ranks[1]["scored"]) == (1, 0)  # rank 0 scored, rank 1 cut the broadcast plan
+    # only rank 0 read the weights; rank 1 built the model on the meta device and received its shards
+    assert (ranks[0]["read_weights"], ranks[1]["read_weights"]) == (True, False)
     assert ranks[0]["weights"] == ranks[1]["weights"]  # the gathered full state is the same on both ranks
     for r in ranks:  # every parameter is a DTensor and each rank holds about half of the model
         assert r["all_dtensor"] and 0.4 < r["local_numel"] / r["global_numel"] < 0.6

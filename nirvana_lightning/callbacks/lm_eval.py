@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 
 from ..eval.lm_eval import run_lm_eval, validate_settings, validate_tasks
+from ..sharding import on_rank_zero
 from .staged import StagedEvaluation
 
 
@@ -61,26 +62,17 @@ class LmEvalCallback(StagedEvaluation):
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:
         """Evaluate ``pl_module.model`` on global rank 0 and share the results with every rank."""
-        results, error = None, None
-        if trainer.is_global_zero:
-            try:
-                tokenizer = getattr(pl_module, "tokenizer", None)
-                if tokenizer is None:
-                    tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-                if tokenizer is None:
-                    raise RuntimeError("LmEvalCallback: neither the module nor the datamodule has a tokenizer")
-                results = run_lm_eval(pl_module.model, tokenizer, self.tasks, num_fewshot=self.num_fewshot,
-                                      limit=self.limit, batch_size=self.batch_size)
-            except Exception as err:
-                if trainer.world_size == 1:
-                    raise
-                error = err  # tell the waiting ranks before raising, or they hang in the broadcast
+        def run() -> dict:
+            tokenizer = getattr(pl_module, "tokenizer", None)
+            if tokenizer is None:
+                tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+            if tokenizer is None:
+                raise RuntimeError("LmEvalCallback: neither the module nor the datamodule has a tokenizer")
+            return run_lm_eval(pl_module.model, tokenizer, self.tasks, num_fewshot=self.num_fewshot,
+                               limit=self.limit, batch_size=self.batch_size)
+
         # a collective: every rank reaches this line at the same hook and step
-        results, message = trainer.strategy.broadcast((results, repr(error) if error else None), src=0)
-        if error is not None:
-            raise error
-        if message is not None:
-            raise RuntimeError(f"LmEvalCallback: evaluation failed on rank 0 at stage {stage!r}: {message}")
+        results = on_rank_zero(trainer, run, what=f"LmEvalCallback at stage {stage!r}")
         return {f"{task}/{metric}": value for task, values in results.items() for metric, value in values.items()}
 
     def summary_rows(self) -> dict[str, dict[str, float]]:

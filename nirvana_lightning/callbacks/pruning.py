@@ -19,6 +19,7 @@ from ..pruning.saliency import CRITERIA, FUNCTIONALS
 from ..pruning.schedule import SCHEDULES, cumulative_sparsity, step_sparsity
 from ..pruning.selection import select_calibration
 from ..recovery.rebuild import check_rebuildable, rebuild_optimization
+from ..sharding import on_rank_zero
 
 
 class NirvanaPruningCallback(L.Callback):
@@ -286,7 +287,7 @@ class NirvanaPruningCallback(L.Callback):
             raise ConfigError("data", type(datamodule).__name__, "a datamodule with calibration_windows()")
         if self.offload_scoring:  # the model stays in host memory; each layer visits the device in turn
             settings["scoring_device"] = str(trainer.strategy.root_device)
-        else:
+        elif trainer.global_rank == 0 or not next(model.parameters()).is_meta:  # a sharded run's other ranks: shapes only
             model.to(trainer.strategy.root_device)
         seed = self.calibration_seed if self.calibration_seed is not None else getattr(datamodule, "calibration_seed", 0)
         seed += k - 1  # fresh calibration windows at every step
@@ -345,29 +346,11 @@ class NirvanaPruningCallback(L.Callback):
         Scoring on every rank would cost each of them the scoring memory and time (and host memory
         for KL selection's reference log-probs) for a plan thrown away: scores can differ in the last
         bits across ranks (non-deterministic kernels, near-ties), so all ranks must cut rank 0's plan
-        anyway. An error on rank 0 is sent to the others, so no rank waits forever. The other ranks
-        wait in a collective for as long as scoring takes: the process group's timeout (Lightning's
-        default 30 minutes; ``DDPStrategy(timeout=...)``) must exceed it.
+        anyway (and under sharding only rank 0 holds weights). The other ranks wait in a collective for
+        as long as scoring takes: the process group's timeout (Lightning's default 30 minutes;
+        ``DDPStrategy(timeout=...)``) must exceed it.
         """
-        if trainer.world_size <= 1:
-            return make()
-        payload, error = None, None
-        if trainer.global_rank == 0:
-            try:
-                payload = {"plan": make().to_dict()}
-            except ConfigError as err:
-                error, payload = err, {"config_error": [err.key, err.value, err.expected]}
-            except Exception as err:  # noqa: BLE001 - sent to the other ranks, then re-raised here
-                error, payload = err, {"error": f"{type(err).__name__}: {err}"}
-        payload = trainer.strategy.broadcast(payload, src=0)
-        if error is not None:
-            raise error
-        if "config_error" in payload:
-            key, value, expected = payload["config_error"]
-            raise ConfigError(key, value, expected)
-        if "error" in payload:
-            raise RuntimeError(f"pruning failed on rank 0: {payload['error']}")
-        return PruningPlan.from_dict(payload["plan"])
+        return PruningPlan.from_dict(on_rank_zero(trainer, lambda: make().to_dict(), what="pruning"))
 
     def _select(self, trainer: L.Trainer, model, datamodule, settings: dict, seed: int) -> PruningPlan:
         """KL selection among candidate calibration sets; returns the winner's plan (not yet cut)."""

@@ -9,6 +9,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..errors import ConfigError
+from ..sharding import is_sharded, on_rank_zero
 
 #: the stages a run summary compares, in order
 SUMMARY_STAGES = ("dense", "pruned", "recovered")
@@ -37,7 +38,8 @@ def prepare_dense_stage(trainer: L.Trainer, pl_module: L.LightningModule, name: 
         raise ConfigError("trainer.callbacks", f"{name} after NirvanaPruningCallback",
                           f"{name} listed first, before NirvanaPruningCallback (it measures the dense model, "
                           "which was already pruned)")
-    pl_module.model.to(trainer.strategy.root_device)
+    if not next(pl_module.model.parameters()).is_meta:  # a sharded run's other ranks hold shapes only
+        pl_module.model.to(trainer.strategy.root_device)
 
 
 def check_every_n_steps(key: str, value: int | None) -> None:
@@ -113,7 +115,11 @@ class StagedEvaluation(L.Callback):
     def record(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:
         was_training = pl_module.training
         try:
-            metrics = self.evaluate(trainer, pl_module, stage)
+            if stage == "dense" and is_sharded(trainer.strategy):
+                # before sharding only rank 0 holds weights (the others build the model on the meta device)
+                metrics = on_rank_zero(trainer, lambda: self.evaluate(trainer, pl_module, stage), what=f"{stage} stage")
+            else:
+                metrics = self.evaluate(trainer, pl_module, stage)
         finally:
             pl_module.train(was_training)
         self.results[stage] = dict(metrics)
