@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import MeanMetric
 
-from .adapters import ROLES, unwrap_model
+from .adapters import ROLES, remote_modeling, unwrap_model
 from .errors import ConfigError, check_choice, check_positive
 from .eval.perplexity import lm_loss_and_count
 from .io import checkpoint_file, load_checkpoint
@@ -19,8 +19,9 @@ from .pruning import PruningPlan, apply_plan
 from .pruning.api import cut
 from .pruning.plan import compose_plans
 from .recovery import RECOVERY_MODES, apply_recovery
+from .recovery.lora import merged_model
 from .recovery.objectives import distillation_loss
-from .sharding import check_strategy, is_sharded, load_from_rank_zero, shard_model
+from .sharding import check_strategy, full_state_dict, is_fully_sharded, is_sharded, load_from_rank_zero, shard_model
 
 OBJECTIVES = ("lm", "kd")
 
@@ -287,10 +288,34 @@ class NirvanaModule(L.LightningModule):
         Called before an iterative step scores the model, so saliency sees the weights that
         recovery produced (``W + BA``), not the frozen base.
         """
+        if is_fully_sharded(self.model):
+            self._unshard_for_pruning()
+            return
         if self._recovery_applied and self.hparams.recovery == "lora":
             self.model = self.model.merge_and_unload()
             self._recovery_applied = False
             self.__dict__["_base_modified"] = True  # checkpoints must now carry the base
+
+    def _unshard_for_pruning(self) -> None:
+        """Sharded (FSDP2): replace the sharded model by a plain one that can be scored and cut (a collective).
+
+        Every rank sends its shards; rank 0 receives the full state in host memory and builds the plain
+        model from it with the LoRA adapters merged (what recovery learnt so far is kept); the other ranks
+        build the same shapes on the meta device. After the cut, :meth:`configure_model` attaches fresh
+        adapters, shards again and fills the shards from rank 0, as at the start of the run.
+        """
+        trainer = self.trainer
+        state = full_state_dict(self.model)
+        if trainer.global_rank == 0:
+            plain = merged_model(self.model, state)
+        else:
+            base = unwrap_model(self.model)
+            with torch.device("meta"):
+                plain = remote_modeling.PRUNED_CLASSES[base.config.model_type](base.config)
+            plain.to(base.get_input_embeddings().weight.dtype)
+        self.model = plain
+        self._recovery_applied = False
+        self.__dict__["_base_modified"] = True
 
     def apply_pruning_step(self, step: PruningPlan) -> PruningPlan:
         """Cut ``step`` (a plan made for the model as it is now) during training; returns the composed plan.

@@ -83,3 +83,36 @@ def test_unsupported_sharding_is_refused_before_loading():
     with pytest.raises(ConfigError, match=r"RunSummaryCallback\.speed=True"):
         check_strategy(sharded, [RunSummaryCallback(speed=True)])
     check_strategy(sharded, [RunSummaryCallback(speed=False)])
+
+
+def test_fsdp2_iterative_schedule_matches_one_process(tmp_path):
+    """Pruning during training under FSDP2: shards gathered, LoRA merged, rank 0 scores, both ranks cut, re-shard,
+    optimizer rebuilt. Ranks end identical, and both plans equal those of one process seeing the same batches."""
+    schedule = {"sparsity": 0.4, "schedule": "linear", "n_steps": 2, "every_n_steps": 2}
+    sharded = _config(tmp_path, "sharded")
+    cfg = yaml.safe_load(sharded.read_text())
+    next(c for c in cfg["trainer"]["callbacks"] if "NirvanaPruning" in c["class_path"])["init_args"].update(schedule)
+    cfg["trainer"]["enable_checkpointing"] = False
+    cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if "ModelCheckpoint" not in c["class_path"]]
+    # 4 windows: every optimizer step sees all of them (2 ranks x 2, or 1 process x 4), so both runs train alike
+    cfg["data"]["max_train_windows"] = 4
+    cfg["trainer"].update(val_check_interval=None, check_val_every_n_epoch=2)
+    sharded.write_text(yaml.safe_dump(cfg))
+    ranks = _fit(sharded)
+    assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["plan"] == ranks[1]["plan"]
+    assert (ranks[0]["scored"], ranks[1]["scored"]) == (2, 0)
+    assert all(r["all_dtensor"] and 0.4 < r["local_numel"] / r["global_numel"] < 0.6 for r in ranks)
+    # one process, same global batch (2 ranks x 2 = 4), no sharding: the same two plans
+    cfg["trainer"].update(devices=1, strategy="auto", default_root_dir=str(tmp_path / "single"))
+    cfg["data"]["batch_size"] = 4
+    cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if "rank_record" not in c["class_path"]]
+    single = tmp_path / "single.yaml"
+    single.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "nirvana_lightning", "fit", "--config", str(single)], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for k in (1, 2):
+        want = json.loads(next((tmp_path / "single").rglob(f"plan_step_{k}.json")).read_text())
+        got = json.loads(next((tmp_path / "sharded").rglob(f"plan_step_{k}.json")).read_text())
+        assert (got["attention_keep"], got["mlp_keep"]) == (want["attention_keep"], want["mlp_keep"]), k

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import lightning as L
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
 from ..errors import ConfigError
 
 #: strategies whose wrappers :func:`rebuild_optimization` knows how to rebuild
-REBUILDABLE_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
+REBUILDABLE_STRATEGIES = (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)
 
 
 def check_rebuildable(trainer: L.Trainer, key: str) -> None:
@@ -16,11 +16,7 @@ def check_rebuildable(trainer: L.Trainer, key: str) -> None:
     strategy = trainer.strategy
     if type(strategy) not in REBUILDABLE_STRATEGIES:
         raise ConfigError(key, type(strategy).__name__,
-                          "single-device or ddp for pruning during training; with a sharded strategy prune once at "
-                          "fit start (schedule: once), which happens before any parameter is sharded. A cut during "
-                          "training would need every unit gathered, LoRA merged on the shards, the cut model "
-                          "re-sharded with fully_shard and the optimizer rebuilt over the new DTensors: not "
-                          "implemented")
+                          "single-device, ddp or ModelParallelStrategy (FSDP2) for pruning during training")
 
 
 def rebuild_optimization(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -28,6 +24,8 @@ def rebuild_optimization(trainer: L.Trainer, pl_module: L.LightningModule) -> No
 
     * DDP: a new ``DistributedDataParallel`` over the pruned module (its buckets and its
       parameter broadcast are built from the current parameters).
+    * FSDP2 (``ModelParallelStrategy``): nothing to re-wrap here; the module's ``configure_model``
+      already sharded the cut model again (:meth:`NirvanaModule.apply_pruning_step`).
     * Optimizers: ``configure_optimizers`` runs again, so the optimizer holds exactly the
       trainable parameters that exist now. Adam moments start from zero (the optimizer is
       rebuilt, not patched: composer's and our house rule).
