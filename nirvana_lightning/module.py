@@ -252,8 +252,8 @@ class NirvanaModule(L.LightningModule):
             self.model, self.tokenizer = load_model(hp.source, hp.dtype, cache_dir=hp.cache_dir)
             self._keep_float32_buffers()
             self._apply_saved_plan(saved, "the checkpoint")
-            if recovery_applied:
-                self.configure_model()
+            if recovery_applied or any(".lora_" in k for k in checkpoint.get("state_dict", {})):
+                self.configure_model()  # the checkpoint's adapters need their modules (load_from_checkpoint too)
         finally:
             self._fill_omitted_base(checkpoint)
 

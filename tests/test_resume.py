@@ -113,3 +113,8 @@ def test_lora_checkpoint_holds_adapters_only_and_resumes_exactly(tmp_path):
     got = _losses(sorted((tmp_path / "killed").rglob("version_1/metrics.csv"))[0])
     for step in range(N // 2, N):
         assert abs(got[step] - want[step]) <= 1e-6 * abs(want[step]), (step, got, want)
+    from nirvana_lightning import NirvanaModule  # outside the CLI too: base rebuilt, adapters loaded
+
+    module = NirvanaModule.load_from_checkpoint(ckpt, weights_only=True)
+    state = module.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved["state_dict"].items())
