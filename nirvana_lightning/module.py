@@ -70,9 +70,9 @@ class NirvanaModule(L.LightningModule):
             is scaled by tau**2 so its gradient scale does not depend on tau.
         kd_alpha: weight of the KL term; the loss is ``kd_alpha * KL + (1 - kd_alpha) * LM``.
         teacher_device: where the frozen dense teacher lives (default: the training device): ``cpu``,
-            ``+1`` (the accelerator after each rank's own, so 4 ranks on 8 GPUs put their teachers on
-            the other 4), or a device such as ``cuda:1`` (single process only: under DDP every rank's
-            teacher would land on that one GPU).
+            ``+N`` (this rank's accelerator index + N, modulo the node's count: 4 ranks on cuda:0-3 of an
+            8-GPU node with ``+4`` put their teachers on cuda:4-7), or a device such as ``cuda:1``
+            (single process only: under DDP every rank's teacher would land on that one GPU).
         teacher_dtype: teacher weight dtype (default: ``dtype``), e.g. ``bfloat16`` to halve its memory.
     """
 
@@ -212,6 +212,8 @@ class NirvanaModule(L.LightningModule):
     PLAN_KEY = "nirvana_pruning_plan"
     #: set in checkpoints whose state_dict holds the trainable (LoRA) parameters only
     BASE_OMITTED_KEY = "nirvana_base_omitted"
+    #: set in checkpoints whose base weights are no longer ``source`` + plan (adapters merged into them)
+    BASE_MODIFIED_KEY = "nirvana_base_modified"
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Add the plan; with LoRA, leave out the frozen base weights (rebuilt from ``source`` and the plan).
@@ -231,6 +233,8 @@ class NirvanaModule(L.LightningModule):
             for k in frozen:
                 del state[k]
             checkpoint[self.BASE_OMITTED_KEY] = len(frozen)
+        if self.__dict__.get("_base_modified"):
+            checkpoint[self.BASE_MODIFIED_KEY] = True
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Make the model's shapes those of the checkpoint before Lightning loads its weights.
@@ -243,6 +247,12 @@ class NirvanaModule(L.LightningModule):
         saved = checkpoint.get(self.PLAN_KEY)
         current = self.pruning_plan.fingerprint() if self.pruning_plan is not None else None
         wanted = PruningPlan.from_dict(saved).fingerprint() if saved is not None else None
+        # a base that recovery merged into stays "modified" in every later checkpoint (written in full)
+        self.__dict__["_base_modified"] = bool(checkpoint.get(self.BASE_MODIFIED_KEY))
+        if current != wanted and self._trainer is not None and is_sharded(self._trainer.strategy):
+            raise ConfigError("ckpt_path", "last/best", "an explicit checkpoint directory under a sharded strategy "
+                              "(it is restored after the model is sharded, too late to change its shapes; a path "
+                              "is read at setup)")
         try:
             if current == wanted:
                 return
@@ -255,9 +265,9 @@ class NirvanaModule(L.LightningModule):
             if recovery_applied or any(".lora_" in k for k in checkpoint.get("state_dict", {})):
                 self.configure_model()  # the checkpoint's adapters need their modules (load_from_checkpoint too)
         finally:
-            self._fill_omitted_base(checkpoint)
+            self.fill_omitted_base(checkpoint)
 
-    def _fill_omitted_base(self, checkpoint: dict) -> None:
+    def fill_omitted_base(self, checkpoint: dict) -> None:
         """A LoRA checkpoint without its frozen base: take the base from the model as rebuilt (``source`` + plan),
         so the strict load that follows still checks every key and shape."""
         if not checkpoint.get(self.BASE_OMITTED_KEY):
@@ -376,10 +386,11 @@ class NirvanaModule(L.LightningModule):
                                   "1 (layers of per-layer widths are sharded with FSDP2, not split by tensor "
                                   "parallelism; set data_parallel_size to the number of processes)")
             full = self.model.state_dict() if trainer.global_rank == 0 else {}  # references: no copy
-            buffers = dict(self.model.named_buffers()) if trainer.global_rank == 0 else None
+            buffers = {n: b.cpu() for n, b in self.model.named_buffers()} if trainer.global_rank == 0 else None
             shard_model(self.model, mesh["data_parallel"])
             load_from_rank_zero(self.model, full, trainer.strategy.broadcast(buffers, src=0),
                                 trainer.strategy.root_device)
+            self._keep_float32_buffers()  # the other ranks' snapshot was taken of meta tensors
 
     def forward(self, **batch):
         return self.model(**batch)
@@ -447,9 +458,11 @@ class NirvanaModule(L.LightningModule):
 
     def on_validation_start(self) -> None:
         self._accumulate_metrics_in_full_precision()
+        self._restore_float32_buffers()
 
     def on_test_start(self) -> None:
         self._accumulate_metrics_in_full_precision()
+        self._restore_float32_buffers()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, n_token = lm_loss_and_count(self.model, batch)
@@ -484,6 +497,8 @@ class NirvanaModule(L.LightningModule):
         train a model with other position encodings than the one exported (transformers recomputes the
         buffer in float32 at load) and served. The buffers are put back as loaded, bit for bit.
         """
+        if self.model is None:
+            return
         base = self.base_model
         for name, saved in self.__dict__.get("_float32_buffers", {}).items():
             owner, _, leaf = name.rpartition(".")
@@ -492,18 +507,29 @@ class NirvanaModule(L.LightningModule):
             if current is not None and current.dtype != torch.float32:
                 module._buffers[leaf] = saved.to(current.device)
 
-    def _trainable_in_float32(self, params: list[torch.nn.Parameter]) -> None:
+    def _apply(self, fn, recurse: bool = True):
+        """Every conversion of the module (``bf16-true``'s ``module.to(bfloat16)``, device moves) ends with the
+        float32 buffers and LoRA adapters put back: here, not in a later hook, because DDP wraps the module
+        right after the precision plugin converts it and builds its gradient buckets from the dtypes then."""
+        super()._apply(fn, recurse)
+        if getattr(self, "model", None) is not None and "_float32_buffers" in self.__dict__:
+            self._restore_float32_buffers()
+            self._trainable_in_float32([p for p in self.model.parameters() if p.requires_grad], strict=False)
+        return self
+
+    def _trainable_in_float32(self, params: list[torch.nn.Parameter], strict: bool = True) -> None:
         """LoRA adapters and their AdamW state stay float32 whatever the precision plugin did to the module.
 
         ``bf16-true`` converts every parameter; bf16 adapters lose updates smaller than 2^-8 of the weight (at
         lr 1e-5 most ``lora_A`` entries never change). Adapters are a fraction of a percent of the model, so
         keeping them in float32 costs nothing; peft casts the layer input to the adapter's dtype and the
-        result back, and merging casts the delta to the base dtype. Runs here because Lightning calls
-        ``configure_optimizers`` after the precision plugin has converted the module (also after a rebuild).
+        result back, and merging casts the delta to the base dtype. Runs after every conversion of the module
+        (:meth:`_apply`) and again when the optimizer is built (``strict``: a sharded adapter is an error then).
         Full fine-tuning is left in the dtype the user chose (float32 master weights would double its memory).
         """
         if self.hparams.recovery != "lora":
-            if any(p.dtype in (torch.bfloat16, torch.float16) for p in params) and not self.__dict__.get("_warned_half"):
+            if strict and any(p.dtype in (torch.bfloat16, torch.float16) for p in params) \
+                    and not self.__dict__.get("_warned_half"):
                 self.__dict__["_warned_half"] = True
                 rank_zero_warn("recovery 'full' with half-precision weights: weights and AdamW states are "
                                f"{params[0].dtype}, so small updates are lost; use trainer.precision bf16-mixed "
@@ -512,6 +538,8 @@ class NirvanaModule(L.LightningModule):
         for p in params:
             if p.dtype != torch.float32:
                 if isinstance(p, torch.distributed.tensor.DTensor):
+                    if not strict:
+                        continue
                     raise ConfigError("trainer.precision", str(self.trainer.precision),
                                       "32-true or bf16-mixed under a sharded strategy (float32 storage sharded across "
                                       "ranks, bf16 compute): a *-true precision would leave the LoRA adapters in "

@@ -12,13 +12,17 @@ class RecordRankState(L.Callback):
         self.out_dir = out_dir
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        import torch
+
         h = hashlib.sha256()
         for name, p in sorted(pl_module.base_model.state_dict().items()):
             h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())  # bf16 too, bit for bit
         pruning = next(c for c in trainer.callbacks if type(c).__name__ == "NirvanaPruningCallback")
         record = {"plan": pl_module.pruning_plan.fingerprint(), "weights": h.hexdigest(),
                   "step": trainer.global_step, "scored": pruning.scored_on_this_rank,
+                  "trainable_dtypes": sorted({str(p.dtype)[6:] for p in pl_module.model.parameters() if p.requires_grad}),
+                  "frozen_dtypes": sorted({str(p.dtype)[6:] for p in pl_module.model.parameters() if not p.requires_grad}),
                   "device": str(next(pl_module.base_model.parameters()).device)}
         Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 

@@ -162,13 +162,15 @@ def test_corrupt_or_mismatched_plan_names_the_layer(tmp_path):
         load_pruned(tmp_path / "m", verify=False)
 
 
-def test_merged_model_shares_untouched_tensors_and_equals_peft_merge():
-    """The export's merge copies only the adapted weights and gives peft's merge_and_unload values, bit for bit."""
+@pytest.mark.parametrize("tied,dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_merged_model_shares_untouched_tensors_and_equals_peft_merge(tied, dtype):
+    """The export's merge copies only the adapted weights and gives peft's merge_and_unload values, bit for bit
+    (bf16 base with float32 adapters too); tied embeddings stay one tensor."""
     import copy
 
     from nirvana_lightning.recovery.lora import merged_model
 
-    model = build_tiny_model("tiny-llama")
+    model = build_tiny_model("tiny-llama", tie_word_embeddings=tied).to(dtype)
     prune(model, IDS, sparsity=0.4, gamma=1.5)
     peft_model = apply_recovery(model, "lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets=["q", "v", "down"])
     with torch.no_grad():
@@ -188,3 +190,29 @@ def test_merged_model_shares_untouched_tensors_and_equals_peft_merge():
     assert all(torch.equal(p, before[n]) for n, p in peft_model.named_parameters())  # the trained model is untouched
     with torch.no_grad():
         assert torch.equal(plain(input_ids=IDS).logits, want(input_ids=IDS).logits)
+    assert (plain.lm_head.weight is plain.model.embed_tokens.weight) == tied
+
+
+def test_best_checkpoint_export_with_adapters_only_checkpoints(tmp_path):
+    """ExportCallback(best=True) reloads the best LoRA checkpoint (which holds the adapters only) and exports it."""
+    import lightning as L
+
+    from nirvana_lightning import ExportCallback, NirvanaModule
+    from nirvana_lightning.data import NirvanaDataModule
+
+    L.seed_everything(0)
+    module = NirvanaModule(source="tiny-llama", recovery="lora", lr=1e-2, warmup_steps=1, lora_r=4, lora_dropout=0.0)
+    data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=16, max_val_windows=2, batch_size=2)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(monitor="val/ppl", mode="min", save_top_k=1)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=1, val_check_interval=2, default_root_dir=tmp_path,
+                        callbacks=[checkpoint, ExportCallback(path=str(tmp_path / "export"), best=True)])
+    trainer.fit(module, datamodule=data)
+    saved = torch.load(checkpoint.best_model_path, weights_only=True)
+    assert saved["nirvana_base_omitted"] > 0 and all("lora_" in k for k in saved["state_dict"])
+    reloaded, _ = load_pruned(tmp_path / "export")
+    best = NirvanaModule.load_from_checkpoint(checkpoint.best_model_path, weights_only=True)
+    best.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=IDS).logits, best.model(input_ids=IDS).logits,
+                                   rtol=1e-4, atol=1e-4)  # merged vs unmerged: fp32 rounding

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def figures(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("gpu_check")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NIRVANA_CACHE": str(tmp / "cache")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NIRVANA_CACHE": str(tmp / "cache"),
+           "PYTHON": sys.executable}  # the interpreter running the tests (CI's is .venv-ci, not .venv)
     out = tmp / "figures.json"
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--small", "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=120)

@@ -245,12 +245,13 @@ def test_offloaded_scoring_equals_scoring_in_place(family, calib):
 
     model = build_tiny_model(family)
     for criterion in ("nirvana", "taylor", "magnitude"):
-        for kwargs in ({}, {"micro_batch_size": 2, "accumulate": "saliency"}, {"functional": "max_over_vocab"}):
+        for kwargs in ({}, {"micro_batch_size": 2, "accumulate": "saliency"}, {"micro_batch_size": 2},
+                       {"lean": False, "checkpointing": False, "head_chunk": None}, {"functional": "max_over_vocab"}):
             if criterion != "nirvana" and "functional" in kwargs:
                 continue
             want = compute_unit_scores(model, calib, criterion=criterion, **kwargs)
             got = compute_unit_scores(model, calib, criterion=criterion, compute_device="cpu:0", **kwargs)
             for a, b in zip(got.attention + got.mlp, want.attention + want.mlp):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=0), (criterion, kwargs)
-    plan = prune(model, calib, sparsity=0.3, gamma=1.0, scoring_device="cpu")
-    assert plan.provenance["scoring_device"] == "cpu"
+    plan = prune(model, calib, sparsity=0.3, gamma=1.0, scoring_device="cpu:0")
+    assert plan.provenance["scoring_device"] == "cpu:0"

@@ -85,8 +85,9 @@ class ExportCallback(L.Callback):
             if not (isinstance(ckpt, ModelCheckpoint) and ckpt.best_model_path):
                 raise RuntimeError("ExportCallback(best=True): the ModelCheckpoint saved no best checkpoint "
                                    "(set its monitor and make sure validation runs)")
-            state = load_checkpoint(ckpt.best_model_path, mmap=False)["state_dict"]  # never runs code
-            pl_module.load_state_dict(state)
+            checkpoint = load_checkpoint(ckpt.best_model_path, mmap=False)  # never runs code
+            pl_module.fill_omitted_base(checkpoint)  # a LoRA checkpoint holds the adapters only
+            pl_module.load_state_dict(checkpoint["state_dict"])
         metrics = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         model = pl_module.model
         if is_fully_sharded(model):  # FSDP2: every rank sends its shards, rank 0 builds the plain model

@@ -55,9 +55,9 @@ class KLToDenseCallback(StagedEvaluation):
         device = next(pl_module.model.parameters()).device  # where the model is (the strategy places it)
         reference = pl_module.dense_reference(device=device if self.device == "model" else "cpu")
         home = next(reference.parameters()).device
-        if self.device == "offload":
-            reference.to(device)
         try:
+            if self.device == "offload":
+                reference.to(device)
             batches = islice(trainer.datamodule.val_dataloader(), self.max_batches)
             return {"val": compute_kl(pl_module.model, reference, batches, device=device)}
         finally:

@@ -23,7 +23,13 @@ model in bf16) and was the 0.1 behaviour.
 
 Offload: ``compute_device`` (e.g. ``cuda:0`` for a model in host memory) runs every module there on
 copies made the same way, one layer at a time, so the accelerator holds one layer's parameters, the
-layer-boundary hidden states and one layer's recomputed activations, never the model.
+layer-boundary hidden states and one layer's recomputed activations, never the model. Copies imply
+activation checkpointing (``checkpointing=False`` is not honoured then).
+
+Both bounds hold for one calibration pass (the default) and for ``accumulate="saliency"``. With several
+micro-batches and ``accumulate="gradient"``, or ``lean=False``, the float32 gradient of every block
+weight is kept until the last batch (2x the bf16 block weights; in host memory when offloading), as
+the exact released semantics require.
 """
 
 from __future__ import annotations
@@ -312,11 +318,11 @@ def compute_unit_scores(
             if upcast:
                 def sink(grad, _i=i, _role=role, _w=lin.weight):
                     if id(_w) in held:
-                        grad = held.pop(id(_w)) + grad
+                        grad = held.pop(id(_w)).to(grad.device) + grad
                     if state["active"]:
                         add(_i, _role, compute_weight_saliency(_w.to(grad.device), grad))
-                    else:
-                        held[id(_w)] = grad
+                    else:  # kept where the model is: offloaded scoring must not gather gradients on the device
+                        held[id(_w)] = grad.to(home)
                 sinks[id(lin.weight)] = sink
                 continue
             lin.weight.requires_grad_(True)
@@ -348,7 +354,7 @@ def compute_unit_scores(
                     del logits
         if not lean:
             for i, role, lin in linears:
-                grad = held.pop(id(lin.weight)) if upcast else lin.weight.grad
+                grad = held.pop(id(lin.weight)).to(device) if upcast else lin.weight.grad
                 add(i, role, compute_weight_saliency(lin.weight.to(grad.device), grad))
     finally:
         held.clear()

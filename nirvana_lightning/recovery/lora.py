@@ -12,20 +12,29 @@ left as it was (still wrapped, still trainable).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..adapters import remote_modeling, unwrap_model
 
 
-def _scalings(model: nn.Module) -> dict[str, float]:
-    scalings = {}
-    for name, config in model.peft_config.items():
-        if getattr(config, "fan_in_fan_out", False):
-            raise NotImplementedError("LoRA with fan_in_fan_out (Conv1D layers) is not merged here")
-        scalings[name] = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+def _scalings(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per adapted module (transformers name): ``{adapter: scaling}`` of its active adapters, read from the
+    LoRA layers themselves (so ``rank_pattern`` / ``alpha_pattern`` / rslora are as peft applies them)."""
+    scalings: dict[str, dict[str, float]] = {}
+    prefix = "base_model.model."
+    for name, module in model.named_modules():
+        if not (hasattr(module, "lora_A") and hasattr(module, "scaling")):
+            continue
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            if getattr(module, "use_dora", {}).get(adapter) or getattr(module, "lora_bias", {}).get(adapter):
+                raise NotImplementedError(f"{name}: DoRA / LoRA biases are not merged here (merge with peft)")
+            if getattr(module, "fan_in_fan_out", False):
+                raise NotImplementedError(f"{name}: LoRA with fan_in_fan_out (Conv1D layers) is not merged here")
+            key = name[len(prefix):] if name.startswith(prefix) else name
+            scalings.setdefault(key, {})[adapter] = float(module.scaling[adapter])
     return scalings
 
 
@@ -33,13 +42,15 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = 
     """The plain model's state (transformers names) with every LoRA adapter merged.
 
     Args:
-        model: a peft-wrapped model (the wrapper gives the names and the scalings), or a plain one
+        model: a peft-wrapped model (its LoRA layers give the scalings of their active adapters), or a plain one
             (then nothing is merged: a sharded model's gathered state becomes a plain model).
         state: its state dict if already gathered (a sharded model's full state on rank 0);
             default ``model.state_dict()`` (references, no copy).
     """
     scalings = _scalings(model) if hasattr(model, "peft_config") else {}
     state = model.state_dict() if state is None else state
+    if any("modules_to_save" in k for k in state):
+        raise NotImplementedError("peft modules_to_save are not merged here (merge with peft)")
     prefix = "base_model.model."
     out: dict[str, torch.Tensor] = {}
     lora: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
@@ -59,8 +70,9 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = 
         weight = out[key]
         dtype = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for a float64 model
         merged = weight.to(dtype)
-        for adapter, ab in adapters.items():
-            merged = merged + scalings[adapter] * (ab["lora_B"].to(dtype) @ ab["lora_A"].to(dtype))
+        for adapter, scaling in scalings.get(module, {}).items():  # active adapters only, as peft merges
+            ab = adapters[adapter]
+            merged = merged + scaling * (ab["lora_B"].to(dtype) @ ab["lora_A"].to(dtype))
         out[key] = merged.to(weight.dtype)
     return out
 
@@ -76,13 +88,17 @@ def merged_model(model: nn.Module, state: dict[str, torch.Tensor] | None = None)
     with torch.device("meta"):
         plain = cls(config)
     weights = merged_state_dict(model, state)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if tied:  # one tensor for both names: assigned once, then tied (two Parameters would untie them)
+        weights.pop("lm_head.weight", None)
     missing, unexpected = plain.load_state_dict(weights, strict=False, assign=True)
-    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"merged state does not match the pruned model: missing {sorted(set(missing) - tied)}, "
+    if set(missing) - ({"lm_head.weight"} if tied else set()) or unexpected:
+        raise RuntimeError(f"merged state does not match the pruned model: missing {sorted(missing)}, "
                            f"unexpected {sorted(unexpected)}")
     if tied:
         plain.tie_weights()
+        if plain.get_output_embeddings().weight is not plain.get_input_embeddings().weight:
+            raise RuntimeError("tie_word_embeddings is set but the merged model's head was not tied")
     for name, buffer in base.named_buffers():
         owner, _, leaf = name.rpartition(".")
         module = plain.get_submodule(owner.replace(".base_layer", "")) if owner else plain
