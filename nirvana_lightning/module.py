@@ -21,7 +21,15 @@ from .pruning.plan import compose_plans
 from .recovery import RECOVERY_MODES, apply_recovery
 from .recovery.lora import merged_model
 from .recovery.objectives import distillation_loss
-from .sharding import check_strategy, full_state_dict, is_fully_sharded, is_sharded, load_from_rank_zero, shard_model
+from .sharding import (
+    check_strategy,
+    full_state_dict,
+    is_fully_sharded,
+    is_sharded,
+    load_from_rank_zero,
+    on_rank_zero,
+    shard_model,
+)
 
 OBJECTIVES = ("lm", "kd")
 
@@ -316,9 +324,14 @@ class NirvanaModule(L.LightningModule):
         """
         trainer = self.trainer
         state = full_state_dict(self.model)
-        if trainer.global_rank == 0:
-            plain = merged_model(self.model, state)
-        else:
+        built: dict[str, torch.nn.Module] = {}
+
+        def build() -> None:  # rank 0; a failure is sent to the other ranks instead of leaving them waiting
+            built["model"] = merged_model(self.model, state)
+
+        on_rank_zero(trainer, build, what="gathering the sharded model for pruning")
+        plain = built.get("model")
+        if plain is None:
             base = unwrap_model(self.model)
             with torch.device("meta"):
                 plain = remote_modeling.PRUNED_CLASSES[base.config.model_type](base.config)

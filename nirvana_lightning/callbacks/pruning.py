@@ -287,8 +287,6 @@ class NirvanaPruningCallback(L.Callback):
             raise ConfigError("data", type(datamodule).__name__, "a datamodule with calibration_windows()")
         if self.offload_scoring:  # the model stays in host memory; each layer visits the device in turn
             settings["scoring_device"] = str(trainer.strategy.root_device)
-        elif trainer.global_rank == 0 or not next(model.parameters()).is_meta:  # a sharded run's other ranks: shapes only
-            model.to(trainer.strategy.root_device)
         seed = self.calibration_seed if self.calibration_seed is not None else getattr(datamodule, "calibration_seed", 0)
         seed += k - 1  # fresh calibration windows at every step
         plan = self._on_rank_zero(trainer, lambda: self._score(trainer, model, datamodule, settings, seed, needs_data))
@@ -300,7 +298,11 @@ class NirvanaPruningCallback(L.Callback):
         return plan
 
     def _score(self, trainer: L.Trainer, model, datamodule, settings: dict, seed: int, needs_data: bool) -> PruningPlan:
+        """On rank 0 only (inside :meth:`_on_rank_zero`, so an error here, out of memory included, reaches the
+        other ranks); they do not move their model, the strategy places it for training."""
         self.scored_on_this_rank += 1
+        if "scoring_device" not in settings:
+            model.to(trainer.strategy.root_device)
         try:
             if self.select == "kl":
                 return self._select(trainer, model, datamodule, settings, seed)
