@@ -145,3 +145,67 @@ def test_checkpointing_restores_an_existing_instance_forward(tiny, calib):
     n = len(calls)
     tiny(input_ids=calib)
     assert len(calls) == n + 1
+
+
+def _captured_inputs(model, calib):
+    """Every block linear's input over all calibration tokens, (tokens, in_features) in float64."""
+    adapter = get_adapter(model)
+    seen = {}
+    handles = [lin.register_forward_hook(lambda m, i, o, _k=(li, role): seen.setdefault(_k, []).append(i[0].detach()))
+               for li, role, lin in adapter.block_linears()]
+    with torch.no_grad():
+        model(input_ids=calib)
+    for h in handles:
+        h.remove()
+    return {k: torch.cat([x.reshape(-1, x.shape[-1]) for x in v]).double() for k, v in seen.items()}
+
+
+@pytest.mark.parametrize("criterion", ["wanda_sp", "flap"])
+def test_activation_baselines_equal_a_straightforward_computation(family, calib, criterion):
+    """wanda_sp: a unit's sum of |W_ij| * ||X_j|| over every weight it owns; flap: the sum of Var(X_j) * ||W_:,j||^2
+    over its input channels of o_proj / down_proj (q/k/v/gate/up add nothing). Loops over units, no reshapes."""
+    from nirvana_lightning.debug_models import build_tiny_model
+
+    model = build_tiny_model(family)
+    adapter = get_adapter(model)
+    inputs = _captured_inputs(model, calib)
+    got = compute_unit_scores(model, calib, criterion=criterion, micro_batch_size=3)
+    g, d = adapter.n_query_per_kv, adapter.head_dim
+    for li, layer in enumerate(adapter.layers()):
+        attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+        n_group, n_neuron = adapter.layer_geometry(layer)
+
+        def w_score(role, lin, rows=None, cols=None, _li=li):
+            x = inputs[(_li, role)]
+            w = lin.weight.detach().double()
+            if criterion == "wanda_sp":
+                s = w.abs() * x.pow(2).sum(0).sqrt()[None, :]
+            elif role in ("o", "down"):
+                s = w.pow(2) * x.var(0, unbiased=False)[None, :]
+            else:
+                return 0.0
+            s = s[rows] if rows is not None else s
+            s = s[:, cols] if cols is not None else s
+            return float(s.sum())
+
+        for h in range(n_group):
+            q_rows, kv_rows = slice(h * g * d, (h + 1) * g * d), slice(h * d, (h + 1) * d)
+            want = (w_score("q", attn.q, rows=q_rows) + w_score("k", attn.k, rows=kv_rows)
+                    + w_score("v", attn.v, rows=kv_rows) + w_score("o", attn.o, cols=q_rows))
+            assert float(got.attention[li][h]) == pytest.approx(want, rel=1e-5), (li, h)
+        for j in range(n_neuron):
+            want = (w_score("gate", mlp.gate, rows=[j]) + w_score("up", mlp.up, rows=[j])
+                    + w_score("down", mlp.down, cols=[j]))
+            assert float(got.mlp[li][j]) == pytest.approx(want, rel=1e-5, abs=1e-12), (li, j)
+
+
+def test_activation_baselines_prune_through_the_same_allocation(calib):
+    from nirvana_lightning import prune
+    from nirvana_lightning.debug_models import build_tiny_model
+
+    for criterion in ("wanda_sp", "flap"):
+        model = build_tiny_model("tiny-llama")
+        plan = prune(model, calib, sparsity=0.4, gamma=2.0, criterion=criterion)
+        assert plan.provenance["criterion"] == criterion and plan.realised_sparsity > 0.25
+        with pytest.raises(ConfigError, match="calibration"):
+            prune(build_tiny_model("tiny-llama"), None, sparsity=0.4, criterion=criterion)

@@ -15,7 +15,7 @@ from ..pruning import PruningPlan, make_plan
 from ..pruning.allocation import MODES, ROUND_TO_CHOICES, removal_counts, validate_targets
 from ..pruning.api import SCORING_DTYPES, count_parameters, cut
 from ..pruning.gradients import ACCUMULATE
-from ..pruning.saliency import CRITERIA, FUNCTIONALS
+from ..pruning.saliency import CRITERIA, DATA_CRITERIA, FUNCTIONALS
 from ..pruning.schedule import SCHEDULES, cumulative_sparsity, step_sparsity
 from ..pruning.selection import select_calibration
 from ..recovery.rebuild import check_rebuildable, rebuild_optimization
@@ -38,7 +38,7 @@ class NirvanaPruningCallback(L.Callback):
         sparsity: fraction of block linear weights to remove, in [0, 1).
         param_budget: alternatively a total parameter count to reach (then leave ``sparsity`` null).
         gamma: MLP-to-attention pruning-fraction ratio.
-        criterion: ``nirvana`` | ``magnitude`` | ``taylor`` | ``random``.
+        criterion: ``nirvana`` | ``magnitude`` | ``taylor`` | ``random`` | ``wanda_sp`` | ``flap``.
         functional: NIRVANA output functional.
         round_to: kept MLP width per layer rounded up to a multiple of this (32 for GGUF q8_0/q4_0 blocks,
             256 for k-quants).
@@ -82,7 +82,7 @@ class NirvanaPruningCallback(L.Callback):
         sparsity: float | None = 0.2,
         param_budget: int | None = None,
         gamma: float = 1.0,
-        criterion: Literal["nirvana", "magnitude", "taylor", "random"] = "nirvana",
+        criterion: Literal["nirvana", "magnitude", "taylor", "random", "wanda_sp", "flap"] = "nirvana",
         functional: Literal["max_over_seq", "max_over_vocab", "sum_logits"] = "max_over_seq",
         round_to: int = 8,
         tp_size: int = 1,
@@ -282,7 +282,7 @@ class NirvanaPruningCallback(L.Callback):
                 gone = (sum(a for a, _ in dense) - sum(a for a, _ in now), sum(m for _, m in dense) - sum(m for _, m in now))
                 settings["counts"] = (max(0, want[0] - gone[0]), max(0, want[1] - gone[1]))
         datamodule = trainer.datamodule
-        needs_data = self.criterion in ("nirvana", "taylor")
+        needs_data = self.criterion in DATA_CRITERIA
         if needs_data and (datamodule is None or not hasattr(datamodule, "calibration_windows")):
             raise ConfigError("data", type(datamodule).__name__, "a datamodule with calibration_windows()")
         if self.offload_scoring:  # the model stays in host memory; each layer visits the device in turn

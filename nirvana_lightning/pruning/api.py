@@ -14,7 +14,7 @@ from ..errors import ConfigError, check_choice
 from .allocation import MODES, allocate, sparsity_for_param_budget, validate_targets
 from .gradients import ACCUMULATE, UnitScores, as_batches, check_token_ids, compute_unit_scores, fingerprint
 from .plan import PruningPlan, library_versions
-from .saliency import CRITERIA, FUNCTIONALS, check_finite
+from .saliency import CRITERIA, DATA_CRITERIA, FUNCTIONALS, check_finite
 from .surgery import apply_plan
 
 SCORING_DTYPES = ("float32", "model")
@@ -140,7 +140,7 @@ def make_plan(
              gamma=gamma, n_query_per_kv=adapter.n_query_per_kv, head_dim=adapter.head_dim, round_to=round_to,
              skip_layers=skip_layers, mode=allocation, counts=counts, tp_size=tp_size)
     batches: list[torch.Tensor] = []
-    if criterion in ("nirvana", "taylor"):
+    if criterion in DATA_CRITERIA:
         if calibration is None:
             raise ConfigError("calibration", None, f"token ids for criterion {criterion!r}")
         batches = as_batches(calibration, micro_batch_size)
@@ -193,7 +193,8 @@ def prune(
         sparsity: fraction of block linear weights to remove, in [0, 1).
         param_budget: alternatively, the total parameter count to reach.
         gamma: MLP-to-attention pruning-fraction ratio (1: uniform fractions).
-        criterion: ``nirvana`` | ``magnitude`` | ``taylor`` | ``random``.
+        criterion: ``nirvana`` | ``magnitude`` | ``taylor`` | ``random`` | ``wanda_sp`` | ``flap`` (the last two:
+            activation baselines from one forward pass, see :mod:`nirvana_lightning.pruning.saliency`).
         functional: NIRVANA output functional: ``max_over_seq`` | ``max_over_vocab`` | ``sum_logits``.
         round_to: kept MLP width per layer rounded up to a multiple of this (32 fits GGUF's q8_0/q4_0 blocks,
             256 its k-quants).

@@ -44,7 +44,16 @@ from torch import nn
 
 from ..adapters import get_adapter, unwrap_model
 from ..errors import ConfigError, check_choice
-from .saliency import CRITERIA, FUNCTIONALS, compute_output_functional, compute_weight_saliency, reduce_role_scores
+from .saliency import (
+    CRITERIA,
+    FLAP_ROLES,
+    FUNCTIONALS,
+    compute_output_functional,
+    compute_weight_saliency,
+    flap_saliency,
+    reduce_role_scores,
+    wanda_saliency,
+)
 
 ACCUMULATE = ("gradient", "saliency")
 
@@ -228,6 +237,34 @@ def _chunked_head_functional(hidden: torch.Tensor, head: nn.Linear, functional: 
     top.float().mean().backward()
 
 
+def input_statistics(model: nn.Module, adapter, batches: list[torch.Tensor]) -> dict[int, tuple[int, torch.Tensor, torch.Tensor]]:
+    """One forward-only pass: per block linear (by ``id``), ``(tokens, sum of inputs, sum of squared inputs)``
+    per input channel, accumulated in float64 (float32 on MPS) on the model's device."""
+    device = next(model.parameters()).device
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
+    stats: dict[int, list] = {}
+
+    def hook(module, inputs, _output):
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(acc_dtype)
+        entry = stats.setdefault(id(module), [0, 0.0, 0.0])
+        entry[0] += x.shape[0]
+        entry[1] = entry[1] + x.sum(0)
+        entry[2] = entry[2] + (x * x).sum(0)
+
+    handles = [lin.register_forward_hook(hook) for _, _, lin in adapter.block_linears()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                adapter.body()(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {k: (v[0], v[1], v[2]) for k, v in stats.items()}
+
+
 def compute_unit_scores(
     model: nn.Module,
     calibration: torch.Tensor | Iterable[torch.Tensor],
@@ -248,7 +285,8 @@ def compute_unit_scores(
     Args:
         model: a supported causal LM (peft wrappers are looked through).
         calibration: LongTensor ``(N, T)`` or an iterable of ``(B, T)`` batches.
-        criterion: ``nirvana`` | ``magnitude`` | ``taylor`` | ``random``.
+        criterion: ``nirvana`` | ``magnitude`` | ``taylor`` | ``random`` | ``wanda_sp`` (|w| x input norm,
+            forward only) | ``flap`` (input fluctuation of the output projections, forward only).
         functional: output functional for ``nirvana`` (see :data:`FUNCTIONALS`).
         micro_batch_size: split a tensor calibration into micro-batches of this size.
         accumulate: ``gradient`` (exact) or ``saliency`` (lean with micro-batches); see module doc.
@@ -299,6 +337,15 @@ def compute_unit_scores(
         return result()
 
     batches = as_batches(calibration, micro_batch_size)
+    if criterion in ("wanda_sp", "flap"):
+        stats = input_statistics(model, adapter, batches)
+        for i, role, lin in linears:
+            count, total, sq = stats[id(lin)]
+            if criterion == "wanda_sp":
+                add(i, role, wanda_saliency(lin.weight, sq))
+            elif role in FLAP_ROLES:
+                add(i, role, flap_saliency(lin.weight, total / count, sq / count))
+        return result()
     n_total = sum(b.shape[0] for b in batches)
     model_dtype = next(model.parameters()).dtype
     compute_dtype = compute_dtype or model_dtype

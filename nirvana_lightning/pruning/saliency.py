@@ -14,8 +14,13 @@ import torch
 
 #: Output functionals f(Z) for logits Z of shape (B, T, V).
 FUNCTIONALS = ("max_over_seq", "max_over_vocab", "sum_logits")
-#: Criteria: NIRVANA (output functional), magnitude |w|, taylor (LM-loss gradient), random.
-CRITERIA = ("nirvana", "magnitude", "taylor", "random")
+#: Criteria: NIRVANA (output functional), magnitude |w|, taylor (LM-loss gradient), random, and the
+#: activation-based structured baselines wanda_sp (|w| x input norm) and flap (input fluctuation).
+CRITERIA = ("nirvana", "magnitude", "taylor", "random", "wanda_sp", "flap")
+#: criteria that read calibration data
+DATA_CRITERIA = ("nirvana", "taylor", "wanda_sp", "flap")
+#: roles whose input channels FLAP scores (the output projections); the others add nothing
+FLAP_ROLES = ("o", "down")
 
 
 def compute_output_functional(logits: torch.Tensor, functional: str = "max_over_seq") -> torch.Tensor:
@@ -42,6 +47,22 @@ def compute_weight_saliency(weight: torch.Tensor, grad: torch.Tensor | None) -> 
     """``|w * grad|`` in float32, or ``|w|`` when ``grad`` is None (magnitude criterion)."""
     w = weight.detach().float()
     return w.abs() if grad is None else (w * grad.detach().float()).abs()
+
+
+def wanda_saliency(weight: torch.Tensor, input_sq_sum: torch.Tensor) -> torch.Tensor:
+    """Wanda's ``|W_ij| * ||X_j||_2`` (``X_j``: input channel j over every calibration token), in float32.
+
+    Summed over a unit's weights (every matrix it owns) this is Wanda-sp, the structured variant
+    (An et al., "Fluctuation-based adaptive structured pruning", 2024, baseline section).
+    """
+    return weight.detach().float().abs() * input_sq_sum.float().sqrt()[None, :]
+
+
+def flap_saliency(weight: torch.Tensor, input_mean: torch.Tensor, input_sq_mean: torch.Tensor) -> torch.Tensor:
+    """FLAP's fluctuation ``Var(X_j) * W_ij^2``: summed over the rows of an output projection it is the
+    metric ``Var(X_j) * ||W_:,j||^2`` of input channel j (An et al. 2024, eq. 3), in float32."""
+    var = (input_sq_mean.double() - input_mean.double() ** 2).clamp_min(0).float()
+    return weight.detach().float() ** 2 * var[None, :]
 
 
 def reduce_role_scores(role: str, saliency: torch.Tensor, n_unit: int) -> torch.Tensor:
