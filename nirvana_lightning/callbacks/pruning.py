@@ -14,6 +14,7 @@ from ..io import write_text_atomic
 from ..pruning import PruningPlan, make_plan
 from ..pruning.allocation import MODES, ROUND_TO_CHOICES, removal_counts, validate_targets
 from ..pruning.api import SCORING_DTYPES, count_parameters, cut
+from ..pruning.gamma import GAMMA_GRID, check_grid
 from ..pruning.gradients import ACCUMULATE
 from ..pruning.saliency import CRITERIA, DATA_CRITERIA, FUNCTIONALS
 from ..pruning.schedule import SCHEDULES, cumulative_sparsity, step_sparsity
@@ -37,7 +38,11 @@ class NirvanaPruningCallback(L.Callback):
     Args:
         sparsity: fraction of block linear weights to remove, in [0, 1).
         param_budget: alternatively a total parameter count to reach (then leave ``sparsity`` null).
-        gamma: MLP-to-attention pruning-fraction ratio.
+        gamma: MLP-to-attention pruning-fraction ratio, or ``auto``: the value of ``gamma_grid`` (default
+            :data:`~nirvana_lightning.pruning.gamma.GAMMA_GRID`) whose masked model has the lowest KL to the
+            dense model on the probe (held-out documents, ``probe_samples`` x ``probe_seq_len``, the same
+            probe KL selection uses); the curve goes to ``gamma.md`` and the plan's provenance. Costs one
+            dense and one masked probe pass per grid value; with ``select: kl`` each candidate runs it.
         criterion: ``nirvana`` | ``magnitude`` | ``taylor`` | ``random`` | ``wanda_sp`` | ``flap``.
         functional: NIRVANA output functional.
         round_to: kept MLP width per layer rounded up to a multiple of this (32 for GGUF q8_0/q4_0 blocks,
@@ -81,7 +86,8 @@ class NirvanaPruningCallback(L.Callback):
         self,
         sparsity: float | None = 0.2,
         param_budget: int | None = None,
-        gamma: float = 1.0,
+        gamma: float | Literal["auto"] = 1.0,
+        gamma_grid: list[float] | None = None,
         criterion: Literal["nirvana", "magnitude", "taylor", "random", "wanda_sp", "flap"] = "nirvana",
         functional: Literal["max_over_seq", "max_over_vocab", "sum_logits"] = "max_over_seq",
         round_to: int = 8,
@@ -138,12 +144,18 @@ class NirvanaPruningCallback(L.Callback):
         if plan_path is None:
             if (sparsity is None) == (param_budget is None):
                 raise ConfigError(key + "sparsity", sparsity, "exactly one of sparsity and param_budget set")
+            if gamma == "auto":
+                if schedule != "once":
+                    raise ConfigError(key + "gamma", gamma, "a number with an iterative schedule (its removal counts "
+                                      "are fixed from gamma before each step is scored)")
+                check_grid(gamma_grid if gamma_grid is not None else GAMMA_GRID)
             if sparsity is not None:
                 try:
-                    validate_targets(sparsity, gamma, round_to, allocation)
+                    validate_targets(sparsity, 1.0 if gamma == "auto" else gamma, round_to, allocation)
                 except ConfigError as err:
                     raise ConfigError(key + err.key, err.value, err.expected) from None
-            check_positive(key + "gamma", gamma)
+            if gamma != "auto":
+                check_positive(key + "gamma", gamma)
         elif not Path(plan_path).is_file():
             raise ConfigError(key + "plan_path", plan_path, "an existing plan.json file")
         elif select != "none":
@@ -168,6 +180,7 @@ class NirvanaPruningCallback(L.Callback):
             if value is not None:
                 check_positive(key + name, value)
         self.sparsity, self.param_budget, self.gamma = sparsity, param_budget, gamma
+        self.gamma_grid = list(gamma_grid) if gamma_grid is not None else list(GAMMA_GRID)
         self.criterion, self.functional, self.round_to, self.tp_size = criterion, functional, round_to, tp_size
         self.skip_layers, self.allocation = list(skip_layers or []), allocation
         self.calibration_samples, self.calibration_seq_len = calibration_samples, calibration_seq_len
@@ -289,7 +302,11 @@ class NirvanaPruningCallback(L.Callback):
             settings["scoring_device"] = str(trainer.strategy.root_device)
         seed = self.calibration_seed if self.calibration_seed is not None else getattr(datamodule, "calibration_seed", 0)
         seed += k - 1  # fresh calibration windows at every step
+        if self.gamma == "auto":
+            settings["gamma_grid"] = self.gamma_grid
         plan = self._on_rank_zero(trainer, lambda: self._score(trainer, model, datamodule, settings, seed, needs_data))
+        if "gamma_search" in plan.provenance:
+            self._write_gamma(Path(trainer.log_dir or trainer.default_root_dir), plan)
         plan.provenance.update({"schedule": self.schedule, "step": k, "n_steps": self.n_steps,
                                 "global_step": trainer.global_step, "epoch": trainer.current_epoch})
         if self.iterative:
@@ -309,6 +326,9 @@ class NirvanaPruningCallback(L.Callback):
             calibration = None
             if needs_data:
                 calibration = datamodule.calibration_windows(self.calibration_samples, self.calibration_seq_len, seed)
+            if self.gamma == "auto":  # held-out documents, the probe KL selection uses
+                settings = {**settings, "probe": datamodule.probe_windows(self.probe_samples, self.probe_seq_len,
+                                                                          self.probe_seed)[0]}
             return make_plan(model, calibration, **settings)
         except ConfigError as err:  # name the key as the user wrote it (data.* keys are the datamodule's)
             key = err.key if "." in err.key else f"NirvanaPruningCallback.{err.key}"
@@ -369,6 +389,16 @@ class NirvanaPruningCallback(L.Callback):
         self._write_selection(Path(trainer.log_dir or trainer.default_root_dir), result)
         rank_zero_info("KL calibration selection:\n" + result.table())
         return result.plan
+
+    @rank_zero_only
+    def _write_gamma(self, log_dir: Path, plan: PruningPlan) -> None:
+        from ..pruning.gamma import GammaSearch
+
+        d = plan.provenance["gamma_search"]
+        search = GammaSearch(d["gammas"], d["kls"], d["perplexities"], d["best_index"], d["seconds"], d["infeasible"])
+        write_text_atomic(log_dir / "gamma.md", "gamma 'auto': mean per-token KL(dense ‖ pruned) on the probe\n\n"
+                          + search.table() + "\n")
+        rank_zero_info("gamma 'auto':\n" + search.table())
 
     @rank_zero_only
     def _write_selection(self, log_dir: Path, result) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from ..adapters import get_adapter, unwrap_model
 from ..errors import ConfigError, check_choice
 from .allocation import MODES, allocate, sparsity_for_param_budget, validate_targets
+from .gamma import GAMMA_GRID, check_grid, search_gamma
 from .gradients import ACCUMULATE, UnitScores, as_batches, check_token_ids, compute_unit_scores, fingerprint
 from .plan import PruningPlan, library_versions
 from .saliency import CRITERIA, DATA_CRITERIA, FUNCTIONALS, check_finite
@@ -97,7 +98,7 @@ def make_plan(
     *,
     sparsity: float | None = None,
     param_budget: int | None = None,
-    gamma: float = 1.0,
+    gamma: float | str = 1.0,
     criterion: str = "nirvana",
     functional: str = "max_over_seq",
     round_to: int = 8,
@@ -111,6 +112,8 @@ def make_plan(
     counts: tuple[int, int] | None = None,
     tp_size: int = 1,
     scoring_device: str | None = None,
+    probe: torch.Tensor | None = None,
+    gamma_grid: Sequence[float] = GAMMA_GRID,
 ) -> PruningPlan:
     """Score and allocate without cutting (see :func:`prune` for the arguments).
 
@@ -131,20 +134,54 @@ def make_plan(
     if param_budget is not None:
         n_param = count_parameters(model)
         sparsity = sparsity_for_param_budget(n_param["total"], n_param["block"], param_budget)
-    validate_targets(sparsity, gamma, round_to, allocation)
+    auto = isinstance(gamma, str)
+    if auto:
+        if gamma != "auto":
+            raise ConfigError("gamma", gamma, "a finite number > 0 or 'auto'")
+        grid = check_grid(gamma_grid)
+        if counts is not None:
+            raise ConfigError("gamma", "auto", "a number with explicit removal counts (iterative schedules fix the "
+                              "counts from gamma before scoring)")
+        if probe is None:
+            raise ConfigError("probe", None, "held-out token windows (N, T) for gamma 'auto': each grid gamma's "
+                              "masked model is compared with the dense model on them, never on the calibration")
+    validate_targets(sparsity, 1.0 if auto else gamma, round_to, allocation)
     # Feasibility (fractions <= 1, guards, skip_layers) depends only on the geometry: check it on
     # placeholder scores now rather than after minutes of scoring.
     adapter = get_adapter(model)
     geometry = [adapter.layer_geometry(layer) for layer in adapter.layers()]
-    allocate([torch.zeros(a) for a, _ in geometry], [torch.zeros(m) for _, m in geometry], sparsity=sparsity,
-             gamma=gamma, n_query_per_kv=adapter.n_query_per_kv, head_dim=adapter.head_dim, round_to=round_to,
-             skip_layers=skip_layers, mode=allocation, counts=counts, tp_size=tp_size)
+
+    def allocation_check(g: float) -> None:
+        allocate([torch.zeros(a) for a, _ in geometry], [torch.zeros(m) for _, m in geometry], sparsity=sparsity,
+                 gamma=g, n_query_per_kv=adapter.n_query_per_kv, head_dim=adapter.head_dim, round_to=round_to,
+                 skip_layers=skip_layers, mode=allocation, counts=counts, tp_size=tp_size)
+
+    if auto:
+        feasible = []
+        for g in grid:
+            try:
+                allocation_check(g)
+                feasible.append(g)
+            except ConfigError:
+                continue
+        if not feasible:
+            allocation_check(grid[0])  # raises the first gamma's reason
+    else:
+        allocation_check(gamma)
     batches: list[torch.Tensor] = []
     if criterion in DATA_CRITERIA:
         if calibration is None:
             raise ConfigError("calibration", None, f"token ids for criterion {criterion!r}")
         batches = as_batches(calibration, micro_batch_size)
         check_token_ids(batches, int(model.get_input_embeddings().num_embeddings))
+    if auto:
+        from .selection import check_disjoint
+
+        if probe.dim() != 2 or probe.dtype not in (torch.int64, torch.int32) or probe.numel() == 0:
+            raise ConfigError("probe", f"tensor {tuple(probe.shape)} {probe.dtype}", "a LongTensor (N, T) of token ids")
+        check_token_ids([probe], int(model.get_input_embeddings().num_embeddings))
+        if batches:
+            check_disjoint([torch.cat(batches)] if len({b.shape[1] for b in batches}) == 1 else batches, probe)
     start = time.perf_counter()
     # float32 scoring of a half-precision model: one module at a time, the model is never converted
     compute_dtype = torch.float32 if scoring_dtype == "float32" else None
@@ -159,9 +196,16 @@ def make_plan(
         "scoring_device": None if scoring_device is None else str(scoring_device),
         "scoring_seconds": round(time.perf_counter() - start, 3),
     }
-    return plan_from_scores(model, scores, sparsity=sparsity, gamma=gamma, round_to=round_to,
-                            skip_layers=skip_layers, allocation=allocation, provenance=provenance, counts=counts,
-                            tp_size=tp_size)
+
+    def plan_for(g: float) -> PruningPlan:
+        return plan_from_scores(model, scores, sparsity=sparsity, gamma=g, round_to=round_to, skip_layers=skip_layers,
+                                allocation=allocation, provenance=provenance, counts=counts, tp_size=tp_size)
+
+    if not auto:
+        return plan_for(gamma)
+    plan, search = search_gamma(model, plan_for, probe, grid)
+    rank_zero_info("gamma 'auto': KL to the dense model on the probe per gamma\n" + search.table())
+    return plan
 
 
 def prune(
@@ -170,7 +214,7 @@ def prune(
     *,
     sparsity: float | None = None,
     param_budget: int | None = None,
-    gamma: float = 1.0,
+    gamma: float | str = 1.0,
     criterion: str = "nirvana",
     functional: str = "max_over_seq",
     round_to: int = 8,
@@ -183,6 +227,8 @@ def prune(
     seed: int = 0,
     tp_size: int = 1,
     scoring_device: str | None = None,
+    probe: torch.Tensor | None = None,
+    gamma_grid: Sequence[float] = GAMMA_GRID,
 ) -> PruningPlan:
     """Structurally prune ``model`` in place with NIRVANA (or a baseline criterion).
 
@@ -192,7 +238,13 @@ def prune(
             (not needed for ``magnitude``/``random``).
         sparsity: fraction of block linear weights to remove, in [0, 1).
         param_budget: alternatively, the total parameter count to reach.
-        gamma: MLP-to-attention pruning-fraction ratio (1: uniform fractions).
+        gamma: MLP-to-attention pruning-fraction ratio (1: uniform fractions), or ``"auto"``: the value of
+            ``gamma_grid`` whose masked model has the lowest KL to the dense model on ``probe``
+            (:mod:`nirvana_lightning.pruning.gamma`; the curve goes to ``provenance["gamma_search"]``).
+        probe: held-out token windows ``(N, T)`` for ``gamma="auto"``, sharing no text with the calibration
+            (checked: no common 32-token run). Required then: this function has no corpus to draw them from
+            (the callback draws them from held-out documents, ``probe_samples`` x ``probe_seq_len``).
+        gamma_grid: the gammas ``"auto"`` tries.
         criterion: ``nirvana`` | ``magnitude`` | ``taylor`` | ``random`` | ``wanda_sp`` | ``flap`` (the last two:
             activation baselines from one forward pass, see :mod:`nirvana_lightning.pruning.saliency`).
         functional: NIRVANA output functional: ``max_over_seq`` | ``max_over_vocab`` | ``sum_logits``.
@@ -217,7 +269,7 @@ def prune(
                      criterion=criterion, functional=functional, round_to=round_to, skip_layers=skip_layers,
                      allocation=allocation, micro_batch_size=micro_batch_size, accumulate=accumulate,
                      checkpointing=checkpointing, scoring_dtype=scoring_dtype, seed=seed, tp_size=tp_size,
-                     scoring_device=scoring_device)
+                     scoring_device=scoring_device, probe=probe, gamma_grid=gamma_grid)
     return cut(model, plan)
 
 

@@ -160,7 +160,7 @@ def select_calibration(
     *,
     sparsity: float | None = None,
     param_budget: int | None = None,
-    gamma: float = 1.0,
+    gamma: float | str = 1.0,
     criterion: str = "nirvana",
     candidate_spans: Sequence[Sequence[Span]] | None = None,
     probe_spans: Sequence[Span] | None = None,
@@ -193,8 +193,9 @@ def select_calibration(
     kls, ppls, plans, fps, secs = [], [], [], [], []
     for i, cand in enumerate(tqdm(candidates, desc="KL calibration selection", disable=not progress)):
         start = time.perf_counter()
+        kwargs = {**plan_kwargs, "probe": probe} if gamma == "auto" else plan_kwargs  # each candidate's own gamma
         plan = make_plan(model, cand, sparsity=sparsity, param_budget=param_budget, gamma=gamma,
-                         criterion=criterion, **plan_kwargs)
+                         criterion=criterion, **kwargs)
         model.eval()
         with masked_units(model, plan):
             kl, ppl = mean_token_kl(model, probe, dense, probe_batch_size)
