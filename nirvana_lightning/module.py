@@ -215,6 +215,10 @@ class NirvanaModule(L.LightningModule):
             return
         self.pruning_plan = PruningPlan.from_dict(data)
         apply_plan(self.base_model, self.pruning_plan)
+        if self.pruning_plan.provenance.get("bias_compensation"):  # the biases' values come with the checkpoint
+            from .pruning.compensation import add_biases
+
+            add_biases(self.base_model, None)
         rank_zero_info(f"restored pruning plan {self.pruning_plan.fingerprint()} from {origin}")
 
     PLAN_KEY = "nirvana_pruning_plan"
@@ -228,14 +232,16 @@ class NirvanaModule(L.LightningModule):
 
         An 8B model's checkpoint would otherwise write its 12 GiB base at every save, for a few MiB of
         adapters. Only while the base is still ``source`` + plan: after an iterative step merged the
-        adapters into it, the base is state to keep and is written in full. Sharded checkpoints keep the
+        adapters into it (or bias compensation changed it), the base is state to keep and is written in full.
+        Sharded checkpoints keep the
         base too (the distributed checkpoint loader restores every key of the module, each rank its shard).
         """
         if self.pruning_plan is not None:
             checkpoint[self.PLAN_KEY] = self.pruning_plan.to_dict()
         state = checkpoint.get("state_dict")
         if (self.hparams.recovery == "lora" and self._recovery_applied and state is not None
-                and not self.__dict__.get("_base_modified") and not is_sharded(self.trainer.strategy)):
+                and not self.__dict__.get("_base_modified") and not is_sharded(self.trainer.strategy)
+                and not (self.pruning_plan is not None and self.pruning_plan.provenance.get("bias_compensation"))):
             trainable = {n for n, p in self.named_parameters() if p.requires_grad}
             frozen = [k for k in state if k.startswith("model.") and k not in trainable]
             for k in frozen:

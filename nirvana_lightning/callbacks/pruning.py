@@ -66,6 +66,9 @@ class NirvanaPruningCallback(L.Callback):
         at_epochs: the epochs at whose start each step prunes (epoch 0 prunes at setup, before
             optimizers exist); or
         every_n_steps: prune at setup and then every N optimizer steps until ``n_steps`` are done.
+        bias_compensation: add each removed unit's mean contribution on the calibration windows to the
+            o_proj / down_proj biases (FLAP's compensation, any criterion; Llama-family configs; one-shot
+            pruning only; see :mod:`nirvana_lightning.pruning.compensation`).
         offload_scoring: keep the model in host memory while scoring and run one layer at a time on the
             training device (accelerator memory: one layer's parameters and activations, not the model).
 
@@ -114,6 +117,7 @@ class NirvanaPruningCallback(L.Callback):
         at_epochs: list[int] | None = None,
         every_n_steps: int | None = None,
         offload_scoring: bool = False,
+        bias_compensation: bool = False,
     ) -> None:
         key = "NirvanaPruningCallback."
         check_choice(key + "schedule", schedule, SCHEDULES)
@@ -191,6 +195,10 @@ class NirvanaPruningCallback(L.Callback):
         self.probe_samples, self.probe_seq_len, self.probe_seed = probe_samples, probe_seq_len, probe_seed
         self.schedule, self.n_steps, self.at_epochs, self.every_n_steps = schedule, n_steps, at_epochs, every_n_steps
         self.offload_scoring = offload_scoring
+        if bias_compensation and schedule != "once":
+            raise ConfigError(key + "bias_compensation", True, "false with an iterative schedule (compensation runs "
+                              "at the one-shot cut)")
+        self.bias_compensation = bias_compensation
         self.selection = None
         self.plan: PruningPlan | None = None  # the composed plan: keep indices into the dense model
         self.history: list[PruningPlan] = []  # one plan per step, each made for the model the previous left
@@ -218,8 +226,27 @@ class NirvanaPruningCallback(L.Callback):
             return  # the first step comes at the start of epoch at_epochs[0]
         else:
             plan = self._make_step_plan(trainer, model)
+        deltas = self._bias_deltas(trainer, model, plan) if self.bias_compensation else None
         cut(model, plan)
+        if self.bias_compensation:
+            from ..pruning.compensation import add_biases
+
+            plan.provenance["bias_compensation"] = add_biases(model, deltas)  # None on a meta model: zeros
         self._record(trainer, pl_module, plan)
+
+    def _bias_deltas(self, trainer: L.Trainer, model, plan: PruningPlan):
+        """Bias compensation's deltas from the dense columns, on the calibration windows scoring used. A sharded
+        run's other ranks (meta models) get None: their zero biases receive rank 0's values with its shards."""
+        from ..pruning.compensation import bias_deltas, check_family
+
+        check_family(model)
+        if next(model.parameters()).is_meta:
+            return None
+        datamodule = trainer.datamodule
+        seed = self.calibration_seed if self.calibration_seed is not None else getattr(datamodule, "calibration_seed", 0)
+        calibration = datamodule.calibration_windows(self.calibration_samples, self.calibration_seq_len, seed)
+        model.to(trainer.strategy.root_device)
+        return bias_deltas(model, plan, [calibration])
 
     def _warn_if_schedule_cannot_finish(self, trainer: L.Trainer) -> None:
         """Say before training, not after it, when max_steps / max_epochs end the run before the last step."""

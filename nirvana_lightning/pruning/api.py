@@ -229,6 +229,7 @@ def prune(
     scoring_device: str | None = None,
     probe: torch.Tensor | None = None,
     gamma_grid: Sequence[float] = GAMMA_GRID,
+    bias_compensation: bool = False,
 ) -> PruningPlan:
     """Structurally prune ``model`` in place with NIRVANA (or a baseline criterion).
 
@@ -245,6 +246,9 @@ def prune(
             (checked: no common 32-token run). Required then: this function has no corpus to draw them from
             (the callback draws them from held-out documents, ``probe_samples`` x ``probe_seq_len``).
         gamma_grid: the gammas ``"auto"`` tries.
+        bias_compensation: FLAP's compensation, for any criterion: each removed unit's mean contribution on the
+            calibration is added to the bias of o_proj / down_proj (:mod:`nirvana_lightning.pruning.compensation`;
+            Llama-family configs only).
         criterion: ``nirvana`` | ``magnitude`` | ``taylor`` | ``random`` | ``wanda_sp`` | ``flap`` (the last two:
             activation baselines from one forward pass, see :mod:`nirvana_lightning.pruning.saliency`).
         functional: NIRVANA output functional: ``max_over_seq`` | ``max_over_vocab`` | ``sum_logits``.
@@ -270,7 +274,16 @@ def prune(
                      allocation=allocation, micro_batch_size=micro_batch_size, accumulate=accumulate,
                      checkpointing=checkpointing, scoring_dtype=scoring_dtype, seed=seed, tp_size=tp_size,
                      scoring_device=scoring_device, probe=probe, gamma_grid=gamma_grid)
-    return cut(model, plan)
+    if not bias_compensation:
+        return cut(model, plan)
+    if calibration is None:
+        raise ConfigError("calibration", None, "token ids for bias_compensation (the removed units' input means)")
+    from .compensation import add_biases, bias_deltas
+
+    deltas = bias_deltas(model, plan, as_batches(calibration, micro_batch_size))  # from the dense columns
+    cut(model, plan)
+    plan.provenance["bias_compensation"] = add_biases(model, deltas)
+    return plan
 
 
 def cut(model: nn.Module, plan: PruningPlan) -> PruningPlan:
