@@ -22,7 +22,9 @@ Protocol.
     calibration  ``--n-calibration`` x 128-token windows sampled from a group's calibration documents.
     scoring      ``compute_unit_scores`` once per (criterion, calibration group); every sparsity and gamma
                  is allocated from the same scores (``plan_from_scores``, global, round_to 8).
-    gamma auto   ``search_gamma`` on the calibration group's probe windows (``--n-probe``), default grid.
+    gamma        ``--gamma`` (3) for every criterion, also ``--nirvana-gammas`` (1) for nirvana, and 'auto':
+                 ``search_gamma`` on the calibration group's probe windows (``--n-probe``), default grid
+                 (its probe KL curve is stored with each cell).
     evaluation   each group's first ``--n-eval`` 128-token evaluation windows, under ``masked_units``
                  (exactly the pruned model's function, no copy): perplexity, and mean per-token
                  KL(P_dense || Q_pruned) against the dense log-probs computed once.
@@ -140,6 +142,112 @@ def recover(model: nn.Module, plan, batches: list[torch.Tensor], steps: int, lr:
     return merged
 
 
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def render(result: dict) -> str:
+    """The markdown page (docs/robustness.md) from the JSON the run wrote: every figure comes from it."""
+    a = result["args"]
+    cells = result["cells"]
+    lines = [f"# Cross-domain robustness of the pruning criteria ({a['source']})", "",
+             "Written by `benchmarks/robustness.py` (protocol in its docstring) from `robustness.json`:", "",
+             "```bash", "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/robustness.py --out docs/robustness.json",
+             ".venv/bin/python benchmarks/robustness.py --render docs/robustness.json > docs/robustness.md", "```", "",
+             f"Run time {result['seconds'] / 60:.1f} min on 2 CPU cores. Calibration {a['n_calibration']} x "
+             f"{a['seq_len']} tokens, evaluation {a['n_eval']} x {a['seq_len']} tokens per group, probe "
+             f"{a['n_probe']} windows (gamma auto).", "",
+             "| group | genres | documents (calibration / probe / evaluation) | dense perplexity |", "|---|---|---|---|"]
+    for g, genres in result["groups"].items():
+        d = result["documents"][g]
+        lines.append(f"| {g} | {', '.join(genres)} | {d['calibration']} / {d['probe']} / {d['eval']} | "
+                     f"{result['dense_ppl'][g]:.2f} |")
+    for sparsity in a["sparsities"]:
+        lines += ["", f"## Sparsity {sparsity:g}", "",
+                  "Mean over calibration groups; off-domain = evaluated on a group other than the calibration one; "
+                  "worst = the worst off-domain cell (calibration -> evaluation).", "",
+                  "| criterion | gamma | in-domain KL | off-domain KL | worst off-domain KL | in-domain ppl | "
+                  "off-domain ppl | worst off-domain ppl |", "|---|---|---|---|---|---|---|---|"]
+        keys = sorted({(c["criterion"], c["gamma"]) for c in cells if c["sparsity"] == sparsity},
+                      key=lambda k: (a["criteria"].index(k[0]), k[1]))
+        rows = []
+        for crit, gamma in keys:
+            sel = [c for c in cells if c["sparsity"] == sparsity and c["criterion"] == crit and c["gamma"] == gamma]
+            on = [c for c in sel if c["calibration"] == c["evaluation"]]
+            off = [c for c in sel if c["calibration"] != c["evaluation"]]
+            worst_kl = max(off, key=lambda c: c["kl"])
+            worst_ppl = max(off, key=lambda c: c["ppl"])
+            rows.append((_mean([c["kl"] for c in off]), crit, gamma))
+            lines.append(f"| {crit} | {gamma} | {_mean([c['kl'] for c in on]):.4f} | {_mean([c['kl'] for c in off]):.4f} | "
+                         f"{worst_kl['kl']:.4f} ({worst_kl['calibration']} -> {worst_kl['evaluation']}) | "
+                         f"{_mean([c['ppl'] for c in on]):.2f} | {_mean([c['ppl'] for c in off]):.2f} | "
+                         f"{worst_ppl['ppl']:.2f} ({worst_ppl['calibration']} -> {worst_ppl['evaluation']}) |")
+        best = min(rows)
+        lines += ["", f"Lowest off-domain KL at {sparsity:g}: {best[1]} (gamma {best[2]}).", ""]
+        lines += [f"Full matrix at sparsity {sparsity:g}, gamma {a['gamma']:g}: KL to dense (perplexity), rows "
+                  "calibration group, columns evaluation group.", ""]
+        groups = list(result["groups"])
+        for crit in a["criteria"]:
+            lines += [f"**{crit}**", "", "| calibration \\ evaluation | " + " | ".join(groups) + " |",
+                      "|---|" + "---|" * len(groups)]
+            for cal in a["calibration_groups"]:
+                row = []
+                for ev in groups:
+                    c = next(c for c in cells if c["sparsity"] == sparsity and c["criterion"] == crit
+                             and c["gamma"] == f"{a['gamma']}" and c["calibration"] == cal and c["evaluation"] == ev)
+                    row.append(f"{c['kl']:.4f} ({c['ppl']:.1f})")
+                lines.append(f"| {cal} | " + " | ".join(row) + " |")
+            lines.append("")
+    autos = [c for c in cells if c["criterion"] == "nirvana" and c["gamma"] == "auto" and c["gamma_curve"]]
+    if autos:
+        lines += ["## gamma: 1 vs 3 vs auto (nirvana)", "",
+                  "Probe KL: on the calibration group's probe (held-out documents of the same group), from the "
+                  "auto search's curve; off-domain: mean over the other groups.", "",
+                  "| sparsity | calibration | probe KL at 1 | at 3 | auto (gamma chosen) | off-domain KL 1 / 3 / auto | "
+                  "off-domain ppl 1 / 3 / auto |", "|---|---|---|---|---|---|---|"]
+        for sparsity in a["sparsities"]:
+            for cal in a["calibration_groups"]:
+                auto = next(c for c in autos if c["sparsity"] == sparsity and c["calibration"] == cal)
+                curve = dict(zip(auto["gamma_curve"]["gammas"], auto["gamma_curve"]["kls"]))
+                off = {g: [c for c in cells if c["criterion"] == "nirvana" and c["sparsity"] == sparsity
+                           and c["calibration"] == cal and c["evaluation"] != cal and c["gamma"] == g]
+                       for g in ("1.0", "3.0", "auto")}
+                fmt = lambda v: "infeasible" if v is None else f"{v:.4f}"  # noqa: E731
+                lines.append(f"| {sparsity:g} | {cal} | {fmt(curve.get(1.0))} | {fmt(curve.get(3.0))} | "
+                             f"{fmt(auto['gamma_curve']['kls'][auto['gamma_curve']['best_index']])} "
+                             f"({auto['gamma_used']:g}) | "
+                             + " / ".join(f"{_mean([c['kl'] for c in off[g]]):.4f}" if off[g] else "-" for g in off)
+                             + " | " + " / ".join(f"{_mean([c['ppl'] for c in off[g]]):.2f}" if off[g] else "-"
+                                                  for g in off) + " |")
+        lines.append("")
+    if result["cloze"]:
+        lines += ["## Zero-shot cloze accuracy", "",
+                  f"lm-eval `nirvana_brown_cloze`, 0-shot, first {a['cloze_limit']} examples, calibration group "
+                  f"{a['cloze_group']}, gamma {a['gamma']:g}.", "",
+                  "| criterion | " + " | ".join(f"s = {s:g}" for s in a["sparsities"]) + " |",
+                  "|---|" + "---|" * len(a["sparsities"])]
+        dense = next(c for c in result["cloze"] if c["criterion"] == "dense")
+        lines.append("| dense | " + " | ".join(f"{dense['acc']:.3f}" for _ in a["sparsities"]) + " |")
+        for crit in a["criteria"]:
+            accs = [next(c["acc"] for c in result["cloze"] if c["criterion"] == crit and c["sparsity"] == s)
+                    for s in a["sparsities"]]
+            lines.append(f"| {crit} | " + " | ".join(f"{x:.3f}" for x in accs) + " |")
+        lines.append("")
+    if result["recovery"]:
+        groups = list(result["groups"])
+        lines += ["## Recovery per criterion", "",
+                  f"Sparsity {a['recovery_sparsity']:g}, gamma {a['gamma']:g}, calibration group {a['cloze_group']}; "
+                  f"{a['recovery_steps']} LoRA steps (recipe in the docstring), the same batches for every criterion. "
+                  "Perplexity pruned -> recovered per evaluation group.", "",
+                  "| criterion | " + " | ".join(groups) + " | mean recovered |", "|---|" + "---|" * (len(groups) + 1)]
+        for row in result["recovery"]:
+            lines.append(f"| {row['criterion']} | " + " | ".join(
+                f"{row[f'pruned_ppl_{g}']:.1f} -> {row[f'recovered_ppl_{g}']:.1f}" for g in groups)
+                + f" | {_mean([row[f'recovered_ppl_{g}'] for g in groups]):.2f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="smollm2-135m")
@@ -152,13 +260,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--gamma", type=float, default=3.0)
     parser.add_argument("--no-auto", action="store_true", help="skip gamma 'auto'")
+    parser.add_argument("--nirvana-gammas", nargs="*", type=float, default=[1.0],
+                        help="more fixed gammas for the nirvana criterion (the gamma comparison)")
     parser.add_argument("--cloze-group", default="learned")
     parser.add_argument("--cloze-limit", type=int, default=100)
     parser.add_argument("--recovery-sparsity", type=float, default=0.5)
     parser.add_argument("--recovery-steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out")
+    parser.add_argument("--render", metavar="JSON", help="print the markdown page of a finished run and exit")
     args = parser.parse_args(argv)
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())), end="")
+        return
+    if not args.out:
+        parser.error("--out is required")
     torch.manual_seed(args.seed)
 
     model, tokenizer = load_model(args.source)
@@ -171,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         dense[name] = {"ppl": ppl, "logprobs": logprobs}
     log("dense perplexity: " + ", ".join(f"{g} {d['ppl']:.2f}" for g, d in dense.items()))
     gammas = [args.gamma] + ([] if args.no_auto else ["auto"])
+    extra_gammas = [g for g in args.nirvana_gammas if g != args.gamma]  # nirvana: also these fixed values
     cells, plans = [], {}
     for cal in args.calibration_groups:
         for criterion in args.criteria:
@@ -178,13 +295,14 @@ def main(argv: list[str] | None = None) -> None:
             scores = compute_unit_scores(model, groups[cal]["calibration"], criterion=criterion, seed=args.seed)
             score_s = time.perf_counter() - start
             for sparsity in args.sparsities:
-                for gamma in gammas:
+                for gamma in (extra_gammas + gammas if criterion == "nirvana" else gammas):
                     def plan_for(g, _s=sparsity, _c=criterion):
                         return plan_from_scores(model, scores, sparsity=_s, gamma=g,
                                                 provenance={"criterion": _c, "calibration_group": cal})
+                    curve = None
                     if gamma == "auto":
                         plan, search = search_gamma(model, plan_for, groups[cal]["probe"], GAMMA_GRID)
-                        chosen = search.gamma
+                        chosen, curve = search.gamma, search.to_dict()
                     else:
                         plan, chosen = plan_for(gamma), gamma
                     plans[(cal, criterion, sparsity, str(gamma))] = plan
@@ -194,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
                         cells.append({"calibration": cal, "evaluation": ev, "criterion": criterion,
                                       "sparsity": sparsity, "gamma": str(gamma), "gamma_used": chosen,
                                       "ppl": ppl, "kl": kl, "realised_sparsity": plan.realised_sparsity,
-                                      "scoring_s": round(score_s, 1)})
+                                      "scoring_s": round(score_s, 1), "gamma_curve": curve})
                     off = [c for c in cells[-len(groups):] if c["evaluation"] != cal]
                     log(f"{cal:8s} {criterion:9s} s={sparsity} gamma={gamma} (used {chosen:g}): off-domain mean "
                         f"ppl {sum(c['ppl'] for c in off) / len(off):.2f}, KL {sum(c['kl'] for c in off) / len(off):.4f}")
