@@ -162,8 +162,8 @@ def _captured_inputs(model, calib):
 
 @pytest.mark.parametrize("criterion", ["wanda_sp", "flap"])
 def test_activation_baselines_equal_a_straightforward_computation(family, calib, criterion):
-    """wanda_sp: a unit's sum of |W_ij| * ||X_j|| over every weight it owns; flap: the sum of Var(X_j) * ||W_:,j||^2
-    over its input channels of o_proj / down_proj (q/k/v/gate/up add nothing). Loops over units, no reshapes."""
+    """Over a unit's input channels of o_proj / down_proj (q/k/v/gate/up add nothing, as in FLAP's code): wanda_sp
+    sums |W_ij| * ||X_j||, flap sums Var(X_j) * W_ij^2. Loops over units, no reshapes."""
     from nirvana_lightning.debug_models import build_tiny_model
 
     model = build_tiny_model(family)
@@ -178,12 +178,12 @@ def test_activation_baselines_equal_a_straightforward_computation(family, calib,
         def w_score(role, lin, rows=None, cols=None, _li=li):
             x = inputs[(_li, role)]
             w = lin.weight.detach().double()
+            if role not in ("o", "down"):
+                return 0.0
             if criterion == "wanda_sp":
                 s = w.abs() * x.pow(2).sum(0).sqrt()[None, :]
-            elif role in ("o", "down"):
-                s = w.pow(2) * x.var(0, unbiased=False)[None, :]
             else:
-                return 0.0
+                s = w.pow(2) * x.var(0, unbiased=False)[None, :]
             s = s[rows] if rows is not None else s
             s = s[:, cols] if cols is not None else s
             return float(s.sum())

@@ -285,8 +285,9 @@ def compute_unit_scores(
     Args:
         model: a supported causal LM (peft wrappers are looked through).
         calibration: LongTensor ``(N, T)`` or an iterable of ``(B, T)`` batches.
-        criterion: ``nirvana`` | ``magnitude`` | ``taylor`` | ``random`` | ``wanda_sp`` (|w| x input norm,
-            forward only) | ``flap`` (input fluctuation of the output projections, forward only).
+        criterion: ``nirvana`` | ``magnitude`` | ``taylor`` | ``random`` | ``wanda_sp`` (|w| x input norm) |
+            ``flap`` (input fluctuation); both from one forward pass, on the input channels of o_proj and
+            down_proj, as in FLAP's reference code.
         functional: output functional for ``nirvana`` (see :data:`FUNCTIONALS`).
         micro_batch_size: split a tensor calibration into micro-batches of this size.
         accumulate: ``gradient`` (exact) or ``saliency`` (lean with micro-batches); see module doc.
@@ -341,9 +342,11 @@ def compute_unit_scores(
         stats = input_statistics(model, adapter, batches)
         for i, role, lin in linears:
             count, total, sq = stats[id(lin)]
+            if role not in FLAP_ROLES:  # both score the output projections' input channels only
+                continue
             if criterion == "wanda_sp":
                 add(i, role, wanda_saliency(lin.weight, sq))
-            elif role in FLAP_ROLES:
+            else:
                 add(i, role, flap_saliency(lin.weight, total / count, sq / count))
         return result()
     n_total = sum(b.shape[0] for b in batches)

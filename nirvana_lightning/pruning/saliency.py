@@ -15,11 +15,12 @@ import torch
 #: Output functionals f(Z) for logits Z of shape (B, T, V).
 FUNCTIONALS = ("max_over_seq", "max_over_vocab", "sum_logits")
 #: Criteria: NIRVANA (output functional), magnitude |w|, taylor (LM-loss gradient), random, and the
-#: activation-based structured baselines wanda_sp (|w| x input norm) and flap (input fluctuation).
+#: activation-based structured baselines of FLAP's paper: wanda_sp (|w| x input norm) and flap (input
+#: fluctuation), both on the output projections' input channels.
 CRITERIA = ("nirvana", "magnitude", "taylor", "random", "wanda_sp", "flap")
 #: criteria that read calibration data
 DATA_CRITERIA = ("nirvana", "taylor", "wanda_sp", "flap")
-#: roles whose input channels FLAP scores (the output projections); the others add nothing
+#: roles whose input channels wanda_sp and flap score (the output projections); the others add nothing
 FLAP_ROLES = ("o", "down")
 
 
@@ -52,8 +53,9 @@ def compute_weight_saliency(weight: torch.Tensor, grad: torch.Tensor | None) -> 
 def wanda_saliency(weight: torch.Tensor, input_sq_sum: torch.Tensor) -> torch.Tensor:
     """Wanda's ``|W_ij| * ||X_j||_2`` (``X_j``: input channel j over every calibration token), in float32.
 
-    Summed over a unit's weights (every matrix it owns) this is Wanda-sp, the structured variant
-    (An et al., "Fluctuation-based adaptive structured pruning", 2024, baseline section).
+    Summed over the output projection's columns a unit owns (o_proj columns of a KV group, the down_proj
+    column of a neuron) this is Wanda-sp, the structured baseline of FLAP (An et al. 2024) as its
+    reference code computes it.
     """
     return weight.detach().float().abs() * input_sq_sum.float().sqrt()[None, :]
 
