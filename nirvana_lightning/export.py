@@ -37,7 +37,11 @@ def _serving_report(model: nn.Module) -> dict[str, Any]:
     from .serving.gguf_export import _layer_widths
 
     heads, kv_heads, ffn, _ = _layer_widths(model)
-    return serving_constraints(model.config.model_type, heads, kv_heads, ffn)
+    report = serving_constraints(model.config.model_type, heads, kv_heads, ffn)
+    if getattr(model.config, "mlp_bias", False):  # bias compensation: save_gguf refuses MLP biases
+        report["gguf_architecture"] = "refused"
+        report["broken"].append("GGUF: the model has MLP biases (bias compensation); serve it with vLLM or transformers")
+    return report
 
 
 def _model_card(model: nn.Module, plan: PruningPlan | None, extra: dict[str, Any]) -> str:
@@ -145,6 +149,9 @@ def save_pruned(
         raise ValueError("adapter_only=True needs a peft-wrapped model")
     if adapter_only and plan is None:
         raise ValueError("adapter_only=True needs the plan: the adapter only fits the pruned shapes")
+    if adapter_only and plan.provenance.get("bias_compensation"):
+        raise ValueError("adapter_only=True with bias compensation: the compensated biases are part of the base, which "
+                         "an adapter-only export rebuilds from source + plan without them; export the merged model")
 
     def write(tmp: Path) -> None:
         from .recovery.lora import merged_model  # (recovery imports Lightning; this module must not)

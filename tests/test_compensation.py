@@ -115,3 +115,12 @@ def test_callback_compensation_checkpoints_the_base_and_reloads(tmp_path):
         assert torch.equal(again.state_dict()[name], value), name
     with pytest.raises(ConfigError, match="bias_compensation.*iterative"):
         NirvanaPruningCallback(sparsity=0.3, bias_compensation=True, schedule="linear", n_steps=2, every_n_steps=1)
+
+
+def test_adapter_only_export_refused_with_compensation(tmp_path):
+    from nirvana_lightning.recovery import apply_recovery
+
+    model = build_tiny_model("tiny-llama")
+    plan = prune(model, CALIB, sparsity=0.4, bias_compensation=True)
+    with pytest.raises(ValueError, match="adapter_only=True with bias compensation"):
+        save_pruned(apply_recovery(model, "lora", lora_r=4), None, tmp_path / "a", plan, adapter_only=True)

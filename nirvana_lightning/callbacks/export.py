@@ -97,6 +97,10 @@ class ExportCallback(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """GGUF refusals (family, widths, rope, tokenizer) surface before training, not after it."""
+        plan = getattr(pl_module, "pruning_plan", None)
+        if self.adapter_only and plan is not None and plan.provenance.get("bias_compensation"):
+            raise ConfigError("ExportCallback.adapter_only", True, "false with bias compensation (the compensated "
+                              "biases belong to the base, which an adapter-only export does not carry)")
         if "gguf" in self.formats:
             self._check_gguf(pl_module)
 

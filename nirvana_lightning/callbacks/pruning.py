@@ -203,6 +203,7 @@ class NirvanaPruningCallback(L.Callback):
         self.plan: PruningPlan | None = None  # the composed plan: keep indices into the dense model
         self.history: list[PruningPlan] = []  # one plan per step, each made for the model the previous left
         self.scored_on_this_rank = 0  # scoring passes run by this process (rank 0 only under DDP)
+        self._deltas = None  # bias compensation's, from rank 0 with the plan
 
     @property
     def iterative(self) -> bool:
@@ -220,33 +221,40 @@ class NirvanaPruningCallback(L.Callback):
             rank_zero_info("model already pruned (plan restored from the checkpoint): not pruning again"
                            + (" (the schedule continues from the checkpoint's step)" if self.iterative else ""))
             return
+        self._deltas = None
         if self.plan_path is not None:
             plan = PruningPlan.from_json(Path(self.plan_path).read_text())
+            plan.provenance.pop("bias_compensation", None)  # only what this run does to the model
+            if self.bias_compensation:
+                self._deltas = on_rank_zero(trainer, lambda: self._bias_deltas(trainer, model, plan, None),
+                                            what="bias compensation")
         elif self.iterative and (self.at_epochs is not None and self.at_epochs[0] > 0):
             return  # the first step comes at the start of epoch at_epochs[0]
         else:
             plan = self._make_step_plan(trainer, model)
-        deltas = self._bias_deltas(trainer, model, plan) if self.bias_compensation else None
         cut(model, plan)
         if self.bias_compensation:
             from ..pruning.compensation import add_biases
 
-            plan.provenance["bias_compensation"] = add_biases(model, deltas)  # None on a meta model: zeros
+            plan.provenance["bias_compensation"] = add_biases(model, self._deltas)
         self._record(trainer, pl_module, plan)
 
-    def _bias_deltas(self, trainer: L.Trainer, model, plan: PruningPlan):
-        """Bias compensation's deltas from the dense columns, on the calibration windows scoring used. A sharded
-        run's other ranks (meta models) get None: their zero biases receive rank 0's values with its shards."""
+    def _bias_deltas(self, trainer: L.Trainer, model, plan: PruningPlan, calibration) -> list[dict] | None:
+        """On rank 0: bias compensation's deltas from the dense columns, on ``calibration`` (the windows the plan
+        was scored on; the configured ones for a saved plan), in the scoring micro-batches; moved to the host
+        for the broadcast (every DDP rank adds the same biases; sharded ranks receive them with the shards)."""
         from ..pruning.compensation import bias_deltas, check_family
+        from ..pruning.gradients import as_batches
 
         check_family(model)
-        if next(model.parameters()).is_meta:
-            return None
-        datamodule = trainer.datamodule
-        seed = self.calibration_seed if self.calibration_seed is not None else getattr(datamodule, "calibration_seed", 0)
-        calibration = datamodule.calibration_windows(self.calibration_samples, self.calibration_seq_len, seed)
-        model.to(trainer.strategy.root_device)
-        return bias_deltas(model, plan, [calibration])
+        if calibration is None:
+            datamodule = trainer.datamodule
+            seed = self.calibration_seed if self.calibration_seed is not None else getattr(datamodule, "calibration_seed", 0)
+            calibration = datamodule.calibration_windows(self.calibration_samples, self.calibration_seq_len, seed)
+            if not self.offload_scoring:
+                model.to(trainer.strategy.root_device)
+        deltas = bias_deltas(model, plan, as_batches(calibration, self.micro_batch_size))
+        return [{k: v.cpu() for k, v in d.items()} for d in deltas]
 
     def _warn_if_schedule_cannot_finish(self, trainer: L.Trainer) -> None:
         """Say before training, not after it, when max_steps / max_epochs end the run before the last step."""
@@ -349,14 +357,19 @@ class NirvanaPruningCallback(L.Callback):
             model.to(trainer.strategy.root_device)
         try:
             if self.select == "kl":
-                return self._select(trainer, model, datamodule, settings, seed)
-            calibration = None
-            if needs_data:
-                calibration = datamodule.calibration_windows(self.calibration_samples, self.calibration_seq_len, seed)
-            if self.gamma == "auto":  # held-out documents, the probe KL selection uses
-                settings = {**settings, "probe": datamodule.probe_windows(self.probe_samples, self.probe_seq_len,
-                                                                          self.probe_seed)[0]}
-            return make_plan(model, calibration, **settings)
+                plan, calibration = self._select(trainer, model, datamodule, settings, seed)
+            else:
+                calibration = None
+                if needs_data:
+                    calibration = datamodule.calibration_windows(self.calibration_samples, self.calibration_seq_len,
+                                                                 seed)
+                if self.gamma == "auto":  # held-out documents, the probe KL selection uses
+                    settings = {**settings, "probe": datamodule.probe_windows(self.probe_samples, self.probe_seq_len,
+                                                                              self.probe_seed)[0]}
+                plan = make_plan(model, calibration, **settings)
+            if self.bias_compensation and not self.iterative:
+                self._deltas = self._bias_deltas(trainer, model, plan, calibration)
+            return plan
         except ConfigError as err:  # name the key as the user wrote it (data.* keys are the datamodule's)
             key = err.key if "." in err.key else f"NirvanaPruningCallback.{err.key}"
             raise ConfigError(key, err.value, err.expected) from None
@@ -388,8 +401,7 @@ class NirvanaPruningCallback(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = [PruningPlan.from_dict(d) for d in state_dict.get("history", [])]
 
-    @staticmethod
-    def _on_rank_zero(trainer: L.Trainer, make) -> PruningPlan:
+    def _on_rank_zero(self, trainer: L.Trainer, make) -> PruningPlan:
         """Rank 0 scores and plans; every other rank waits and cuts the same plan.
 
         Scoring on every rank would cost each of them the scoring memory and time (and host memory
@@ -399,7 +411,12 @@ class NirvanaPruningCallback(L.Callback):
         as long as scoring takes: the process group's timeout (Lightning's default 30 minutes;
         ``DDPStrategy(timeout=...)``) must exceed it.
         """
-        return PruningPlan.from_dict(on_rank_zero(trainer, lambda: make().to_dict(), what="pruning"))
+        def payload() -> dict:
+            return {"plan": make().to_dict(), "deltas": getattr(self, "_deltas", None)}
+
+        out = on_rank_zero(trainer, payload, what="pruning")
+        self._deltas = out["deltas"]  # bias compensation's, identical on every rank
+        return PruningPlan.from_dict(out["plan"])
 
     def _select(self, trainer: L.Trainer, model, datamodule, settings: dict, seed: int) -> PruningPlan:
         """KL selection among candidate calibration sets; returns the winner's plan (not yet cut)."""
@@ -408,6 +425,7 @@ class NirvanaPruningCallback(L.Callback):
         probe, probe_spans = datamodule.probe_windows(self.probe_samples, self.probe_seq_len, self.probe_seed)
         result = select_calibration(model, candidates, probe, candidate_spans=spans, probe_spans=probe_spans,
                                     **settings)
+        winner = candidates[result.best_index]
         self.selection = result
         result.plan.provenance.update({"candidate_mode": self.candidate_mode, "probe_shape": list(probe.shape)})
         for logger in trainer.loggers:
@@ -415,7 +433,7 @@ class NirvanaPruningCallback(L.Callback):
                                | {"select/best_index": float(result.best_index)}, step=0)
         self._write_selection(Path(trainer.log_dir or trainer.default_root_dir), result)
         rank_zero_info("KL calibration selection:\n" + result.table())
-        return result.plan
+        return result.plan, winner
 
     @rank_zero_only
     def _write_gamma(self, log_dir: Path, plan: PruningPlan) -> None:
