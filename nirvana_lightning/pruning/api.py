@@ -192,8 +192,10 @@ def make_plan(
         "criterion": criterion, "functional": functional if criterion == "nirvana" else None,
         "calibration_fingerprint": fingerprint(batches) if batches else None,
         "calibration_shape": [sum(b.shape[0] for b in batches), batches[0].shape[1]] if batches else None,
-        "micro_batches": len(batches), "accumulate": accumulate, "checkpointing": checkpointing, "scoring_dtype": scoring_dtype, "seed": seed,
-        "scoring_device": None if scoring_device is None else str(scoring_device),
+        "micro_batches": len(batches), "accumulate": accumulate, "checkpointing": checkpointing, "seed": seed,
+        # wanda_sp / flap: one forward pass in the model's dtype where the model is (float64 statistics)
+        "scoring_dtype": "model" if criterion in ("wanda_sp", "flap") else scoring_dtype,
+        "scoring_device": None if scoring_device is None or criterion in ("wanda_sp", "flap") else str(scoring_device),
         "scoring_seconds": round(time.perf_counter() - start, 3),
     }
 

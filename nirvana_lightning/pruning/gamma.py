@@ -11,6 +11,7 @@ one scoring pass.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -88,11 +89,14 @@ def search_gamma(model: nn.Module, make, probe: torch.Tensor, grid: Sequence[flo
             kls.append(kl), ppls.append(ppl), plans.append(plan)
     finally:
         model.train(was_training)
-    feasible = [i for i, kl in enumerate(kls) if kl is not None]
+    feasible = [i for i, kl in enumerate(kls) if kl is not None and math.isfinite(kl)]
     if not feasible:
         raise ConfigError("gamma", "auto", f"a target some gamma of {list(grid)} can reach ({infeasible})")
     best = min(feasible, key=lambda i: (kls[i], i))
     search = GammaSearch([float(g) for g in grid], kls, ppls, best, time.perf_counter() - start, infeasible)
     plan = plans[best]
-    plan.provenance.update({"gamma_mode": "auto", "gamma_search": search.to_dict()})
+    from .gradients import fingerprint
+
+    plan.provenance.update({"gamma_mode": "auto", "gamma_search": {**search.to_dict(), "probe_shape": list(probe.shape),
+                                                                   "probe_fingerprint": fingerprint([probe])}})
     return plan, search
