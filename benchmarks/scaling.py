@@ -57,7 +57,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -65,7 +64,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scoring_memory import APPROACHES, GIB, LLAMA_31_8B, _reset_peak_rss, _status_kib, project_scoring_memory
+from scoring_memory import APPROACHES, GIB, LLAMA_31_8B, measure_scoring, project_scoring_memory
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 SMOL_VOCAB, LLAMA3_VOCAB = 49152, 128256
@@ -114,13 +113,12 @@ def build_model(shape: dict, name: str, seed: int):
 
 def run_worker(args: argparse.Namespace) -> None:
     """Build one model, score one calibration with one approach; optionally time plan, cut, export."""
-    import gc
 
     import torch
 
     from nirvana_lightning import save_pruned
     from nirvana_lightning.pruning.api import count_parameters, cut, plan_from_scores
-    from nirvana_lightning.pruning.gradients import compute_unit_scores, fingerprint
+    from nirvana_lightning.pruning.gradients import fingerprint
 
     shape = json.loads(args.shape_json)
     start = time.perf_counter()
@@ -129,23 +127,11 @@ def run_worker(args: argparse.Namespace) -> None:
     vocab = shape["config"]["vocab_size"]
     calibration = torch.randint(0, vocab, (args.n_window, args.seq_len),
                                 generator=torch.Generator().manual_seed(args.seed))
-    with torch.no_grad():
-        model(input_ids=calibration[:1], use_cache=False)
-    gc.collect()
-    rss_load = _status_kib("VmRSS")
-    maxrss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    reset_ok = _reset_peak_rss()
-    start = time.perf_counter()
-    scores = compute_unit_scores(model, calibration, criterion="nirvana", **APPROACHES[args.worker])
-    wall = time.perf_counter() - start
-    peak = _status_kib("VmHWM") if reset_ok else None
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scores, measured = measure_scoring(model, calibration, APPROACHES[args.worker])
     result = {
         "size": args.size, "approach": args.worker, "n_window": args.n_window, "seq_len": args.seq_len,
         "dtype": shape["dtype"], "threads": torch.get_num_threads(), "params": count_parameters(model)["total"],
-        "calibration_fingerprint": fingerprint([calibration]), "build_s": build_s,
-        "rss_after_load_kib": rss_load, "ru_maxrss_after_load_kib": maxrss_load,
-        "scoring_peak_kib": peak, "ru_maxrss_kib": maxrss, "wall_s": wall,
+        "calibration_fingerprint": fingerprint([calibration]), "build_s": build_s, **measured,
     }
     if args.pipeline:
         timing = {}

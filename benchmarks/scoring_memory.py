@@ -138,18 +138,36 @@ def build_calibration(tokenizer, n_window: int, seq_len: int, seed: int, val_fra
 
 def run_worker(args: argparse.Namespace) -> None:
     """Load, build calibration, score with one approach; write a JSON result and the scores."""
-    import gc
 
     import torch
 
-    from nirvana_lightning import compute_unit_scores, load_model
+    from nirvana_lightning import load_model
     from nirvana_lightning.pruning.gradients import fingerprint
 
     model, tokenizer = load_model(args.model)
     calibration = build_calibration(tokenizer, args.n_window, args.seq_len, args.seed, args.val_fraction)
+    scores, measured = measure_scoring(model, calibration, APPROACHES[args.worker])
+    torch.save({"attention": scores.attention, "mlp": scores.mlp}, args.scores_out)
+    result = {"approach": args.worker, "threads": torch.get_num_threads(),
+              "calibration_fingerprint": fingerprint([calibration]), "calibration_shape": list(calibration.shape),
+              **measured}
+    Path(args.result_out).write_text(json.dumps(result))
+
+
+def measure_scoring(model, calibration, approach: dict):
+    """Score ``calibration`` with one approach's settings; returns the scores and the memory/time figures.
+
+    The baseline is taken after one no-grad forward: load_model's weights are memory-mapped from the
+    safetensors cache and only become resident when first read, so touching them first keeps their
+    page-ins out of the scoring memory. Then the kernel's high-water mark is reset and scoring runs.
+    """
+    import gc
+
+    import torch
+
+    from nirvana_lightning import compute_unit_scores
+
     rss_file_untouched = _status_kib("RssFile")
-    # load_model's weights are memory-mapped from the safetensors cache and only become resident
-    # when first read: touch them (one no-grad forward) so the baseline holds the whole model.
     with torch.no_grad():
         model(input_ids=calibration[:1], use_cache=False)
     gc.collect()
@@ -158,19 +176,12 @@ def run_worker(args: argparse.Namespace) -> None:
     maxrss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reset_ok = _reset_peak_rss()
     start = time.perf_counter()
-    scores = compute_unit_scores(model, calibration, criterion="nirvana", **APPROACHES[args.worker])
+    scores = compute_unit_scores(model, calibration, criterion="nirvana", **approach)
     wall = time.perf_counter() - start
-    peak = _status_kib("VmHWM") if reset_ok else None
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    torch.save({"attention": scores.attention, "mlp": scores.mlp}, args.scores_out)
-    result = {
-        "approach": args.worker, "threads": torch.get_num_threads(),
-        "calibration_fingerprint": fingerprint([calibration]), "calibration_shape": list(calibration.shape),
-        "rss_after_load_kib": rss_load, "ru_maxrss_after_load_kib": maxrss_load,
-        "rss_file_before_touch_kib": rss_file_untouched, "rss_file_after_load_kib": rss_file_load,
-        "scoring_peak_kib": peak, "ru_maxrss_kib": maxrss, "wall_s": wall,
-    }
-    Path(args.result_out).write_text(json.dumps(result))
+    return scores, {"rss_after_load_kib": rss_load, "ru_maxrss_after_load_kib": maxrss_load,
+                    "rss_file_before_touch_kib": rss_file_untouched, "rss_file_after_load_kib": rss_file_load,
+                    "scoring_peak_kib": _status_kib("VmHWM") if reset_ok else None,
+                    "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "wall_s": wall}
 
 
 # --------------------------------------------------------------------------- projection

@@ -2,28 +2,28 @@
 identical weights after training."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
+from fit_process import REPO, rank_records, run_fit
 
-REPO = Path(__file__).resolve().parents[1]
+
+def _ddp_run(tmp_path: Path, trainer: dict | None = None, model: dict | None = None) -> tuple[dict, list[dict]]:
+    """``configs/debug/tiny_ddp.yaml`` (with changes) in 2 processes; each rank's recorded state."""
+    cfg = yaml.safe_load((REPO / "configs" / "debug" / "tiny_ddp.yaml").read_text())
+    cfg["trainer"].update(default_root_dir=str(tmp_path / "run"), **(trainer or {}))
+    cfg["trainer"]["callbacks"].append({"class_path": "rank_record.RecordRankState",
+                                        "init_args": {"out_dir": str(tmp_path)}})
+    cfg["model"].update(model or {})
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    r = run_fit(config, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cfg, rank_records(tmp_path)
 
 
 def test_two_process_ddp_same_plan_and_weights(tmp_path):
-    cfg = yaml.safe_load((REPO / "configs" / "debug" / "tiny_ddp.yaml").read_text())
-    cfg["trainer"]["default_root_dir"] = str(tmp_path / "run")
-    cfg["trainer"]["callbacks"].append({"class_path": "rank_record.RecordRankState",
-                                        "init_args": {"out_dir": str(tmp_path)}})
-    config = tmp_path / "ddp.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([sys.executable, "-m", "nirvana_lightning", "fit", "--config", str(config)], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    cfg, ranks = _ddp_run(tmp_path)
     assert ranks[0]["step"] == ranks[1]["step"] == cfg["trainer"]["max_steps"]
     assert ranks[0]["plan"] == ranks[1]["plan"]
     assert ranks[0]["weights"] == ranks[1]["weights"]
@@ -39,17 +39,7 @@ def test_two_process_ddp_same_plan_and_weights(tmp_path):
 def test_ddp_bf16_true_lora_trains_with_float32_adapters(tmp_path):
     """bf16-true + LoRA under DDP: the adapters are float32 before DDP builds its gradient buckets (a cast after the
     wrap fails at the first backward), through a mid-training cut and its rebuilt wrapper too."""
-    cfg = yaml.safe_load((REPO / "configs" / "debug" / "tiny_ddp.yaml").read_text())
-    cfg["trainer"].update(default_root_dir=str(tmp_path / "run"), precision="bf16-true")
-    cfg["trainer"]["callbacks"].append({"class_path": "rank_record.RecordRankState",
-                                        "init_args": {"out_dir": str(tmp_path)}})
-    cfg["model"].update(recovery="lora", dtype="bfloat16", lora_dropout=0.0)
-    config = tmp_path / "ddp.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([sys.executable, "-m", "nirvana_lightning", "fit", "--config", str(config)], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    _, ranks = _ddp_run(tmp_path, trainer={"precision": "bf16-true"},
+                        model={"recovery": "lora", "dtype": "bfloat16", "lora_dropout": 0.0})
     assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["plan"] == ranks[1]["plan"]
     assert ranks[0]["trainable_dtypes"] == ["float32"] and ranks[0]["frozen_dtypes"] == ["bfloat16"]

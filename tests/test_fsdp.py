@@ -2,15 +2,12 @@
 train with LoRA, checkpoint sharded, export from the shards, resume from the sharded checkpoint."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 import yaml
+from fit_process import REPO, rank_records, run_fit
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 4  # 8 windows / (batch 2 x 2 ranks) = 2 steps per epoch: the checkpoint at step 2 ends epoch 0
 
 
@@ -30,11 +27,9 @@ def _config(tmp_path: Path, name: str) -> Path:
 
 
 def _fit(config: Path, *extra: str) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([sys.executable, "-m", "nirvana_lightning", "fit", "--config", str(config), *extra], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = run_fit(config, *extra)
     assert r.returncode == 0, r.stderr[-4000:]
-    return [json.loads((config.parent / config.stem / f"rank{i}.json").read_text()) for i in (0, 1)]
+    return rank_records(config.parent / config.stem)
 
 
 def test_fsdp2_prune_train_export_and_resume(tmp_path):
@@ -108,9 +103,7 @@ def test_fsdp2_iterative_schedule_matches_one_process(tmp_path):
     cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if "rank_record" not in c["class_path"]]
     single = tmp_path / "single.yaml"
     single.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([sys.executable, "-m", "nirvana_lightning", "fit", "--config", str(single)], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = run_fit(single)
     assert r.returncode == 0, r.stderr[-4000:]
     for k in (1, 2):
         want = json.loads(next((tmp_path / "single").rglob(f"plan_step_{k}.json")).read_text())

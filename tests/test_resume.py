@@ -2,15 +2,12 @@
 
 import csv
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
+from fit_process import REPO, run_fit
 
-REPO = Path(__file__).resolve().parents[1]
 N = 8  # steps; 16 windows / batch 4 = 4 steps per epoch, so the checkpoint after epoch 0 is at N/2
 
 
@@ -35,24 +32,18 @@ def _config(tmp_path: Path, name: str, kill: bool, base: str = "tiny.yaml", step
     return path
 
 
-def _fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "nirvana_lightning", "fit", "--config", str(config), *extra],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
 def _losses(metrics: Path) -> dict[int, float]:
     return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(metrics.open()) if r.get("train/loss")}
 
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
-    straight = _fit(_config(tmp_path, "straight", kill=False))
+    straight = run_fit(_config(tmp_path, "straight", kill=False))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = _fit(_config(tmp_path, "killed", kill=True))
+    killed = run_fit(_config(tmp_path, "killed", kill=True))
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-3000:])
     ckpts = sorted((tmp_path / "killed").rglob("*.ckpt"))
     assert [c.name for c in ckpts] == [f"epoch=0-step={N // 2}.ckpt"]
-    resumed = _fit(_config(tmp_path, "killed", kill=False), f"--ckpt_path={ckpts[0]}")
+    resumed = run_fit(_config(tmp_path, "killed", kill=False), f"--ckpt_path={ckpts[0]}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "not pruning again" in resumed.stderr + resumed.stdout
     want = _losses(next((tmp_path / "straight").rglob("metrics.csv")))
@@ -72,14 +63,14 @@ def _iterative_config(tmp_path: Path, name: str, kill: bool) -> Path:
 
 
 def test_resume_mid_schedule_continues_the_schedule(tmp_path):
-    straight = _fit(_iterative_config(tmp_path, "straight", kill=False))
+    straight = run_fit(_iterative_config(tmp_path, "straight", kill=False))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = _fit(_iterative_config(tmp_path, "killed", kill=True))
+    killed = run_fit(_iterative_config(tmp_path, "killed", kill=True))
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-3000:])
     ckpt = next((tmp_path / "killed").rglob("*step=3.ckpt"))
     run_dir = ckpt.parents[1]  # .../version_0/checkpoints/x.ckpt
     assert sorted(p.name for p in run_dir.glob("plan_step_*.json")) == ["plan_step_1.json", "plan_step_2.json"]
-    resumed = _fit(_iterative_config(tmp_path, "killed", kill=False), f"--ckpt_path={ckpt}")
+    resumed = run_fit(_iterative_config(tmp_path, "killed", kill=False), f"--ckpt_path={ckpt}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     out = resumed.stderr + resumed.stdout
     assert "schedule continues" in out and "step 3/3" in out and "step 1/3" not in out
@@ -99,15 +90,15 @@ def test_lora_checkpoint_holds_adapters_only_and_resumes_exactly(tmp_path):
     import torch
 
     lora = {"recovery": "lora", "lora_dropout": 0.0, "lora_r": 4}
-    straight = _fit(_config(tmp_path, "straight", kill=False, model=lora))
+    straight = run_fit(_config(tmp_path, "straight", kill=False, model=lora))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = _fit(_config(tmp_path, "killed", kill=True, model=lora))
+    killed = run_fit(_config(tmp_path, "killed", kill=True, model=lora))
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-3000:])
     ckpt = next((tmp_path / "killed").rglob("*.ckpt"))
     saved = torch.load(ckpt, weights_only=True)
     assert saved["nirvana_base_omitted"] > 0 and saved["state_dict"]
     assert all("lora_" in k for k in saved["state_dict"]), sorted(saved["state_dict"])[:5]
-    resumed = _fit(_config(tmp_path, "killed", kill=False, model=lora), f"--ckpt_path={ckpt}")
+    resumed = run_fit(_config(tmp_path, "killed", kill=False, model=lora), f"--ckpt_path={ckpt}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     want = _losses(next((tmp_path / "straight").rglob("metrics.csv")))
     got = _losses(sorted((tmp_path / "killed").rglob("version_1/metrics.csv"))[0])
