@@ -569,8 +569,7 @@ class NirvanaModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             return None
-        self._restore_float32_buffers()
-        self._trainable_in_float32(params)
+        self._trainable_in_float32(params)  # strict: a sharded adapter left in a half dtype is an error here
         hp = self.hparams
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))

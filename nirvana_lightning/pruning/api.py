@@ -92,6 +92,14 @@ def plan_from_scores(
     return plan
 
 
+def _passes(check, *args) -> bool:
+    try:
+        check(*args)
+        return True
+    except ConfigError:
+        return False
+
+
 def make_plan(
     model: nn.Module,
     calibration: torch.Tensor | Iterable[torch.Tensor] | None,
@@ -156,18 +164,10 @@ def make_plan(
                  gamma=g, n_query_per_kv=adapter.n_query_per_kv, head_dim=adapter.head_dim, round_to=round_to,
                  skip_layers=skip_layers, mode=allocation, counts=counts, tp_size=tp_size)
 
-    if auto:
-        feasible = []
-        for g in grid:
-            try:
-                allocation_check(g)
-                feasible.append(g)
-            except ConfigError:
-                continue
-        if not feasible:
-            allocation_check(grid[0])  # raises the first gamma's reason
-    else:
+    if not auto:
         allocation_check(gamma)
+    elif not any(_passes(allocation_check, g) for g in grid):  # the search skips infeasible gammas itself
+        allocation_check(grid[0])  # none can reach the target: raise the first gamma's reason
     batches: list[torch.Tensor] = []
     if criterion in DATA_CRITERIA:
         if calibration is None:
