@@ -72,7 +72,16 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from nirvana_lightning import NirvanaDataModule, NirvanaModule, NirvanaPruningCallback, PerplexityCallback
+from nirvana_lightning import (
+    Calibration,
+    NirvanaDataModule,
+    NirvanaModule,
+    NirvanaPruningCallback,
+    PerplexityCallback,
+    PruningTarget,
+    Schedule,
+    Scoring,
+)
 from nirvana_lightning.eval import compute_perplexity
 
 START = time.perf_counter()
@@ -173,17 +182,16 @@ def run_recipe(recipe: Recipe, args: argparse.Namespace, workdir: Path, measure_
     data = NirvanaDataModule(
         tokenizer=args.source, task="lm", sources=["brown"], seq_len=args.seq_len, val_fraction=0.05, split_seed=0,
         max_val_windows=args.val_windows, batch_size=args.batch_size, eval_batch_size=8,
-        calibration_samples=args.n_calibration, calibration_seq_len=args.calibration_seq_len,
-        calibration_seed=args.seed,
     )
-    prune_kwargs = dict(sparsity=args.sparsity, gamma=args.gamma, criterion="nirvana", functional="max_over_seq",
-                        round_to=8)
+    calibration = Calibration(samples=args.n_calibration, seq_len=args.calibration_seq_len, seed=args.seed)
+    prune_kwargs = dict(target=PruningTarget(sparsity=args.sparsity, gamma=args.gamma, round_to=8),
+                        scoring=Scoring(criterion="nirvana", functional="max_over_seq"), calibration=calibration)
     if recipe.schedule == "iterative":
         every = max(1, round(args.steps / 3))
-        pruning = NirvanaPruningCallback(**prune_kwargs, schedule=args.iterative_schedule, n_steps=3,
-                                         every_n_steps=every)
+        pruning = NirvanaPruningCallback(**prune_kwargs, schedule=Schedule(kind=args.iterative_schedule, n_steps=3,
+                                                                          every_n_steps=every))
     elif plan_path is not None:
-        pruning = NirvanaPruningCallback(sparsity=None, plan_path=plan_path)
+        pruning = NirvanaPruningCallback(**prune_kwargs, plan_path=plan_path)  # the saved plan, not scored
     else:
         pruning = NirvanaPruningCallback(**prune_kwargs)
     ppl_cb = PerplexityCallback(dense=measure_dense)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: public name -> submodule that defines it
 _EXPORTS: dict[str, str] = {
@@ -24,8 +24,10 @@ _EXPORTS: dict[str, str] = {
     "NirvanaModule": ".module",
     **dict.fromkeys(
         ("PruningPlan", "UnitScores", "allocate", "apply_plan", "compute_output_functional", "compute_unit_scores",
-         "count_parameters", "make_plan", "masked_units", "plan_from_scores", "prune", "select_calibration"),
+         "count_parameters", "cut", "make_plan", "masked_units", "plan_from_scores", "prune", "select_calibration"),
         ".pruning"),
+    **dict.fromkeys(("Calibration", "PruningTarget", "Schedule", "Scoring", "Selection"), ".pruning.settings"),
+    **dict.fromkeys(("PrunableModule", "PruneListener", "SummarySource"), ".contract"),
 }
 
 __all__ = sorted(_EXPORTS)
@@ -54,6 +56,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         PruningReportCallback,
         RunSummaryCallback,
     )
+    from .contract import PrunableModule, PruneListener, SummarySource  # noqa: F401
     from .data import NirvanaDataModule  # noqa: F401
     from .errors import ConfigError  # noqa: F401
     from .export import load_pruned, load_pruned_adapter, save_pruned  # noqa: F401
@@ -67,10 +70,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         compute_output_functional,
         compute_unit_scores,
         count_parameters,
+        cut,
         make_plan,
         masked_units,
         plan_from_scores,
         prune,
         select_calibration,
     )
+    from .pruning.settings import Calibration, PruningTarget, Schedule, Scoring, Selection  # noqa: F401
     from .serving.gguf_export import save_gguf  # noqa: F401

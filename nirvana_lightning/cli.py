@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from argparse import ArgumentError
+
 from lightning.pytorch.cli import LightningCLI
 
 from .data import NirvanaDataModule
@@ -43,7 +45,7 @@ class NirvanaCLI(LightningCLI):
         """Tell the module which checkpoint will be restored, so it re-applies the saved plan at setup."""
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path:
-            self.model.resume_ckpt_path = ckpt_path
+            self.model.resume_from(ckpt_path)
 
     def before_fit(self) -> None:
         self._remember_checkpoint()
@@ -55,26 +57,130 @@ class NirvanaCLI(LightningCLI):
         self._remember_checkpoint()
 
 
-def entry() -> None:
+def entry(args: list[str] | None = None) -> None:
     """The ``nirvana-lightning`` command and ``python -m nirvana_lightning``: a bad setting ends with one line.
 
-    The :class:`ConfigError` names the key, the bad value and the valid choices; exit status 2.
+    The last line of the output names the key, the bad value and the valid choices, whether the value was
+    refused by our validation (:class:`ConfigError`, also from nested settings and callback ``init_args``)
+    or by the argument parser (a type, an unknown or renamed key); exit status 2.
     """
     import sys
 
     try:
-        main()
-    except ConfigError as err:
-        print(f"nirvana-lightning: error: {err}", file=sys.stderr)
+        main(args)
+    except Exception as err:  # noqa: BLE001 - only configuration errors are turned into one line
+        line = explain(err, sys.argv[1:] if args is None else args)
+        if line is None:
+            raise
+        detail = str(err).strip()
+        if detail and not isinstance(err, ConfigError) and detail not in line:
+            print(detail, file=sys.stderr)  # the parser's own account, above the one line
+        print(f"nirvana-lightning: error: {line}", file=sys.stderr)
         sys.exit(2)
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while err is not None and err not in out:
+        out.append(err)
+        err = err.__cause__ or err.__context__
+    return out
+
+
+_SECTIONS = ("target.", "scoring.", "calibration.", "selection.", "schedule.")
+
+
+def renamed_in_configs(argv: list[str]) -> str | None:
+    """The first 0.1 key in the ``--config`` files of ``argv`` (flat pruning-callback keys,
+    ``data.calibration_*``), as ``old key -> new key`` text; None when there is none."""
+    from pathlib import Path
+
+    import yaml
+
+    from .pruning.settings import RENAMED_KEYS, SECTIONS
+
+    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        try:
+            config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        config = config.get("fit", config) if isinstance(config, dict) else {}
+        found = [f"data.{k}" for k in (config.get("data") or {}) if f"data.{k}" in RENAMED_KEYS]
+        callbacks = (config.get("trainer") or {}).get("callbacks") or []
+        for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
+            if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("NirvanaPruningCallback"):
+                for k, v in (cb.get("init_args") or {}).items():
+                    old = f"NirvanaPruningCallback.{k}"
+                    if old in RENAMED_KEYS and not (k in SECTIONS and isinstance(v, dict)):
+                        found.append(old)
+        if found:
+            return f"{found[0]} (in {path}) is not a setting since 0.2; use {RENAMED_KEYS[found[0]]} (docs/configs.md)"
+    return None
+
+
+def explain(err: BaseException, argv: list[str] | None = None) -> str | None:
+    """One line for a configuration error anywhere in ``err``'s chain, or None when it is not one.
+
+    Our :class:`ConfigError` wins (jsonargparse wraps errors raised while it instantiates a callback in
+    "Does not validate against any of the Union subtypes"); otherwise the argument parser's innermost
+    message gives the key, the value and the expected type, and a 0.1 key names its new place.
+    """
+    import re
+
+    from .pruning.settings import RENAMED_KEYS
+
+    chain = _chain(err)
+    for e in chain:
+        if isinstance(e, ConfigError):
+            key = e.key
+            if key.startswith(_SECTIONS) or key in ("plan_path", "bias_compensation"):
+                key = "NirvanaPruningCallback." + key
+            return str(ConfigError(key, e.value, e.expected))
+    if not any(isinstance(e, ArgumentError) or type(e).__name__ == "ArgumentError" for e in chain):
+        return None
+    renamed = renamed_in_configs(argv or [])
+    if renamed is not None:
+        return renamed
+    text = "\n".join(str(e) for e in chain)
+    classes = re.findall(r"Problem with given class_path '([\w.]+)'", text)
+    owner = classes[-1].rsplit(".", 1)[-1] if classes else None
+    unknown = re.findall(r"Option '([\w.]+)' is not accepted", text) \
+        or re.findall(r'No action for key "?\'?([\w.]+)', text) \
+        or re.findall(r"Key \"([\w.]+)\" is not a", text) \
+        or re.findall(r"unrecognized arguments: --([\w.]+)", text)
+    if unknown:
+        name = unknown[-1]
+        key = f"{owner}.{name}" if owner else name
+        if key in RENAMED_KEYS:
+            return f"{key} is not a setting since 0.2; use {RENAMED_KEYS[key]} (docs/configs.md)"
+        return f"{key} is not a setting{' of ' + owner if owner else ''}; see docs/configs.md for the valid keys"
+    keys = re.findall(r'Parser key "([\w.\[\]]+)"', text)
+    given = re.findall(r"(?:Given value|Got value): (.*)", text)
+    expected = re.findall(r"Expected a (?:<class '(\w+)'>|typing\.Literal\[(.*?)\]|(\S+))", text)
+    if not keys:
+        return None
+    inner = keys[-1]
+    key = f"{owner}.{inner}" if owner and inner != "trainer.callbacks" else inner
+    value = given[-1].strip() if given else "?"
+    kinds = []
+    for cls, literal, other in expected:
+        kind = (cls or (f"one of: {literal}" if literal else other)).replace("NoneType", "null")
+        if kind not in kinds:
+            kinds.append(kind)
+    want = " or ".join(kinds) if kinds else "a value of the declared type"
+    return f"{key}={value!r} is invalid; expected {want}"
 
 
 def main(args: list[str] | None = None, run: bool = True) -> NirvanaCLI:
     """Entry point; ``args`` and ``run=False`` serve tests."""
+    strict = {"exit_on_error": False}  # parse errors are raised, so entry() can end them with one line
     return NirvanaCLI(
         NirvanaModule,
         NirvanaDataModule,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={**strict, **{sub: dict(strict) for sub in NirvanaCLI.subcommands()}},
         args=args,
         run=run,
     )

@@ -35,3 +35,14 @@ def check_positive(key: str, value: int | float, *, allow_zero: bool = False) ->
             or (value == 0 and not allow_zero):
         raise ConfigError(key, value, "a finite number >= 0" if allow_zero else "a finite number > 0")
     return value
+
+
+def check_positive_int(key: str, value: int | None, *, minimum: int = 1, allow_none: bool = False) -> int | None:
+    """Return ``value`` if it is an integer >= ``minimum`` (or None with ``allow_none``), else raise
+    :class:`ConfigError`: the one integer validator."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(key, value, expected + (" or null" if allow_none else ""))
+    return value

@@ -330,10 +330,9 @@ def load_pruned(path: str | Path, dtype: str | None = None, *, verify: bool = Tr
 
 def load_pruned_adapter(path: str | Path, base_model: nn.Module | None = None):
     """Rebuild an adapter-only export: dense base (from the reference or given), plan applied, adapter loaded."""
-    from peft import PeftModel
-
     from .loading import load_model
-    from .pruning import apply_plan
+    from .pruning.surgery import cut_model
+    from .recovery.lora import load_adapter
 
     path = Path(path)
     tokenizer = None
@@ -341,8 +340,8 @@ def load_pruned_adapter(path: str | Path, base_model: nn.Module | None = None):
         ref = json.loads((path / BASE_FILE).read_text())
         base_model, tokenizer = load_model(ref["base_model"], dtype=ref.get("dtype", "float32"))
     plan = PruningPlan.from_json((path / PLAN_FILE).read_text())
-    apply_plan(base_model, plan)
-    model = PeftModel.from_pretrained(base_model, path)
+    cut_model(base_model, plan)
+    model = load_adapter(base_model, path)
     model.eval()
     return model, tokenizer
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import Literal
 
 import lightning as L
@@ -11,16 +11,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import MeanMetric
 
 from .adapters import ROLES, remote_modeling, unwrap_model
+from .devices import resolve_device
 from .errors import ConfigError, check_choice, check_positive
-from .eval.perplexity import lm_loss_and_count
 from .io import checkpoint_file, load_checkpoint
 from .loading import DTYPES, load_model, validate_source
-from .pruning import PruningPlan, apply_plan
+from .pruning import PruningPlan
 from .pruning.api import cut
 from .pruning.plan import compose_plans
 from .recovery import RECOVERY_MODES, apply_recovery
-from .recovery.lora import merged_model
-from .recovery.objectives import distillation_loss
+from .recovery.lora import merge_into_base, merged_model
+from .recovery.objectives import distillation_loss, lm_loss, warmup_cosine
+from .recovery.precision import adapters_in_float32, float32_buffers, restore_buffers
 from .sharding import (
     check_strategy,
     full_state_dict,
@@ -32,28 +33,6 @@ from .sharding import (
 )
 
 OBJECTIVES = ("lm", "kd")
-
-
-def resolve_device(spec: str, root: torch.device, world_size: int, *, key: str) -> torch.device:
-    """A device setting for one rank: ``cpu``, ``+N`` (this rank's accelerator index + N, modulo the
-    number of devices of that type) or an absolute device, refused under several processes when it names
-    one accelerator (every rank would put its copy there)."""
-    spec = str(spec).strip()
-    if spec.startswith("+"):
-        if not spec[1:].isdigit():
-            raise ConfigError(key, spec, "cpu, a device such as cuda:1, or +N (N accelerators after each rank's own)")
-        if root.type == "cpu":
-            return root
-        count = torch.cuda.device_count() if root.type == "cuda" else 1
-        return torch.device(root.type, ((root.index or 0) + int(spec[1:])) % max(1, count))
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, TypeError):
-        raise ConfigError(key, spec, "cpu, a device such as cuda:1, or +N (N accelerators after each rank's own)") from None
-    if world_size > 1 and device.type != "cpu":
-        raise ConfigError(key, spec, f"cpu or +N under {world_size} processes ({spec!r} would put every rank's copy "
-                          "on the same device)")
-    return device
 
 
 class NirvanaModule(L.LightningModule):
@@ -72,6 +51,7 @@ class NirvanaModule(L.LightningModule):
         lora_targets: roles (``q k v o gate up down``) that receive adapters.
         lr / weight_decay / betas: AdamW settings.
         warmup_steps: linear warmup steps, then cosine decay to ``min_lr_ratio * lr``.
+        min_lr_ratio: the learning rate at the end of the cosine decay, as a fraction of ``lr``.
         gradient_checkpointing: recompute activations in backward to save memory.
         objective: ``lm`` (next-token loss) or ``kd`` (distillation from the dense model).
         kd_temperature: softmax temperature tau of both teacher and student in ``kd``; the KL term
@@ -135,7 +115,7 @@ class NirvanaModule(L.LightningModule):
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
         self.pruning_plan: PruningPlan | None = None
-        #: checkpoint the Trainer will restore (set by the CLI, or by hand before ``trainer.fit(ckpt_path=...)``)
+        #: checkpoint the Trainer will restore (set through :meth:`resume_from`)
         self.resume_ckpt_path: str | None = None
         self._recovery_applied = False
         self.val_nll = MeanMetric()
@@ -154,6 +134,16 @@ class NirvanaModule(L.LightningModule):
             self._keep_float32_buffers()
             self._restore_plan_from_checkpoint()
         return self.base_model
+
+    def resume_from(self, ckpt_path: str | None) -> None:
+        """Name the checkpoint the Trainer will restore, before ``fit`` / ``validate`` / ``test`` starts.
+
+        The Trainer loads checkpoint weights after ``setup``; the saved plan must be cut before that, when
+        the model is built (:meth:`build_model`). The CLI calls this for ``--ckpt_path``; in Python call
+        ``module.resume_from(path)`` before ``trainer.fit(module, ckpt_path=path)``. (``last`` / ``best`` and
+        Python calls without it still work: :meth:`on_load_checkpoint` rebuilds the shapes then.)
+        """
+        self.resume_ckpt_path = str(ckpt_path) if ckpt_path else None
 
     def dense_reference(self, device: torch.device | str | None = None) -> torch.nn.Module:
         """The frozen dense model (the distillation teacher and the KL reference), loaded once.
@@ -208,13 +198,13 @@ class NirvanaModule(L.LightningModule):
         if not ckpt_path.is_file():
             return  # "last"/"best"/URLs: on_load_checkpoint rebuilds the shapes instead
         checkpoint = load_checkpoint(ckpt_path)  # weights_only: never runs code from the file
-        self._apply_saved_plan(checkpoint.get(self.PLAN_KEY), ckpt_path)
+        self._cut_saved_plan(checkpoint.get(self.PLAN_KEY), ckpt_path)
 
-    def _apply_saved_plan(self, data: dict | None, origin: str) -> None:
+    def _cut_saved_plan(self, data: dict | None, origin: str) -> None:
         if data is None:
             return
         self.pruning_plan = PruningPlan.from_dict(data)
-        apply_plan(self.base_model, self.pruning_plan)
+        cut(self.base_model, self.pruning_plan)
         if self.pruning_plan.provenance.get("bias_compensation"):  # the biases' values come with the checkpoint
             from .pruning.compensation import add_biases
 
@@ -275,7 +265,7 @@ class NirvanaModule(L.LightningModule):
             hp = self.hparams
             self.model, self.tokenizer = load_model(hp.source, hp.dtype, cache_dir=hp.cache_dir)
             self._keep_float32_buffers()
-            self._apply_saved_plan(saved, "the checkpoint")
+            self._cut_saved_plan(saved, "the checkpoint")
             if recovery_applied or any(".lora_" in k for k in checkpoint.get("state_dict", {})):
                 self.configure_model()  # the checkpoint's adapters need their modules (load_from_checkpoint too)
         finally:
@@ -300,11 +290,10 @@ class NirvanaModule(L.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if limit is None or datamodule is None:
             return
-        for key in ("seq_len", "calibration_seq_len"):
-            value = getattr(datamodule, key, None)
-            if isinstance(value, int) and value > limit:
-                rank_zero_warn(f"data.{key}={value} exceeds the model's max_position_embeddings={limit}: positions "
-                               f"beyond it were never trained and quality will suffer (lower data.{key})")
+        value = getattr(datamodule, "seq_len", None)
+        if isinstance(value, int) and value > limit:
+            rank_zero_warn(f"data.seq_len={value} exceeds the model's max_position_embeddings={limit}: positions "
+                           "beyond it were never trained and quality will suffer (lower data.seq_len)")
 
     def merge_recovery_adapters(self) -> None:
         """Fold LoRA adapters into the base weights and drop the wrapper (no-op without adapters).
@@ -316,7 +305,7 @@ class NirvanaModule(L.LightningModule):
             self._unshard_for_pruning()
             return
         if self._recovery_applied and self.hparams.recovery == "lora":
-            self.model = self.model.merge_and_unload()
+            self.model = merge_into_base(self.model)
             self._recovery_applied = False
             self.__dict__["_base_modified"] = True  # checkpoints must now carry the base
 
@@ -346,7 +335,7 @@ class NirvanaModule(L.LightningModule):
         self._recovery_applied = False
         self.__dict__["_base_modified"] = True
 
-    def apply_pruning_step(self, step: PruningPlan) -> PruningPlan:
+    def cut_step(self, step: PruningPlan) -> PruningPlan:
         """Cut ``step`` (a plan made for the model as it is now) during training; returns the composed plan.
 
         LoRA recovery: the adapters are merged into the base weights (if
@@ -419,7 +408,7 @@ class NirvanaModule(L.LightningModule):
         if self.hparams.objective == "kd":
             loss, n_token = self._distillation_loss(batch)
         else:
-            loss, n_token = lm_loss_and_count(self.model, batch)
+            loss, n_token = lm_loss(self.model, batch)
         self._stop_unless_finite("loss", loss.detach())
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/tokens", float(n_token), reduce_fx="sum", batch_size=1)
@@ -484,7 +473,7 @@ class NirvanaModule(L.LightningModule):
         self._restore_float32_buffers()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss, n_token = lm_loss_and_count(self.model, batch)
+        loss, n_token = lm_loss(self.model, batch)
         self.val_nll.update(loss.detach().float(), weight=n_token)
 
     def _log_epoch_nll(self, prefix: str) -> None:
@@ -505,26 +494,12 @@ class NirvanaModule(L.LightningModule):
     # ------------------------------------------------------------ optimizer
     def _keep_float32_buffers(self) -> None:
         """Remember the model's float32 buffers (RoPE ``inv_freq``) as loaded, before any precision plugin runs."""
-        self.__dict__["_float32_buffers"] = {n: b.detach().clone() for n, b in self.base_model.named_buffers()
-                                             if b.dtype == torch.float32}
+        self.__dict__["_float32_buffers"] = float32_buffers(self.base_model)
 
     def _restore_float32_buffers(self) -> None:
-        """Undo the precision plugin's conversion of float32 buffers.
-
-        ``bf16-true`` runs ``module.to(bfloat16)``, which rounds RoPE's ``inv_freq`` to bf16: the rotation
-        angle at position 8192 is then off by up to ~15 rad for Llama-3 frequencies, so recovery would
-        train a model with other position encodings than the one exported (transformers recomputes the
-        buffer in float32 at load) and served. The buffers are put back as loaded, bit for bit.
-        """
-        if self.model is None:
-            return
-        base = self.base_model
-        for name, saved in self.__dict__.get("_float32_buffers", {}).items():
-            owner, _, leaf = name.rpartition(".")
-            module = base.get_submodule(owner) if owner else base
-            current = module._buffers.get(leaf)
-            if current is not None and current.dtype != torch.float32:
-                module._buffers[leaf] = saved.to(current.device)
+        """Undo the precision plugin's conversion of float32 buffers (:func:`~.recovery.precision.restore_buffers`)."""
+        if self.model is not None:
+            restore_buffers(self.base_model, self.__dict__.get("_float32_buffers", {}))
 
     def _apply(self, fn, recurse: bool = True):
         """Every conversion of the module (``bf16-true``'s ``module.to(bfloat16)``, device moves) ends with the
@@ -537,33 +512,17 @@ class NirvanaModule(L.LightningModule):
         return self
 
     def _trainable_in_float32(self, params: list[torch.nn.Parameter], strict: bool = True) -> None:
-        """LoRA adapters and their AdamW state stay float32 whatever the precision plugin did to the module.
-
-        ``bf16-true`` converts every parameter; bf16 adapters lose updates smaller than 2^-8 of the weight (at
-        lr 1e-5 most ``lora_A`` entries never change). Adapters are a fraction of a percent of the model, so
-        keeping them in float32 costs nothing; peft casts the layer input to the adapter's dtype and the
-        result back, and merging casts the delta to the base dtype. Runs after every conversion of the module
-        (:meth:`_apply`) and again when the optimizer is built (``strict``: a sharded adapter is an error then).
-        Full fine-tuning is left in the dtype the user chose (float32 master weights would double its memory).
-        """
-        if self.hparams.recovery != "lora":
-            if strict and any(p.dtype in (torch.bfloat16, torch.float16) for p in params) \
-                    and not self.__dict__.get("_warned_half"):
-                self.__dict__["_warned_half"] = True
-                rank_zero_warn("recovery 'full' with half-precision weights: weights and AdamW states are "
-                               f"{params[0].dtype}, so small updates are lost; use trainer.precision bf16-mixed "
-                               "with model.dtype float32 for float32 master weights")
-            return
-        for p in params:
-            if p.dtype != torch.float32:
-                if isinstance(p, torch.distributed.tensor.DTensor):
-                    if not strict:
-                        continue
-                    raise ConfigError("trainer.precision", str(self.trainer.precision),
-                                      "32-true or bf16-mixed under a sharded strategy (float32 storage sharded across "
-                                      "ranks, bf16 compute): a *-true precision would leave the LoRA adapters in "
-                                      f"{p.dtype}")
-                p.data = p.data.float()
+        """LoRA adapters stay float32 (:func:`~.recovery.precision.adapters_in_float32`); runs after every
+        conversion of the module and again when the optimizer is built (``strict``)."""
+        if self.hparams.recovery == "lora":
+            precision = str(self.trainer.precision) if strict else ""
+            adapters_in_float32(params, strict=strict, precision=precision)
+        elif strict and any(p.dtype in (torch.bfloat16, torch.float16) for p in params) \
+                and not self.__dict__.get("_warned_half"):
+            self.__dict__["_warned_half"] = True
+            rank_zero_warn("recovery 'full' with half-precision weights: weights and AdamW states are "
+                           f"{params[0].dtype}, so small updates are lost; use trainer.precision bf16-mixed "
+                           "with model.dtype float32 for float32 master weights")
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -579,11 +538,6 @@ class NirvanaModule(L.LightningModule):
             rank_zero_warn(f"model.warmup_steps={hp.warmup_steps} is more than half of this run's {total} optimizer "
                            "steps: the learning rate barely decays (lower model.warmup_steps)")
 
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(warmup_cosine, warmup=warmup, total=total, min_lr_ratio=hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

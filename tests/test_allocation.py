@@ -17,7 +17,7 @@ def _alloc(attn, mlp, **kw):
 
 
 def test_worked_example_smollm2_counts():
-    # METHOD.md: L=30, H=3, g=3, d=64, I=1536; gamma 3 -> s 0.2: 7 groups, 11,059 neurons; s 0.5: 18, 27,648
+    # docs/method.md worked example: L=30, H=3, g=3, d=64, I=1536; gamma 3 -> s 0.2: 7 groups, 11,059 neurons; s 0.5: 18, 27,648
     gen = torch.Generator().manual_seed(0)
     attn = [torch.rand(3, generator=gen) for _ in range(30)]
     mlp = [torch.rand(1536, generator=gen) for _ in range(30)]

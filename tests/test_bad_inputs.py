@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from nirvana_lightning import (
+    Calibration,
     ConfigError,
     ExportCallback,
     KLToDenseCallback,
@@ -27,7 +28,11 @@ from nirvana_lightning import (
     NirvanaModule,
     NirvanaPruningCallback,
     PerplexityCallback,
+    PruningTarget,
     RunSummaryCallback,
+    Schedule,
+    Scoring,
+    Selection,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +47,20 @@ def data(**kw):
     return lambda: NirvanaDataModule(**{"tokenizer": "tiny-llama", **kw})
 
 
+SETTINGS = {"target": PruningTarget, "scoring": Scoring, "calibration": Calibration, "selection": Selection,
+            "schedule": Schedule}
+
+
 def pruning(**kw):
-    return lambda: NirvanaPruningCallback(**kw)
+    """The callback, each settings section given as a dict of its fields (``target=dict(sparsity=1.0)``).
+
+    A bad field raises in its settings object's constructor, before the callback exists, so its key is
+    ``<section>.<field>``; a bad combination of settings is the callback's, ``NirvanaPruningCallback.<key>``.
+    """
+    def build():
+        return NirvanaPruningCallback(**{k: SETTINGS[k](**v) if k in SETTINGS and isinstance(v, dict) else v
+                                         for k, v in kw.items()})
+    return build
 
 
 MODULE = [
@@ -90,49 +107,69 @@ DATA = [
     ("tokenizer", data(tokenizer="not-a-model"), r"data\.tokenizer='not-a-model'"),
     ("batch size", data(batch_size=0), r"data\.batch_size=0"),
     ("num workers", data(num_workers=-1), r"data\.num_workers=-1"),
-    ("calibration samples", data(calibration_samples=0), r"data\.calibration_samples=0"),
-    ("calibration seq_len", data(calibration_seq_len=-1), r"data\.calibration_seq_len=-1"),
 ]
 
 PRUNING = [
-    ("sparsity 1", pruning(sparsity=1.0), r"NirvanaPruningCallback\.sparsity=1\.0 .*\[0, 1\)"),
-    ("sparsity negative", pruning(sparsity=-0.1), r"NirvanaPruningCallback\.sparsity=-0\.1"),
-    ("sparsity nan", pruning(sparsity=NAN), r"NirvanaPruningCallback\.sparsity=nan"),
-    ("sparsity string", pruning(sparsity="half"), r"NirvanaPruningCallback\.sparsity='half'"),
-    ("gamma zero", pruning(gamma=0), r"NirvanaPruningCallback\.gamma=0"),
-    ("gamma inf", pruning(gamma=INF), r"NirvanaPruningCallback\.gamma=inf"),
-    ("gamma nan", pruning(gamma=NAN), r"NirvanaPruningCallback\.gamma=nan"),
-    ("criterion", pruning(criterion="l2"), r"NirvanaPruningCallback\.criterion='l2'.*'nirvana'"),
-    ("functional", pruning(functional="mean"), r"NirvanaPruningCallback\.functional='mean'"),
-    ("round_to", pruning(round_to=7), r"NirvanaPruningCallback\.round_to=7"),
-    ("allocation", pruning(allocation="layer"), r"NirvanaPruningCallback\.allocation='layer'"),
-    ("schedule", pruning(schedule="exp"), r"NirvanaPruningCallback\.schedule='exp'"),
-    ("n_steps zero", pruning(n_steps=0), r"NirvanaPruningCallback\.n_steps=0"),
-    ("once with steps", pruning(n_steps=3), r"NirvanaPruningCallback\.schedule='once'"),
-    ("linear without timing", pruning(schedule="linear", n_steps=2), r"NirvanaPruningCallback\.at_epochs=None"),
-    ("epochs unordered", pruning(schedule="linear", n_steps=2, at_epochs=[2, 1]),
-     r"NirvanaPruningCallback\.at_epochs=\[2, 1\]"),
-    ("epochs count", pruning(schedule="linear", n_steps=3, at_epochs=[0, 1]), r"NirvanaPruningCallback\.at_epochs"),
-    ("every_n_steps zero", pruning(schedule="linear", n_steps=2, every_n_steps=0),
-     r"NirvanaPruningCallback\.every_n_steps=0"),
-    ("schedule with budget", pruning(schedule="linear", n_steps=2, every_n_steps=5, sparsity=None, param_budget=10),
-     r"NirvanaPruningCallback\.schedule='linear'"),
-    ("sparsity and budget", pruning(sparsity=0.2, param_budget=1000), r"NirvanaPruningCallback\.sparsity=0\.2"),
-    ("neither target", pruning(sparsity=None), r"NirvanaPruningCallback\.sparsity=None"),
-    ("budget zero", pruning(sparsity=None, param_budget=0), r"NirvanaPruningCallback\.param_budget=0"),
+    ("sparsity 1", pruning(target=dict(sparsity=1.0)), r"target\.sparsity=1\.0 .*\[0, 1\)"),
+    ("sparsity negative", pruning(target=dict(sparsity=-0.1)), r"target\.sparsity=-0\.1"),
+    ("sparsity nan", pruning(target=dict(sparsity=NAN)), r"target\.sparsity=nan"),
+    ("sparsity string", pruning(target=dict(sparsity="half")), r"target\.sparsity='half'"),
+    ("gamma zero", pruning(target=dict(gamma=0)), r"target\.gamma=0"),
+    ("gamma inf", pruning(target=dict(gamma=INF)), r"target\.gamma=inf"),
+    ("gamma nan", pruning(target=dict(gamma=NAN)), r"target\.gamma=nan"),
+    ("gamma word", pruning(target=dict(gamma="best")), r"target\.gamma='best' .*'auto'"),
+    ("gamma grid empty", pruning(target=dict(gamma="auto", gamma_grid=[])), r"target\.gamma_grid=\[\]"),
+    ("gamma grid zero", pruning(target=dict(gamma="auto", gamma_grid=[1, 0])), r"target\.gamma_grid=\[1, 0\]"),
+    ("criterion", pruning(scoring=dict(criterion="l2")), r"scoring\.criterion='l2'.*'nirvana'"),
+    ("functional", pruning(scoring=dict(functional="mean")), r"scoring\.functional='mean'"),
+    ("round_to", pruning(target=dict(round_to=7)), r"target\.round_to=7"),
+    ("allocation", pruning(target=dict(allocation="layer")), r"target\.allocation='layer'"),
+    ("skip layer negative", pruning(target=dict(skip_layers=[0, -1])), r"target\.skip_layers\[1\]=-1"),
+    ("schedule", pruning(schedule=dict(kind="exp")), r"schedule\.kind='exp'"),
+    ("n_steps zero", pruning(schedule=dict(n_steps=0)), r"schedule\.n_steps=0"),
+    ("once with steps", pruning(schedule=dict(n_steps=3)), r"schedule\.kind='once'"),
+    ("linear without timing", pruning(schedule=dict(kind="linear", n_steps=2)), r"schedule\.at_epochs=None"),
+    ("epochs unordered", pruning(schedule=dict(kind="linear", n_steps=2, at_epochs=[2, 1])),
+     r"schedule\.at_epochs=\[2, 1\]"),
+    ("epochs count", pruning(schedule=dict(kind="linear", n_steps=3, at_epochs=[0, 1])), r"schedule\.at_epochs"),
+    ("every_n_steps zero", pruning(schedule=dict(kind="linear", n_steps=2, every_n_steps=0)),
+     r"schedule\.every_n_steps=0"),
+    ("schedule with budget", pruning(target=dict(sparsity=None, param_budget=10),
+                                     schedule=dict(kind="linear", n_steps=2, every_n_steps=5)),
+     r"NirvanaPruningCallback\.schedule\.kind='linear'"),
+    ("schedule with auto gamma", pruning(target=dict(gamma="auto"), schedule=dict(kind="linear", n_steps=2,
+                                                                                  every_n_steps=5)),
+     r"NirvanaPruningCallback\.target\.gamma='auto'"),
+    ("schedule with compensation", pruning(schedule=dict(kind="linear", n_steps=2, every_n_steps=5),
+                                           bias_compensation=True),
+     r"NirvanaPruningCallback\.bias_compensation=True"),
+    ("sparsity and budget", pruning(target=dict(sparsity=0.2, param_budget=1000)), r"target\.sparsity=0\.2"),
+    ("neither target", pruning(target=dict(sparsity=None)), r"target\.sparsity=None"),
+    ("budget zero", pruning(target=dict(sparsity=None, param_budget=0)), r"target\.param_budget=0"),
     ("plan path missing", pruning(plan_path="/no/plan.json"), r"NirvanaPruningCallback\.plan_path='/no/plan\.json'"),
-    ("select", pruning(select="bleu"), r"NirvanaPruningCallback\.select='bleu'"),
-    ("select with magnitude", pruning(select="kl", criterion="magnitude"), r"NirvanaPruningCallback\.select='kl'"),
-    ("candidates zero", pruning(num_candidates=0), r"NirvanaPruningCallback\.num_candidates=0"),
-    ("candidate mode", pruning(candidate_mode="best"), r"NirvanaPruningCallback\.candidate_mode='best'"),
-    ("probe samples", pruning(probe_samples=0), r"NirvanaPruningCallback\.probe_samples=0"),
-    ("probe seq_len", pruning(probe_seq_len=-8), r"NirvanaPruningCallback\.probe_seq_len=-8"),
-    ("calibration samples", pruning(calibration_samples=0), r"NirvanaPruningCallback\.calibration_samples=0"),
-    ("micro batch", pruning(micro_batch_size=0), r"NirvanaPruningCallback\.micro_batch_size=0"),
-    ("accumulate", pruning(accumulate="mean"), r"NirvanaPruningCallback\.accumulate='mean'"),
-    ("scoring dtype", pruning(scoring_dtype="fp8"), r"NirvanaPruningCallback\.scoring_dtype='fp8'"),
-    ("tp_size zero", pruning(tp_size=0), r"NirvanaPruningCallback\.tp_size=0"),
-    ("offload with kl", pruning(offload_scoring=True, select="kl"), r"NirvanaPruningCallback\.offload_scoring=True"),
+    ("select", pruning(selection=dict(method="bleu")), r"selection\.method='bleu'"),
+    ("select with magnitude", pruning(selection=dict(method="kl"), scoring=dict(criterion="magnitude")),
+     r"NirvanaPruningCallback\.selection\.method='kl'"),
+    ("select with plan", pruning(selection=dict(method="kl"), plan_path="/no/plan.json"),
+     r"NirvanaPruningCallback\.selection\.method='kl'"),
+    ("candidates zero", pruning(selection=dict(num_candidates=0)), r"selection\.num_candidates=0"),
+    ("candidate mode", pruning(selection=dict(candidate_mode="best")), r"selection\.candidate_mode='best'"),
+    ("probe samples", pruning(selection=dict(probe_samples=0)), r"selection\.probe_samples=0"),
+    ("probe seq_len", pruning(selection=dict(probe_seq_len=-8)), r"selection\.probe_seq_len=-8"),
+    ("calibration samples", pruning(calibration=dict(samples=0)), r"calibration\.samples=0"),
+    ("calibration samples bool", pruning(calibration=dict(samples=True)), r"calibration\.samples=True"),
+    ("calibration seq_len", pruning(calibration=dict(seq_len=-1)), r"calibration\.seq_len=-1"),
+    ("calibration seed", pruning(calibration=dict(seed=-1)), r"calibration\.seed=-1"),
+    ("micro batch", pruning(scoring=dict(micro_batch_size=0)), r"scoring\.micro_batch_size=0"),
+    ("accumulate", pruning(scoring=dict(accumulate="mean")), r"scoring\.accumulate='mean'"),
+    ("scoring dtype", pruning(scoring=dict(dtype="fp8")), r"scoring\.dtype='fp8'"),
+    ("scoring device", pruning(scoring=dict(device="gpu:7")), r"scoring\.device='gpu:7'"),
+    ("scoring checkpointing", pruning(scoring=dict(checkpointing="yes")), r"scoring\.checkpointing='yes'"),
+    ("tp_size zero", pruning(target=dict(tp_size=0)), r"target\.tp_size=0"),
+    ("offload with kl", pruning(scoring=dict(device="+0"), selection=dict(method="kl")),
+     r"NirvanaPruningCallback\.scoring\.device='\+0'"),
+    ("settings as a dict", lambda: NirvanaPruningCallback(target={"sparsity": 0.2}),
+     r"NirvanaPruningCallback\.target=\{'sparsity': 0\.2\} .*PruningTarget"),
 ]
 
 CALLBACKS = [
@@ -251,29 +288,45 @@ CLI = [
     ("cli missing source", ["--data.sources=[/missing.txt]"], r"data\.sources\[0\]='/missing\.txt'"),
     ("cli broken source", ["--data.sources=[BROKEN]"], r"data\.sources\[0\]=.*broken\.jsonl:2: invalid JSON"),
     ("cli checkpoint of garbage", ["--ckpt_path=GARBAGE"], r"ckpt_path=.*garbage\.ckpt.*not a readable"),
+    ("cli renamed data key", ["--data.calibration_samples=4"],
+     r"data\.calibration_samples is not a setting since 0\.2; use NirvanaPruningCallback\.calibration\.samples"),
 ]
 
 
-@pytest.mark.parametrize("case, args, pattern", CLI, ids=[c[0] for c in CLI])
-def test_cli_bad_input_exits_2_with_one_line(case, args, pattern, tmp_path):
+def _cli_args(args: list[str], tmp_path: Path) -> list[str]:
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "a"}\n{"text": \n')
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(os.urandom(2048))
     args = [a.replace("BROKEN", str(broken)).replace("GARBAGE", str(garbage)) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "nirvana_lightning", "fit", "--config",
-                           str(REPO / "configs" / "debug" / "tiny.yaml"), f"--trainer.default_root_dir={tmp_path / 'run'}",
-                           *args], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    return ["fit", "--config", str(REPO / "configs" / "debug" / "tiny.yaml"),
+            f"--trainer.default_root_dir={tmp_path / 'run'}", *args]
+
+
+@pytest.mark.parametrize("case, args, pattern", CLI, ids=[c[0] for c in CLI])
+def test_cli_bad_input_exits_2_with_one_line(case, args, pattern, tmp_path, capsys):
+    """In process (the command's own function, ``cli.entry``): exit status 2, our line last and only once."""
     import re
 
-    ours = [line for line in proc.stderr.splitlines() if line.startswith("nirvana-lightning: error:")]
-    if ours:  # our validation: one line naming key, value and choices
-        assert len(ours) == 1 and re.search(pattern, ours[0]), proc.stderr[-2000:]
-    else:  # a type the argument parser itself checks (jsonargparse): its usage and "error: Parser key ..."
-        assert "error: Parser key" in proc.stderr and re.search(pattern, proc.stderr), proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    from nirvana_lightning.cli import entry
+
+    with pytest.raises(SystemExit) as info:
+        entry(_cli_args(args, tmp_path))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("nirvana-lightning: error:")]
+    assert len(ours) == 1 and err.strip().splitlines()[-1] == ours[0] and re.search(pattern, ours[0]), err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
     assert not any((tmp_path / "run").rglob("plan.json")), "work started before the error"
+
+
+def test_cli_bad_input_in_a_fresh_process(tmp_path):
+    """The installed command path: ``python -m nirvana_lightning`` exits 2 with the one line last, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "nirvana_lightning", *_cli_args(["--model.lr=-1"], tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stderr.strip().splitlines()[-1].startswith("nirvana-lightning: error: model.lr=-1.0 is invalid")
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 CASE_COUNT = len(CASES) + len(CLI)

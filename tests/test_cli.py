@@ -89,7 +89,7 @@ def test_resume_from_pruned_checkpoint_does_not_prune_again(tmp_path):
         assert state["state_dict"][f"model.model.layers.{i}.mlp.gate_proj.weight"].shape[0] == width
     r = run("validate", "--config", TINY, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={ckpt}")
     assert r.returncode == 0 and "restored pruning plan" in r.stderr + r.stdout, r.stderr[-3000:]
-    # plain Lightning reload (no CLI, no resume_ckpt_path): shapes come from the saved plan
+    # plain Lightning reload (no CLI, no resume_from): shapes come from the saved plan
     from nirvana_lightning import NirvanaModule
 
     module = NirvanaModule.load_from_checkpoint(ckpt)

@@ -94,14 +94,14 @@ def test_callback_compensation_checkpoints_the_base_and_reloads(tmp_path):
     load_from_checkpoint re-applies the plan (zero biases) and loads their values."""
     import lightning as L
 
-    from nirvana_lightning import NirvanaModule, NirvanaPruningCallback
+    from nirvana_lightning import Calibration, NirvanaModule, NirvanaPruningCallback, PruningTarget, Schedule, Scoring
     from nirvana_lightning.data import NirvanaDataModule
 
     L.seed_everything(0)
     module = NirvanaModule(source="tiny-llama", recovery="lora", lora_r=4, lora_dropout=0.0, warmup_steps=1)
-    data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=8, max_val_windows=2, batch_size=2,
-                             calibration_samples=4, calibration_seq_len=32)
-    pruning = NirvanaPruningCallback(sparsity=0.3, criterion="flap", bias_compensation=True)
+    data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=8, max_val_windows=2, batch_size=2)
+    pruning = NirvanaPruningCallback(target=PruningTarget(sparsity=0.3), scoring=Scoring(criterion="flap"),
+                                     calibration=Calibration(samples=4, seq_len=32), bias_compensation=True)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[pruning])
     trainer.fit(module, datamodule=data)
@@ -114,7 +114,8 @@ def test_callback_compensation_checkpoints_the_base_and_reloads(tmp_path):
     for name, value in module.state_dict().items():
         assert torch.equal(again.state_dict()[name], value), name
     with pytest.raises(ConfigError, match="bias_compensation.*iterative"):
-        NirvanaPruningCallback(sparsity=0.3, bias_compensation=True, schedule="linear", n_steps=2, every_n_steps=1)
+        NirvanaPruningCallback(target=PruningTarget(sparsity=0.3), bias_compensation=True,
+                               schedule=Schedule(kind="linear", n_steps=2, every_n_steps=1))
 
 
 def test_adapter_only_export_refused_with_compensation(tmp_path):

@@ -92,13 +92,13 @@ def test_hf_dataset_source(tmp_path):
 
 def test_datamodule_lm_and_sft(smollm2_tokenizer):
     dm = NirvanaDataModule(tokenizer="smollm2-135m", task="lm", sources=[str(DATA / "small.txt"), "brown"],
-                           seq_len=32, val_fraction=0.1, max_train_windows=64, max_val_windows=4,
-                           calibration_samples=4, calibration_seq_len=16)
+                           seq_len=32, val_fraction=0.1, max_train_windows=64, max_val_windows=4)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (4, 32) and torch.equal(batch["input_ids"], batch["labels"])
     assert len(dm.val_set) == 4
-    assert torch.equal(dm.calibration_windows(), dm.calibration_windows())
+    assert torch.equal(dm.calibration_windows(4, 16, 0), dm.calibration_windows(4, 16, 0))
+    assert dm.calibration_windows(4, 16, 0).shape == (4, 16)
     sft = NirvanaDataModule(tokenizer="smollm2-135m", task="sft", sources=[str(DATA / "tiny_alpaca.jsonl")],
                             seq_len=128, val_fraction=0.25, batch_size=2)
     sft.setup("fit")

@@ -18,6 +18,14 @@ from nirvana_lightning.eval import (
 )
 
 
+def _pruning():
+    """The pruning callback of the fit tests: 40% at gamma 2, scored on 4 calibration windows of 16 tokens."""
+    from nirvana_lightning import Calibration, NirvanaPruningCallback, PruningTarget
+
+    return NirvanaPruningCallback(target=PruningTarget(sparsity=0.4, gamma=2.0),
+                                  calibration=Calibration(samples=4, seq_len=16))
+
+
 def _hand_nll(model, ids: torch.Tensor, begin: int, end: int, targets: range) -> list[float]:
     """NLL of each target position p (predicted from p-1) with the context ids[begin:end]."""
     with torch.no_grad():
@@ -122,18 +130,18 @@ def test_summary_counts_the_merged_model_with_lora_and_orders_stages(tmp_path):
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
-    from nirvana_lightning import NirvanaModule, NirvanaPruningCallback, PruningReportCallback
+    from nirvana_lightning import NirvanaModule, PruningReportCallback
     from nirvana_lightning.data import NirvanaDataModule
 
     L.seed_everything(0)
     module = NirvanaModule(source="tiny-llama", recovery="lora", lr=1e-3, warmup_steps=1, lora_r=4)
     data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=16, max_val_windows=2,
-                             batch_size=2, calibration_samples=4, calibration_seq_len=16)
+                             batch_size=2)
     summary = RunSummaryCallback(batch_size=1, seq_len=16, new_tokens=2, repeats=1)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=CSVLogger(tmp_path), enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[summary, PerplexityCallback(dense=True), KLToDenseCallback(),
-                                   PruningReportCallback(plot=False), NirvanaPruningCallback(sparsity=0.4, gamma=2.0)])
+                                   PruningReportCallback(plot=False), _pruning()])
     trainer.fit(module, datamodule=data)
     rows = json.loads((tmp_path / "lightning_logs" / "version_0" / "summary.json").read_text())["rows"]
     params = rows["params (total)"]
@@ -155,15 +163,14 @@ def test_summary_counts_the_merged_model_with_lora_and_orders_stages(tmp_path):
 def test_evaluation_callbacks_listed_after_pruning_fail_before_training(tmp_path):
     import lightning as L
 
-    from nirvana_lightning import NirvanaModule, NirvanaPruningCallback
+    from nirvana_lightning import NirvanaModule
     from nirvana_lightning.data import NirvanaDataModule
 
     module = NirvanaModule(source="tiny-llama", recovery="full")
-    data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=8, batch_size=2,
-                             calibration_samples=4, calibration_seq_len=16)
+    data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=8, batch_size=2)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=[NirvanaPruningCallback(sparsity=0.4, gamma=2.0), PerplexityCallback(dense=True)])
+                        callbacks=[_pruning(), PerplexityCallback(dense=True)])
     with pytest.raises(ConfigError, match="listed first"):
         trainer.fit(module, datamodule=data)
     assert trainer.global_step == 0
@@ -175,16 +182,16 @@ def test_prune_only_run_still_measures_the_final_model(tmp_path):
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
-    from nirvana_lightning import NirvanaModule, NirvanaPruningCallback
+    from nirvana_lightning import NirvanaModule
     from nirvana_lightning.data import NirvanaDataModule
 
     module = NirvanaModule(source="tiny-llama", recovery="none")
     data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=8, max_val_windows=2,
-                             batch_size=2, calibration_samples=4, calibration_seq_len=16)
+                             batch_size=2)
     ppl = PerplexityCallback(dense=True)
     trainer = L.Trainer(max_steps=0, accelerator="cpu", logger=CSVLogger(tmp_path), enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[RunSummaryCallback(speed=False), ppl, NirvanaPruningCallback(sparsity=0.4, gamma=2.0)])
+                        callbacks=[RunSummaryCallback(speed=False), ppl, _pruning()])
     trainer.fit(module, datamodule=data)  # no training loop runs: on_train_end never fires
     assert set(ppl.results) == {"dense", "pruned", "recovered"}
     assert ppl.results["recovered"] == ppl.results["pruned"]

@@ -83,10 +83,11 @@ def test_unsupported_sharding_is_refused_before_loading():
 def test_fsdp2_iterative_schedule_matches_one_process(tmp_path):
     """Pruning during training under FSDP2: shards gathered, LoRA merged, rank 0 scores, both ranks cut, re-shard,
     optimizer rebuilt. Ranks end identical, and both plans equal those of one process seeing the same batches."""
-    schedule = {"sparsity": 0.4, "schedule": "linear", "n_steps": 2, "every_n_steps": 2}
     sharded = _config(tmp_path, "sharded")
     cfg = yaml.safe_load(sharded.read_text())
-    next(c for c in cfg["trainer"]["callbacks"] if "NirvanaPruning" in c["class_path"])["init_args"].update(schedule)
+    pruning = next(c for c in cfg["trainer"]["callbacks"] if "NirvanaPruning" in c["class_path"])["init_args"]
+    pruning["target"]["sparsity"] = 0.4
+    pruning["schedule"] = {"kind": "linear", "n_steps": 2, "every_n_steps": 2}
     cfg["trainer"]["enable_checkpointing"] = False
     cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if "ModelCheckpoint" not in c["class_path"]]
     # 4 windows: every optimizer step sees all of them (2 ranks x 2, or 1 process x 4), so both runs train alike

@@ -6,7 +6,16 @@ import lightning as L
 import pytest
 import torch
 
-from nirvana_lightning import NirvanaModule, NirvanaPruningCallback, make_plan, prune
+from nirvana_lightning import (
+    Calibration,
+    NirvanaModule,
+    NirvanaPruningCallback,
+    PruningTarget,
+    Schedule,
+    Selection,
+    make_plan,
+    prune,
+)
 from nirvana_lightning.data import NirvanaDataModule
 from nirvana_lightning.debug_models import build_tiny_model
 from nirvana_lightning.errors import ConfigError
@@ -59,17 +68,19 @@ def test_auto_refusals():
         make_plan(model, CALIB, sparsity=0.4, gamma="sometimes", probe=PROBE)
     with pytest.raises(ConfigError, match="gamma_grid"):
         make_plan(model, CALIB, sparsity=0.4, gamma="auto", probe=PROBE, gamma_grid=[0, 1])
-    with pytest.raises(ConfigError, match=r"NirvanaPruningCallback\.gamma='auto'.*iterative"):
-        NirvanaPruningCallback(sparsity=0.4, gamma="auto", schedule="linear", n_steps=2, every_n_steps=2)
+    with pytest.raises(ConfigError, match=r"NirvanaPruningCallback\.target\.gamma='auto'.*iterative"):
+        NirvanaPruningCallback(target=PruningTarget(sparsity=0.4, gamma="auto"),
+                               schedule=Schedule(kind="linear", n_steps=2, every_n_steps=2))
     assert len(GAMMA_GRID) >= 5
 
 
 def test_callback_gamma_auto_writes_its_curve(tmp_path):
     L.seed_everything(0)
     module = NirvanaModule(source="tiny-llama", recovery="none")
-    data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=8, max_val_windows=2, batch_size=2,
-                             calibration_samples=4, calibration_seq_len=32)
-    callback = NirvanaPruningCallback(sparsity=0.3, gamma="auto", gamma_grid=[1, 3], probe_samples=4, probe_seq_len=32)
+    data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=8, max_val_windows=2, batch_size=2)
+    callback = NirvanaPruningCallback(target=PruningTarget(sparsity=0.3, gamma="auto", gamma_grid=[1, 3]),
+                                      calibration=Calibration(samples=4, seq_len=32),
+                                      selection=Selection(probe_samples=4, probe_seq_len=32))
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=tmp_path, callbacks=[callback])

@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from nirvana_lightning import (
+    Calibration,
     NirvanaModule,
     NirvanaPruningCallback,
     PruningReportCallback,
-    apply_plan,
+    PruningTarget,
+    Schedule,
+    cut,
     masked_units,
     prune,
 )
@@ -22,6 +25,8 @@ from nirvana_lightning.pruning.allocation import removal_counts
 from nirvana_lightning.pruning.plan import compose_plans
 from nirvana_lightning.pruning.schedule import cumulative_sparsity, step_sparsity
 from nirvana_lightning.recovery import check_rebuildable
+
+CALIBRATION = Calibration(samples=4, seq_len=16)  # the pruning callback's calibration windows in the fits
 
 
 # ---------------------------------------------------------------- pure schedule
@@ -59,7 +64,8 @@ def test_compose_equals_applying_the_steps_in_sequence(family):
     first = prune(sequential, None, sparsity=0.25, criterion="magnitude")
     second = prune(sequential, None, sparsity=0.3, criterion="magnitude")
     composed = compose_plans(first, second)
-    direct = apply_plan(build_tiny_model(family), composed)
+    direct = build_tiny_model(family)
+    cut(direct, composed)
     for (name, p), (_, q) in zip(sequential.state_dict().items(), direct.state_dict().items()):
         assert torch.equal(p, q), name
     assert [s["sparsity"] for s in composed.provenance["steps"]] == [0.25, 0.3]
@@ -108,10 +114,10 @@ def _fit(tmp_path, recovery, steps=6, every=2, n_steps=3, schedule="linear", spa
     L.seed_everything(0)
     module = NirvanaModule(source="tiny-llama", recovery=recovery, lr=1e-3, warmup_steps=1, lora_r=4, **module_kwargs)
     data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=64, max_val_windows=2,
-                             batch_size=2, calibration_samples=4, calibration_seq_len=16)
+                             batch_size=2)
     observe = _Observe(every)
-    pruning = NirvanaPruningCallback(sparsity=sparsity, gamma=2.0, schedule=schedule, n_steps=n_steps,
-                                     every_n_steps=every)
+    pruning = NirvanaPruningCallback(target=PruningTarget(sparsity=sparsity, gamma=2.0), calibration=CALIBRATION,
+                                     schedule=Schedule(kind=schedule, n_steps=n_steps, every_n_steps=every))
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=tmp_path, callbacks=[observe, pruning])
@@ -142,7 +148,7 @@ def test_linear_schedule_reaches_target_and_rebuilds_optimizer(tmp_path, recover
     assert [p.provenance["target_cumulative_sparsity"] for p in history] == pytest.approx([1 / 6, 1 / 3, 0.5])
     # the model's shapes are the composed plan applied to the dense model
     dense = NirvanaModule(source="tiny-llama").build_model()
-    apply_plan(dense, plan)
+    cut(dense, plan)
     assert {n: p.shape for n, p in dense.named_parameters()} == \
         {n.replace(".base_layer", ""): p.shape for n, p in module.base_model.named_parameters() if "lora_" not in n}
     # each mid-training cut: pruned == masked pre-cut model, optimizer rebuilt over the new parameters,
@@ -159,16 +165,18 @@ def test_linear_schedule_reaches_target_and_rebuilds_optimizer(tmp_path, recover
 
 
 def test_iterative_settings_fail_early():
-    with pytest.raises(ConfigError, match="at_epochs"):
-        NirvanaPruningCallback(sparsity=0.5, schedule="linear", n_steps=3)
-    with pytest.raises(ConfigError, match="at_epochs"):
-        NirvanaPruningCallback(sparsity=0.5, schedule="cubic", n_steps=3, at_epochs=[0, 2])
-    with pytest.raises(ConfigError, match="every_n_steps"):
-        NirvanaPruningCallback(sparsity=0.5, schedule="cubic", n_steps=3, every_n_steps=0)
-    with pytest.raises(ConfigError, match="schedule"):
-        NirvanaPruningCallback(sparsity=0.5, n_steps=3)
-    with pytest.raises(ConfigError, match="schedule"):
-        NirvanaPruningCallback(sparsity=None, param_budget=10, schedule="linear", n_steps=2, every_n_steps=2)
+    target = PruningTarget(sparsity=0.5)
+    with pytest.raises(ConfigError, match=r"schedule\.at_epochs"):
+        NirvanaPruningCallback(target=target, schedule=Schedule(kind="linear", n_steps=3))
+    with pytest.raises(ConfigError, match=r"schedule\.at_epochs"):
+        NirvanaPruningCallback(target=target, schedule=Schedule(kind="cubic", n_steps=3, at_epochs=[0, 2]))
+    with pytest.raises(ConfigError, match=r"schedule\.every_n_steps"):
+        NirvanaPruningCallback(target=target, schedule=Schedule(kind="cubic", n_steps=3, every_n_steps=0))
+    with pytest.raises(ConfigError, match=r"schedule\.kind"):
+        NirvanaPruningCallback(target=target, schedule=Schedule(n_steps=3))
+    with pytest.raises(ConfigError, match=r"NirvanaPruningCallback\.schedule\.kind"):
+        NirvanaPruningCallback(target=PruningTarget(sparsity=None, param_budget=10),
+                               schedule=Schedule(kind="linear", n_steps=2, every_n_steps=2))
     fake = types.SimpleNamespace(strategy=object())
     with pytest.raises(ConfigError, match="trainer.strategy"):
         check_rebuildable(fake, "trainer.strategy")
@@ -202,10 +210,12 @@ def test_kd_recovery_trains_student_and_never_the_teacher(tmp_path, recovery):
     module = NirvanaModule(source="tiny-llama", recovery=recovery, lr=1e-2, warmup_steps=1, lora_r=4, objective="kd",
                            kd_temperature=2.0, kd_alpha=0.5, teacher_dtype="bfloat16")
     data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=32, max_val_windows=2,
-                             batch_size=2, calibration_samples=4, calibration_seq_len=16)
+                             batch_size=2)
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path, callbacks=[NirvanaPruningCallback(sparsity=0.3, gamma=2.0)])
+                        default_root_dir=tmp_path,
+                        callbacks=[NirvanaPruningCallback(target=PruningTarget(sparsity=0.3, gamma=2.0),
+                                                          calibration=CALIBRATION)])
     teacher = module.dense_reference()
     frozen = {n: p.detach().clone() for n, p in teacher.named_parameters()}
     trainer.fit(module, datamodule=data)
@@ -221,8 +231,9 @@ def test_epoch_schedule_can_start_after_dense_training(tmp_path):
     L.seed_everything(0)
     module = NirvanaModule(source="tiny-llama", recovery="full", lr=1e-3, warmup_steps=1)
     data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=4, max_val_windows=2,
-                             batch_size=2, calibration_samples=4, calibration_seq_len=16)
-    pruning = NirvanaPruningCallback(sparsity=0.4, gamma=2.0, schedule="cubic", n_steps=2, at_epochs=[1, 2])
+                             batch_size=2)
+    pruning = NirvanaPruningCallback(target=PruningTarget(sparsity=0.4, gamma=2.0), calibration=CALIBRATION,
+                                     schedule=Schedule(kind="cubic", n_steps=2, at_epochs=[1, 2]))
     report = PruningReportCallback(plot=False)
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -242,8 +253,9 @@ def test_a_schedule_cut_short_by_the_run_says_so(tmp_path):
     L.seed_everything(0)
     module = NirvanaModule(source="tiny-llama", recovery="full", lr=1e-3, warmup_steps=1)
     data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=16, max_val_windows=2,
-                             batch_size=2, calibration_samples=4, calibration_seq_len=16)
-    pruning = NirvanaPruningCallback(sparsity=0.4, gamma=2.0, schedule="linear", n_steps=3, every_n_steps=3)
+                             batch_size=2)
+    pruning = NirvanaPruningCallback(target=PruningTarget(sparsity=0.4, gamma=2.0), calibration=CALIBRATION,
+                                     schedule=Schedule(kind="linear", n_steps=3, every_n_steps=3))
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=tmp_path, callbacks=[pruning])

@@ -98,17 +98,19 @@ def test_callback_in_a_fit(tmp_path):
     from nirvana_lightning.callbacks.pruning import NirvanaPruningCallback
     from nirvana_lightning.data import NirvanaDataModule
     from nirvana_lightning.module import NirvanaModule
+    from nirvana_lightning.pruning.settings import Calibration, PruningTarget
 
     L.seed_everything(0)
     module = NirvanaModule(source="tiny-llama", recovery="full", lr=1e-2, warmup_steps=1)
     data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=16, max_val_windows=2,
-                             batch_size=2, calibration_samples=4, calibration_seq_len=16)
+                             batch_size=2)
     lm_eval_cb = LmEvalCallback(limit=4, batch_size=16, every_n_steps=2, dense=True)
+    pruning = NirvanaPruningCallback(target=PruningTarget(sparsity=0.4, gamma=2.0, round_to=8),
+                                     calibration=Calibration(samples=4, seq_len=16))
     logger = _Recorder()
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=logger, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path,
-                        callbacks=[lm_eval_cb, NirvanaPruningCallback(sparsity=0.4, gamma=2.0, round_to=8)])
+                        default_root_dir=tmp_path, callbacks=[lm_eval_cb, pruning])
     trainer.fit(module, datamodule=data)
 
     assert list(lm_eval_cb.results) == ["dense", "pruned", "step_2", "recovered"]
@@ -129,13 +131,15 @@ def test_dense_after_pruning_is_an_error(tmp_path):
     from nirvana_lightning.callbacks.pruning import NirvanaPruningCallback
     from nirvana_lightning.data import NirvanaDataModule
     from nirvana_lightning.module import NirvanaModule
+    from nirvana_lightning.pruning.settings import Calibration, PruningTarget
 
     module = NirvanaModule(source="tiny-llama", recovery="full")
     data = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, max_train_windows=8, max_val_windows=1,
-                             batch_size=2, calibration_samples=4, calibration_seq_len=16)
+                             batch_size=2)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=[NirvanaPruningCallback(sparsity=0.4, gamma=2.0, round_to=8),
+                        callbacks=[NirvanaPruningCallback(target=PruningTarget(sparsity=0.4, gamma=2.0, round_to=8),
+                                                          calibration=Calibration(samples=4, seq_len=16)),
                                    LmEvalCallback(limit=4, dense=True)])
     with pytest.raises(ConfigError, match="listed first"):
         trainer.fit(module, datamodule=data)

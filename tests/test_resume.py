@@ -13,14 +13,19 @@ N = 8  # steps; 16 windows / batch 4 = 4 steps per epoch, so the checkpoint afte
 
 def _config(tmp_path: Path, name: str, kill: bool, base: str = "tiny.yaml", steps: int = N, checkpoint_at: int = N // 2,
             train_windows: int = 16, pruning: dict | None = None, model: dict | None = None) -> Path:
-    """A copy of ``configs/debug/<base>`` that checkpoints at ``checkpoint_at`` (and SIGKILLs itself after it)."""
+    """A copy of ``configs/debug/<base>`` that checkpoints at ``checkpoint_at`` (and SIGKILLs itself after it).
+
+    ``pruning``: fields merged into the pruning callback's settings, per section (``{"schedule": {"n_steps": 3}}``).
+    """
     cfg = yaml.safe_load((REPO / "configs" / "debug" / base).read_text())
     trainer = cfg["trainer"]
     trainer.update(default_root_dir=str(tmp_path / name), max_steps=steps, limit_val_batches=0, log_every_n_steps=1,
                    enable_checkpointing=True)
     trainer.pop("val_check_interval", None)
     trainer["callbacks"] = [c for c in trainer["callbacks"] if "NirvanaPruning" in c["class_path"]]
-    trainer["callbacks"][0]["init_args"].update(pruning or {})
+    init_args = trainer["callbacks"][0]["init_args"]
+    for section, fields in (pruning or {}).items():
+        init_args.setdefault(section, {}).update(fields)
     trainer["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                  "init_args": {"save_top_k": -1, "every_n_train_steps": checkpoint_at}})
     if kill:
@@ -59,7 +64,7 @@ def _iterative_config(tmp_path: Path, name: str, kill: bool) -> Path:
     # cuts at steps 0, 2 and 4; 12 windows / batch 4 = 3 steps per epoch, so the step-3 checkpoint is at an epoch
     # end; full fine-tuning has no dropout, so the resumed run can match bit for bit
     return _config(tmp_path, name, kill, base="tiny_iterative.yaml", steps=6, checkpoint_at=3, train_windows=12,
-                   pruning={"every_n_steps": 2, "n_steps": 3}, model={"recovery": "full"})
+                   pruning={"schedule": {"every_n_steps": 2, "n_steps": 3}}, model={"recovery": "full"})
 
 
 def test_resume_mid_schedule_continues_the_schedule(tmp_path):

@@ -51,7 +51,7 @@ def test_load_checkpoint_refuses_code(tmp_path):
 def test_resume_checkpoint_path_refuses_code(tmp_path):
     path, marker = _malicious_checkpoint(tmp_path)
     module = NirvanaModule(source="tiny-llama")
-    module.resume_ckpt_path = str(path)
+    module.resume_from(path)
     with pytest.raises(ValueError, match="refused"):
         module.build_model()
     assert not marker.exists()
@@ -141,19 +141,19 @@ def test_a_pruned_export_is_a_model_source(tmp_path):
 
 
 def test_a_plan_for_another_model_is_refused_naming_both():
-    """Same shapes, other family: the plan records its model's identity and apply_plan compares it (item 5)."""
-    from nirvana_lightning import apply_plan, make_plan
+    """Same shapes, other family: the plan records its model's identity and cut compares it (item 5)."""
+    from nirvana_lightning import cut, make_plan
     from nirvana_lightning.debug_models import build_tiny_model
 
     llama = build_tiny_model("tiny-llama")
     plan = make_plan(llama, torch.randint(0, 256, (2, 8)), sparsity=0.3)
     mistral = build_tiny_model("tiny-mistral")  # identical parameter names and shapes
     with pytest.raises(ValueError, match=r"made for another model: llama .* applied to mistral"):
-        apply_plan(mistral, plan)
+        cut(mistral, plan)
     assert mistral.model.layers[0].mlp.up_proj.weight.shape[0] == 128  # untouched
     legacy = type(plan).from_dict({**plan.to_dict(), "provenance": {}})  # a 0.1 plan: no identity recorded
-    apply_plan(mistral, legacy)  # shapes alone are checked, as before
-    apply_plan(build_tiny_model("tiny-llama"), plan)
+    cut(mistral, legacy)  # shapes alone are checked, as before
+    cut(build_tiny_model("tiny-llama"), plan)
 
 
 def test_ckpt_path_of_another_models_run_is_refused(tmp_path):
@@ -173,24 +173,30 @@ def test_ckpt_path_of_another_models_run_is_refused(tmp_path):
 
 def test_sizes_beyond_the_text_are_refused_before_scoring(tmp_path):
     """Item 3: windows are checked against the text (naming the key and the largest count that fits)."""
-    from nirvana_lightning import ConfigError, NirvanaDataModule
+    import lightning as L
+
+    from nirvana_lightning import Calibration, ConfigError, NirvanaDataModule, NirvanaPruningCallback
 
     text = tmp_path / "small.txt"
     text.write_text("\n\n".join(f"Document {i}. " + "The quick brown fox jumps over the lazy dog. " * 20
                                 for i in range(12)))
-    dm = NirvanaDataModule(tokenizer="tiny-llama", sources=[str(text)], seq_len=32, val_fraction=0.25,
-                           calibration_samples=8, calibration_seq_len=16)
+    dm = NirvanaDataModule(tokenizer="tiny-llama", sources=[str(text)], seq_len=32, val_fraction=0.25)
     dm.setup("fit")
     n_val = dm._probe_stream.numel()
     with pytest.raises(ConfigError, match=rf"probe_samples=500 .*at most {n_val // 64} windows of 64 tokens"):
         dm.probe_windows(500, 64)
     n_cal = dm._calibration_stream.numel()
-    with pytest.raises(ConfigError, match=rf"^calibration_samples=1000 .*at most {n_cal // 16}"):
-        dm.calibration_windows(1000)
-    with pytest.raises(ConfigError, match=r"^data\.calibration_samples"):
-        NirvanaDataModule(tokenizer="tiny-llama", sources=[str(text)], calibration_samples=100000,
-                          calibration_seq_len=16).calibration_windows()
-    assert dm.calibration_windows().shape == (8, 16)
+    with pytest.raises(ConfigError, match=rf"^calibration\.samples=1000 .*at most {n_cal // 16}"):
+        dm.calibration_windows(1000, 16, 0)
+    # in a fit the count comes from the pruning callback, and the error names its key as the config writes it
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path / "run",
+                        callbacks=[NirvanaPruningCallback(calibration=Calibration(samples=100000, seq_len=16))])
+    with pytest.raises(ConfigError,
+                       match=rf"^NirvanaPruningCallback\.calibration\.samples=100000 .*at most {n_cal // 16}"):
+        trainer.fit(NirvanaModule(source="tiny-llama", recovery="full"), datamodule=dm)
+    assert not list((tmp_path / "run").rglob("plan.json"))
+    assert dm.calibration_windows(8, 16, 0).shape == (8, 16)
 
 
 def test_a_probe_whose_log_probs_do_not_fit_in_memory_is_refused():
@@ -256,22 +262,33 @@ def test_export_path_that_is_a_file_is_refused_before_training(tmp_path):
 def test_a_schedule_that_cannot_finish_warns_before_training(tmp_path):
     from unittest.mock import MagicMock
 
-    from nirvana_lightning import NirvanaPruningCallback
+    from nirvana_lightning import NirvanaPruningCallback, PruningTarget, Schedule
 
-    cb = NirvanaPruningCallback(sparsity=0.4, schedule="linear", n_steps=4, every_n_steps=10)
+    cb = NirvanaPruningCallback(target=PruningTarget(sparsity=0.4),
+                                schedule=Schedule(kind="linear", n_steps=4, every_n_steps=10))
     trainer = MagicMock(max_steps=15, max_epochs=None)
-    with pytest.warns(UserWarning, match=r"cannot finish: .*max_steps=15, so only 2 of 4 steps run .*0\.200"):
+    with pytest.warns(UserWarning, match=r"cannot finish: .*max_steps=15 ends the run after 2 of 4 steps, .*0\.200"):
         cb._warn_if_schedule_cannot_finish(trainer)
 
 
 def test_windows_longer_than_the_context_warn():
+    import warnings
     from unittest.mock import MagicMock
+
+    from nirvana_lightning import Calibration, NirvanaPruningCallback
 
     module = NirvanaModule(source="tiny-llama")
     module.build_model()  # max_position_embeddings 512
-    module._trainer = MagicMock(datamodule=MagicMock(seq_len=1024, calibration_seq_len=16))
+    module._trainer = MagicMock(datamodule=MagicMock(seq_len=1024))
     with pytest.warns(UserWarning, match=r"data\.seq_len=1024 exceeds the model's max_position_embeddings=512"):
         module._warn_beyond_context()
+    # the calibration windows are the pruning callback's setting, and it warns about them
+    with pytest.warns(UserWarning, match=r"NirvanaPruningCallback\.calibration\.seq_len=1024 exceeds the model's "
+                                         r"max_position_embeddings=512"):
+        NirvanaPruningCallback(calibration=Calibration(seq_len=1024))._warn_beyond_context(module.base_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NirvanaPruningCallback(calibration=Calibration(seq_len=16))._warn_beyond_context(module.base_model)
 
 
 def test_run_summary_flags_speed_measured_on_a_loaded_machine(monkeypatch):

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from nirvana_lightning import apply_plan, select_calibration
+from nirvana_lightning import cut, select_calibration
 from nirvana_lightning.debug_models import build_tiny_model
 from nirvana_lightning.errors import ConfigError
 from nirvana_lightning.pruning import check_disjoint, mean_token_kl
@@ -36,7 +36,7 @@ def test_selection_picks_the_minimum_leaves_weights_and_matches_physical_pruning
     assert len(result.kls) == 4 and all(kl > 0 for kl in result.kls)
     assert result.plan.provenance["selection"]["winner_fingerprint"] == result.fingerprints[result.best_index]
     pruned = copy.deepcopy(tiny)
-    apply_plan(pruned, result.plan)
+    cut(pruned, result.plan)
     dense = compute_dense_logprobs(tiny, PROBE, batch_size=4)
     kl, ppl = mean_token_kl(pruned, PROBE, dense, batch_size=4)
     assert kl == pytest.approx(result.kls[result.best_index], rel=1e-5)
@@ -63,16 +63,15 @@ def test_overlapping_probe_is_rejected(tiny):
 def test_datamodule_candidates_and_probe_are_disjoint():
     from nirvana_lightning.data import NirvanaDataModule
 
-    dm = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, val_fraction=0.1, calibration_samples=4,
-                           calibration_seq_len=32)
-    cands, spans = dm.calibration_candidates(3)
-    probe, probe_spans = dm.probe_windows(16, 32)
+    dm = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, val_fraction=0.1)
+    cands, spans = dm.calibration_candidates(3, 4, 32, 0)
+    probe, probe_spans = dm.probe_windows(16, 32, 0)
     assert len(cands) == 3 and cands[0].shape == (4, 32) and probe.shape == (16, 32)
     assert not torch.equal(cands[0], cands[1])
     check_disjoint(cands, probe, spans, probe_spans)
-    again, _ = dm.calibration_candidates(3)
+    again, _ = dm.calibration_candidates(3, 4, 32, 0)
     assert all(torch.equal(a, b) for a, b in zip(cands, again))
-    docs, doc_spans = dm.calibration_candidates(3, mode="document")
+    docs, doc_spans = dm.calibration_candidates(3, 4, 32, 0, mode="document")
     assert all(len({s for _, s, _ in sp}) == len(sp) for sp in doc_spans)
-    with pytest.raises(ConfigError, match="candidate_mode"):
-        dm.calibration_candidates(2, mode="bogus")
+    with pytest.raises(ConfigError, match=r"selection\.candidate_mode='bogus'"):
+        dm.calibration_candidates(2, 4, 32, 0, mode="bogus")

@@ -19,7 +19,7 @@ def test_worked_example_and_prune_equals_mask(smollm2):
     calib = _calibration(tok, 4, 64, seed=0)
     probe = _calibration(tok, 2, 32, seed=1)
     plan = make_plan(model, calib, sparsity=0.2, gamma=3.0, round_to=8)
-    # METHOD.md worked example: 7 of 90 groups and 11,059 of 46,080 neurons (rounding then spares a few)
+    # docs/method.md worked example: 7 of 90 groups and 11,059 of 46,080 neurons (rounding then spares a few)
     assert plan.provenance["n_attn_removed_requested"] == 7
     assert plan.provenance["n_mlp_removed_requested"] == 11059
     assert sum(plan.n_kv_group_before) - sum(plan.n_kv_group_after) == 7

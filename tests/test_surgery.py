@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from nirvana_lightning import PruningPlan, apply_plan, count_parameters, make_plan, masked_units, prune
+from nirvana_lightning import PruningPlan, apply_plan, count_parameters, cut, make_plan, masked_units, prune
 from nirvana_lightning.adapters import get_adapter
 from nirvana_lightning.errors import ConfigError
 from nirvana_lightning.pruning import UnitScores, plan_from_scores
@@ -23,7 +23,7 @@ def test_pruned_logits_equal_masked_dense_logits(tiny, calib):
     with masked_units(tiny, plan):
         masked = _logits(tiny, calib)
     assert not torch.allclose(dense, masked)
-    apply_plan(tiny, plan)
+    cut(tiny, plan)
     pruned = _logits(tiny, calib)
     assert (pruned - masked).abs().max().item() <= 1e-5
 
@@ -76,7 +76,7 @@ def test_slices_move_in_whole_group_blocks(tiny, calib):
                         [torch.rand(mlp_dim), torch.rand(mlp_dim)])
     plan = plan_from_scores(tiny, scores, sparsity=0.3, gamma=1.0, round_to=8)
     assert 0 not in plan.attention_keep[0]
-    apply_plan(tiny, plan)
+    cut(tiny, plan)
     kept = plan.attention_keep[0]
     a_new, a_old = adapter.attention(adapter.layers()[0]), get_adapter(dense).attention(get_adapter(dense).layers()[0])
     for j, h in enumerate(kept):
@@ -126,8 +126,20 @@ def test_plan_json_round_trip_and_reapply(tiny, calib):
     again = PruningPlan.from_json(text)
     assert again == plan
     other = build_tiny_model(f"tiny-{tiny.config.model_type}")
-    apply_plan(tiny, plan)
-    apply_plan(other, again)
+    cut(tiny, plan)
+    cut(other, again)
+    assert torch.equal(_logits(tiny, calib), _logits(other, calib))
+
+
+def test_apply_plan_is_the_deprecated_name_of_cut(tiny, calib):
+    """0.1's apply_plan still cuts, warns, and returns the model (cut returns the plan)."""
+    from nirvana_lightning.debug_models import build_tiny_model
+
+    plan = make_plan(tiny, calib, sparsity=0.45, gamma=1.5)
+    other = build_tiny_model(f"tiny-{tiny.config.model_type}")
+    with pytest.warns(DeprecationWarning, match=r"apply_plan is deprecated: use cut\(model, plan\)"):
+        assert apply_plan(tiny, plan) is tiny
+    assert cut(other, PruningPlan.from_dict(plan.to_dict())).fingerprint() == plan.fingerprint()
     assert torch.equal(_logits(tiny, calib), _logits(other, calib))
 
 
@@ -140,7 +152,7 @@ def test_mismatched_plan_names_the_layer_and_leaves_model_untouched(tiny, calib)
     bad = PruningPlan.from_dict({**plan.to_dict(), "mlp_dim_before": [plan.mlp_dim_before[0], 999]})
     state = {k: v.clone() for k, v in tiny.state_dict().items()}
     with pytest.raises(ValueError, match="plan layer 1"):
-        apply_plan(tiny, bad)
+        cut(tiny, bad)
     assert all(torch.equal(v, state[k]) for k, v in tiny.state_dict().items())
 
 
@@ -148,7 +160,7 @@ def test_mismatched_plan_names_the_layer_and_leaves_model_untouched(tiny, calib)
     ({"sparsity": 1.0}, "sparsity=1.0"), ({"sparsity": -0.2}, "sparsity=-0.2"),
     ({"sparsity": 0.3, "gamma": 0.0}, "gamma=0.0"), ({"sparsity": 0.3, "gamma": -2}, "gamma=-2"),
     ({"sparsity": 0.3, "criterion": "wanda"}, "criterion='wanda'"),
-    ({"sparsity": None}, "exactly one of sparsity and param_budget"),
+    ({"sparsity": None}, r"exactly one of target\.sparsity and target\.param_budget"),
 ])
 def test_bad_input_leaves_model_untouched(tiny, calib, kw, match):
     state = {k: v.clone() for k, v in tiny.state_dict().items()}

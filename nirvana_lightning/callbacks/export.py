@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from ..adapters import unwrap_model
+from ..contract import prunable
 from ..errors import ConfigError, check_choice
 from ..export import save_pruned
 from ..io import load_checkpoint, write_dir_atomic
@@ -97,7 +98,7 @@ class ExportCallback(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """GGUF refusals (family, widths, rope, tokenizer) surface before training, not after it."""
-        plan = getattr(pl_module, "pruning_plan", None)
+        plan = prunable(pl_module).pruning_plan
         if self.adapter_only and plan is not None and plan.provenance.get("bias_compensation"):
             raise ConfigError("ExportCallback.adapter_only", True, "false with bias compensation (the compensated "
                               "biases belong to the base, which an adapter-only export does not carry)")

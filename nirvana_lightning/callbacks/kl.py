@@ -7,7 +7,8 @@ from typing import Literal
 
 import lightning as L
 
-from ..errors import ConfigError, check_choice, check_positive
+from ..contract import prunable
+from ..errors import check_choice, check_positive
 from ..eval.kl import compute_kl
 from .staged import StagedEvaluation
 
@@ -48,8 +49,7 @@ class KLToDenseCallback(StagedEvaluation):
         return {label: {"dense": 0.0, **values} for label, values in super().summary_rows().items()}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not hasattr(pl_module, "dense_reference"):
-            raise ConfigError("model", type(pl_module).__name__, "a NirvanaModule (KLToDenseCallback needs its dense reference)")
+        prunable(pl_module)  # KLToDenseCallback needs its dense reference
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:
         device = next(pl_module.model.parameters()).device  # where the model is (the strategy places it)

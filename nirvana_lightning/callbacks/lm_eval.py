@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 
+from ..contract import prunable
 from ..eval.lm_eval import run_lm_eval, validate_settings, validate_tasks
 from ..sharding import on_rank_zero
 from .staged import StagedEvaluation
@@ -63,7 +64,7 @@ class LmEvalCallback(StagedEvaluation):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:
         """Evaluate ``pl_module.model`` on global rank 0 and share the results with every rank."""
         def run() -> dict:
-            tokenizer = getattr(pl_module, "tokenizer", None)
+            tokenizer = prunable(pl_module).tokenizer
             if tokenizer is None:
                 tokenizer = getattr(trainer.datamodule, "tokenizer", None)
             if tokenizer is None:

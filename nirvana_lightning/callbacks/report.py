@@ -8,9 +8,11 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from ..contract import prunable
 from ..errors import ConfigError
-from ..eval.report import allocation_rows, save_allocation_plot
+from ..eval.report import save_allocation_plot
 from ..io import write_text_atomic
+from ..pruning.plan import allocation_rows
 from .pruning import NirvanaPruningCallback
 
 
@@ -18,7 +20,8 @@ class PruningReportCallback(L.Callback):
     """Reports the model's pruning plan once pruning happened (fit start, or the first step of a
     schedule that starts later), and again after every later step of an iterative schedule.
 
-    Writes ``allocation.md``, ``allocation.json`` and (``plot: true``) ``allocation.png`` into
+    Writes ``allocation.json`` and (``plot: true``) ``allocation.png`` (the table is the pruning callback's
+    ``plan.md``) into
     the log directory, and logs ``report/attention_kept/layer_<i>`` and
     ``report/mlp_kept/layer_<i>`` to every logger.
 
@@ -34,7 +37,7 @@ class PruningReportCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and not any(isinstance(c, NirvanaPruningCallback) for c in trainer.callbacks) \
-                and getattr(pl_module, "resume_ckpt_path", None) is None:
+                and prunable(pl_module).resume_ckpt_path is None:
             raise ConfigError("trainer.callbacks", "PruningReportCallback without NirvanaPruningCallback",
                               "a NirvanaPruningCallback in the same run (there is no plan to report)")
 
@@ -50,7 +53,7 @@ class PruningReportCallback(L.Callback):
             raise RuntimeError("PruningReportCallback: the run ended without pruning (the schedule never started)")
 
     def report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        plan = getattr(pl_module, "pruning_plan", None)
+        plan = prunable(pl_module).pruning_plan
         if plan is None:
             return  # an epoch schedule that starts later: reported at its first step
         if plan.fingerprint() == self.reported:
@@ -68,8 +71,7 @@ class PruningReportCallback(L.Callback):
 
     @rank_zero_only
     def _write(self, log_dir: Path, plan) -> None:
-        files = [write_text_atomic(log_dir / "allocation.md", plan.table() + "\n"),
-                 write_text_atomic(log_dir / "allocation.json",
+        files = [write_text_atomic(log_dir / "allocation.json",
                                    json.dumps({"fingerprint": plan.fingerprint(), "layers": self.rows,
                                                "realised_sparsity": plan.realised_sparsity}, indent=1))]
         if self.plot:

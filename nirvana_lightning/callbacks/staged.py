@@ -8,7 +8,8 @@ from contextlib import contextmanager
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..errors import ConfigError
+from ..contract import prunable
+from ..errors import ConfigError, check_positive_int
 from ..sharding import is_sharded, on_rank_zero
 
 #: the stages a run summary compares, in order
@@ -33,8 +34,8 @@ def prepare_dense_stage(trainer: L.Trainer, pl_module: L.LightningModule, name: 
     Raises:
         ConfigError: the model is already pruned (the callback ``name`` was listed after the pruning callback).
     """
-    pl_module.build_model()
-    if getattr(pl_module, "pruning_plan", None) is not None:
+    prunable(pl_module).build_model()
+    if pl_module.pruning_plan is not None:
         raise ConfigError("trainer.callbacks", f"{name} after NirvanaPruningCallback",
                           f"{name} listed first, before NirvanaPruningCallback (it measures the dense model, "
                           "which was already pruned)")
@@ -43,8 +44,7 @@ def prepare_dense_stage(trainer: L.Trainer, pl_module: L.LightningModule, name: 
 
 
 def check_every_n_steps(key: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise ConfigError(key, value, "a positive integer (steps between evaluations) or null")
+    check_positive_int(key, value, allow_none=True)
 
 
 class StagedEvaluation(L.Callback):
@@ -84,7 +84,7 @@ class StagedEvaluation(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or not self.dense or "dense" in self.results:
             return
-        if getattr(pl_module, "resume_ckpt_path", None):  # resuming: the dense values come back with our state
+        if prunable(pl_module).resume_ckpt_path:  # resuming: the dense values come back with our state
             return
         prepare_dense_stage(trainer, pl_module, type(self).__name__)
         self.record(trainer, pl_module, "dense")

@@ -4,48 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from torch import nn
 
 from ..adapters import unwrap_model
+from ..contract import SummarySource, prunable
 from ..errors import check_positive
 from ..eval.speed import count_parameters_detailed, flops_per_token, measure_throughput
 from ..io import write_text_atomic
+from ..recovery.lora import adapter_parameter_count, without_adapter_layers
 from .staged import SUMMARY_STAGES, on_root_device, prepare_dense_stage
-
-
-@contextmanager
-def _without_adapter_layers(model: nn.Module) -> Iterator[nn.Module]:
-    """The base model with every peft adapter layer swapped for the linear it wraps, then restored.
-
-    The merged, exported model has exactly the base shapes and no adapter code in its forward;
-    ``disable_adapter()`` would still run each wrapper's Python. The base weights lack the
-    unmerged LoRA deltas, which does not change the speed of the same shapes.
-    """
-    base = unwrap_model(model)
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # no peft: nothing can be wrapped
-        yield base
-        return
-    swapped = []
-    for name, module in list(base.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            parent_name, _, child = name.rpartition(".")
-            parent = base.get_submodule(parent_name) if parent_name else base
-            swapped.append((parent, child, module))
-    for parent, child, module in swapped:
-        setattr(parent, child, module.get_base_layer())
-    try:
-        yield base
-    finally:
-        for parent, child, module in swapped:
-            setattr(parent, child, module)
 
 
 class RunSummaryCallback(L.Callback):
@@ -84,7 +54,7 @@ class RunSummaryCallback(L.Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or "dense" in self.measured or getattr(pl_module, "resume_ckpt_path", None):
+        if stage != "fit" or "dense" in self.measured or prunable(pl_module).resume_ckpt_path:
             return
         prepare_dense_stage(trainer, pl_module, type(self).__name__)
         self._measure(trainer, pl_module, "dense")
@@ -117,8 +87,7 @@ class RunSummaryCallback(L.Callback):
         base = unwrap_model(pl_module.model)
         counts = count_parameters_detailed(base)
         # LoRA weights are not part of the deployed (merged) model: count them on their own row
-        n_adapter = pl_module.model.get_nb_trainable_parameters()[0] \
-            if hasattr(pl_module.model, "get_nb_trainable_parameters") else 0
+        n_adapter = adapter_parameter_count(pl_module.model)
         row = {"params (total)": counts["total"] - n_adapter, "params (non-embedding)": counts["non_embedding"] - n_adapter,
                f"GFLOPs/token (prefill, {self.seq_len} tokens)": flops_per_token(base, self.seq_len)["total"] / 1e9}
         if n_adapter:
@@ -128,7 +97,7 @@ class RunSummaryCallback(L.Callback):
             if loaded is not None:
                 self.loaded[stage] = loaded
             was_training = pl_module.model.training
-            with _without_adapter_layers(pl_module.model) as plain:
+            with without_adapter_layers(pl_module.model) as plain:
                 result = measure_throughput(plain, batch_size=self.batch_size, seq_len=self.seq_len,
                                             new_tokens=self.new_tokens, repeats=self.repeats, warmup=self.warmup)
             pl_module.model.train(was_training)
@@ -147,15 +116,15 @@ class RunSummaryCallback(L.Callback):
         """``{"stages": [...], "rows": {label: {stage: value}}, "plan": {...}, "history": {...}}``."""
         rows: dict[str, dict[str, float]] = {}
         history: dict[str, dict] = {}
-        for callback in trainer.callbacks:  # every evaluation callback: anything with summary_rows()
-            if callable(getattr(callback, "summary_rows", None)):
+        for callback in trainer.callbacks:  # every evaluation callback: a SummarySource
+            if isinstance(callback, SummarySource):
                 for label, values in callback.summary_rows().items():
                     rows.setdefault(label, {}).update(values)
                 history[type(callback).__name__] = getattr(callback, "results", None)
         for stage in SUMMARY_STAGES:
             for label, value in self.measured.get(stage, {}).items():
                 rows.setdefault(label, {})[stage] = float(value)
-        plan = getattr(pl_module, "pruning_plan", None)
+        plan = prunable(pl_module).pruning_plan
         plan_info = None
         if plan is not None:
             plan_info = {"fingerprint": plan.fingerprint(), "realised_sparsity": plan.realised_sparsity,

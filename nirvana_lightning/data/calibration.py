@@ -23,7 +23,7 @@ def sample_window_starts(n_token: int, n_window: int, seq_len: int, seed: int) -
     if n_token < seq_len:
         raise ValueError(
             f"calibration text has {n_token} tokens, shorter than one window of {seq_len}; "
-            "add calibration text or lower data.calibration_seq_len"
+            "add calibration text or lower calibration.seq_len"
         )
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, n_token - seq_len + 1, (n_window,), generator=gen).tolist()

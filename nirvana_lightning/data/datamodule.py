@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import ConfigError, check_choice, check_positive
+from ..errors import ConfigError, check_choice, check_positive, check_positive_int
 from ..loading import load_tokenizer, validate_source
 from .calibration import check_window_count, sample_window_starts, sample_windows
 from .sft import build_sft_example, collate_sft, format_prompt
@@ -75,8 +75,8 @@ class NirvanaDataModule(L.LightningDataModule):
         batch_size / eval_batch_size: per-device batch sizes.
         num_workers: DataLoader workers.
         calibration_sources: text for pruning calibration (default: ``sources``; for ``sft`` the
-            prompt+response text). Calibration windows come from the TRAIN side of the split.
-        calibration_samples / calibration_seq_len / calibration_seed: N windows x T tokens, seeded.
+            prompt+response text). Calibration windows come from the TRAIN side of the split; how many,
+            how long and their seed are the pruning callback's ``calibration`` settings.
         cache_dir: where embedded models are converted.
     """
 
@@ -96,9 +96,6 @@ class NirvanaDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         calibration_sources: list[str] | None = None,
-        calibration_samples: int = 32,
-        calibration_seq_len: int = 128,
-        calibration_seed: int = 0,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -111,15 +108,11 @@ class NirvanaDataModule(L.LightningDataModule):
             validate_source_spec(s, f"data.sources[{i}]")
         for i, s in enumerate(calibration_sources or []):
             validate_source_spec(s, f"data.calibration_sources[{i}]")
-        for key, value in (("data.seq_len", seq_len), ("data.batch_size", batch_size),
-                           ("data.calibration_samples", calibration_samples),
-                           ("data.calibration_seq_len", calibration_seq_len)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(key, value, "a positive integer")
+        for key, value in (("data.seq_len", seq_len), ("data.batch_size", batch_size)):
+            check_positive_int(key, value)
         for key, value in (("data.max_train_windows", max_train_windows), ("data.max_val_windows", max_val_windows),
                            ("data.eval_batch_size", eval_batch_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ConfigError(key, value, "a positive integer or null")
+            check_positive_int(key, value, allow_none=True)
         check_positive("data.num_workers", num_workers, allow_zero=True)
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError("data.val_fraction", val_fraction, "a fraction in [0, 1)")
@@ -130,9 +123,7 @@ class NirvanaDataModule(L.LightningDataModule):
         self.max_train_windows, self.max_val_windows = max_train_windows, max_val_windows
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers = num_workers
-        self.calibration_sources = calibration_sources
-        self.calibration_samples, self.calibration_seq_len = calibration_samples, calibration_seq_len
-        self.calibration_seed, self.cache_dir = calibration_seed, cache_dir
+        self.calibration_sources, self.cache_dir = calibration_sources, cache_dir
         self.tokenizer = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -220,18 +211,16 @@ class NirvanaDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
-    def calibration_windows(self, n_window: int | None = None, seq_len: int | None = None,
-                            seed: int | None = None) -> torch.Tensor:
+    def calibration_windows(self, n_window: int, seq_len: int, seed: int) -> torch.Tensor:
         """Seeded calibration windows ``(N, T)`` from the training side of the split."""
         if self._calibration_stream is None:
             self.setup("fit")
-        n, t = n_window or self.calibration_samples, seq_len or self.calibration_seq_len
-        check_window_count("calibration_samples" if n_window else "data.calibration_samples", n, t,
-                           self._calibration_stream.numel(), "calibration text (training side of the split)")
-        return sample_windows(self._calibration_stream, n, t, self.calibration_seed if seed is None else seed)
+        check_window_count("calibration.samples", n_window, seq_len, self._calibration_stream.numel(),
+                           "calibration text (training side of the split)")
+        return sample_windows(self._calibration_stream, n_window, seq_len, seed)
 
-    def calibration_candidates(self, n_candidate: int, n_window: int | None = None, seq_len: int | None = None,
-                               seed: int | None = None, mode: str = "random"):
+    def calibration_candidates(self, n_candidate: int, n_window: int, seq_len: int, seed: int,
+                               mode: str = "random"):
         """Candidate calibration sets for KL selection, with their spans in the calibration stream.
 
         ``random``: candidate i is N seeded windows (seed + i) of the training-side text.
@@ -243,23 +232,21 @@ class NirvanaDataModule(L.LightningDataModule):
         """
         if self._calibration_stream is None:
             self.setup("fit")
-        n = n_window or self.calibration_samples
-        t = seq_len or self.calibration_seq_len
-        seed = self.calibration_seed if seed is None else seed
+        n, t = n_window, seq_len
         stream = self._calibration_stream
         if mode == "random":
-            check_window_count("calibration_samples" if n_window else "data.calibration_samples", n, t,
-                               stream.numel(), "calibration text (training side of the split)")
+            check_window_count("calibration.samples", n, t, stream.numel(),
+                               "calibration text (training side of the split)")
             starts = [sample_window_starts(stream.numel(), n, t, seed + i) for i in range(n_candidate)]
         elif mode == "document":
             bounds = list(zip(self._calibration_doc_starts, [*self._calibration_doc_starts[1:], stream.numel()]))
             usable = [(a, b) for a, b in bounds if b - a > t]
             if len(usable) < n_candidate:
-                raise ConfigError("num_candidates", n_candidate, f"at most {len(usable)} documents of > {t} tokens")
+                raise ConfigError("selection.num_candidates", n_candidate, f"at most {len(usable)} documents of > {t} tokens")
             order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed))[:n_candidate]
             starts = [list(range(usable[j][0], usable[j][1] - t + 1, t))[:n] for j in order.tolist()]
         else:
-            raise ConfigError("candidate_mode", mode, ("random", "document"))
+            raise ConfigError("selection.candidate_mode", mode, ("random", "document"))
         candidates = [torch.stack([stream[s:s + t] for s in st]) for st in starts]
         return candidates, [[("calibration", s, t) for s in st] for st in starts]
 
@@ -274,12 +261,8 @@ class NirvanaDataModule(L.LightningDataModule):
         if self._probe_stream.numel() < seq_len:
             raise ConfigError("data.val_fraction", self.val_fraction,
                               f"a split whose held-out text has at least {seq_len} tokens for the probe")
-        check_window_count("probe_samples", n_window, seq_len, self._probe_stream.numel(),
+        check_window_count("selection.probe_samples", n_window, seq_len, self._probe_stream.numel(),
                            "held-out text (validation side of the split)")
         starts = sample_window_starts(self._probe_stream.numel(), n_window, seq_len, seed)
         probe = torch.stack([self._probe_stream[s:s + seq_len] for s in starts])
         return probe, [("probe", s, seq_len) for s in starts]
-
-    def calibration_dataloader(self, batch_size: int | None = None) -> DataLoader:
-        """The calibration windows as batches of token ids ``(B, T)``."""
-        return DataLoader(self.calibration_windows(), batch_size=batch_size or self.batch_size, shuffle=False)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_positive_int
 
 _TASK_DIR = Path(__file__).resolve().parent / "tasks"
 
@@ -53,22 +53,14 @@ def _task_manager(include_defaults: bool):
     return TaskManager(include_defaults=include_defaults)
 
 
-def _check_int(key: str, value: Any, minimum: int, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        expected = "an integer >= 0" if minimum == 0 else "a positive integer"
-        raise ConfigError(key, value, expected + (" or null" if optional else ""))
-
-
 def validate_settings(num_fewshot: int, limit: int | None, batch_size: int, key: str = "") -> None:
     """Raise :class:`ConfigError` unless ``num_fewshot >= 0``, ``limit`` is None or > 0 and ``batch_size > 0``.
 
     ``key`` prefixes the names in error messages (e.g. ``"LmEvalCallback."``).
     """
-    _check_int(key + "num_fewshot", num_fewshot, 0)
-    _check_int(key + "limit", limit, 1, optional=True)
-    _check_int(key + "batch_size", batch_size, 1)
+    check_positive_int(key + "num_fewshot", num_fewshot, minimum=0)
+    check_positive_int(key + "limit", limit, minimum=1, allow_none=True)
+    check_positive_int(key + "batch_size", batch_size, minimum=1)
 
 
 def validate_tasks(tasks: Sequence[str], key: str = "tasks") -> list[str]:

@@ -1,22 +1,11 @@
-"""Per-layer allocation report of a pruning plan: table rows and the allocation plot."""
+"""The per-layer allocation plot of a pruning plan (its rows: :func:`~nirvana_lightning.pruning.plan.allocation_rows`)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-from ..pruning.plan import PruningPlan
-
-
-def allocation_rows(plan: PruningPlan) -> list[dict]:
-    """Per layer: kept / original KV groups and MLP neurons, and the kept fractions."""
-    return [
-        {"layer": i, "kv_groups_kept": a, "kv_groups": ab, "mlp_neurons_kept": m, "mlp_neurons": mb,
-         "attention_kept": a / ab, "mlp_kept": m / mb}
-        for i, (a, ab, m, mb) in enumerate(zip(plan.n_kv_group_after, plan.n_kv_group_before,
-                                               plan.mlp_dim_after, plan.mlp_dim_before))
-    ]
+from ..io import atomic_file
+from ..pruning.plan import PruningPlan, allocation_rows
 
 
 def save_allocation_plot(plan: PruningPlan, path: str | Path, title: str | None = None) -> Path:
@@ -46,14 +35,6 @@ def save_allocation_plot(plan: PruningPlan, path: str | Path, title: str | None 
     ax.set_title(title or (f"{p.get('criterion', 'plan')}: target sparsity {p.get('sparsity')}, "
                            f"gamma {p.get('gamma')}, realised {plan.realised_sparsity:.3f}"), fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)

@@ -1,4 +1,4 @@
-"""Pure allocation (METHOD.md section 3): unit scores in, sorted keep indices out.
+"""Pure allocation (docs/method.md section 3): unit scores in, sorted keep indices out.
 
 Attention units are ranked only against attention units, neurons only against neurons. With
 ``c_a = 2(g+1)d`` and ``c_m = 3`` weight vectors (of length hidden) per attention unit and per
@@ -8,7 +8,7 @@ prunable neurons removes a fraction ``s`` of all block weights when
     p_attn = s (c_a N_a + c_m N_m) / (c_a N_a' + gamma c_m N_m')
 
 where N are all current units and N' the prunable ones (layers not skipped). For a dense model
-with nothing skipped this is METHOD.md's ``p_attn = s (A + M) / (A + gamma M)``.
+with nothing skipped this is docs/method.md's ``p_attn = s (A + M) / (A + gamma M)``.
 """
 
 from __future__ import annotations

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from ..adapters import get_adapter, unwrap_model
-from ..errors import ConfigError, check_choice
-from .allocation import MODES, allocate, sparsity_for_param_budget, validate_targets
-from .gamma import GAMMA_GRID, check_grid, search_gamma
-from .gradients import ACCUMULATE, UnitScores, as_batches, check_token_ids, compute_unit_scores, fingerprint
+from ..errors import ConfigError
+from .allocation import allocate, sparsity_for_param_budget
+from .gamma import search_gamma
+from .gradients import UnitScores, as_batches, check_token_ids, compute_unit_scores, fingerprint
 from .plan import PruningPlan, library_versions
-from .saliency import CRITERIA, DATA_CRITERIA, FUNCTIONALS, check_finite
-from .surgery import apply_plan
-
-SCORING_DTYPES = ("float32", "model")
+from .saliency import check_finite
+from .settings import PruningTarget, Scoring, from_flat
+from .surgery import cut_model
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -48,24 +48,27 @@ def model_identity(model: nn.Module) -> dict:
 def plan_from_scores(
     model: nn.Module,
     scores: UnitScores,
+    target: PruningTarget | None = None,
     *,
-    sparsity: float,
-    gamma: float = 1.0,
-    round_to: int = 8,
-    skip_layers: Sequence[int] = (),
-    allocation: str = "global",
     provenance: dict | None = None,
     counts: tuple[int, int] | None = None,
-    tp_size: int = 1,
+    **flat,
 ) -> PruningPlan:
-    """Allocate from unit scores and wrap the result as a :class:`PruningPlan` for ``model``."""
+    """Allocate from unit scores and wrap the result as a :class:`PruningPlan` for ``model``.
+
+    ``target`` (or 0.1-style keywords: ``sparsity=``, ``gamma=``, ``round_to=`` ...) says how much; a numeric
+    gamma is required here (``auto`` searches over plans made by this function, in :func:`make_plan`).
+    """
+    target, _ = from_flat(target, None, flat, "plan_from_scores")
+    if target.sparsity is None:
+        raise ConfigError("target.sparsity", None, "a fraction here (resolve param_budget with make_plan)")
     adapter = get_adapter(model)
     check_finite(scores.attention, "attention")
     check_finite(scores.mlp, "MLP")
     geometry = [adapter.layer_geometry(layer) for layer in adapter.layers()]
-    result = allocate(scores.attention, scores.mlp, sparsity=sparsity, gamma=gamma,
-                      n_query_per_kv=adapter.n_query_per_kv, head_dim=adapter.head_dim, round_to=round_to,
-                      skip_layers=skip_layers, mode=allocation, counts=counts, tp_size=tp_size)
+    result = allocate(scores.attention, scores.mlp, sparsity=target.sparsity, gamma=target.gamma,
+                      n_query_per_kv=adapter.n_query_per_kv, head_dim=adapter.head_dim, round_to=target.round_to,
+                      skip_layers=target.skip_layers, mode=target.allocation, counts=counts, tp_size=target.tp_size)
     plan = PruningPlan(
         attention_keep=[k.tolist() for k in result.attention_keep],
         mlp_keep=[k.tolist() for k in result.mlp_keep],
@@ -77,8 +80,9 @@ def plan_from_scores(
     )
     plan.provenance = {
         **(provenance or {}),
-        "sparsity": sparsity, "gamma": gamma, "round_to": round_to, "tp_size": tp_size, "allocation": allocation,
-        "skip_layers": sorted(skip_layers), "p_attn": result.p_attn, "p_mlp": result.p_mlp,
+        "sparsity": target.sparsity, "gamma": target.gamma, "round_to": target.round_to, "tp_size": target.tp_size,
+        "allocation": target.allocation,
+        "skip_layers": sorted(target.skip_layers), "p_attn": result.p_attn, "p_mlp": result.p_mlp,
         "n_attn_removed_requested": result.n_attn_requested, "n_mlp_removed_requested": result.n_mlp_requested,
         "realised_sparsity": plan.realised_sparsity,
         "model_type": adapter.config.model_type,
@@ -86,9 +90,10 @@ def plan_from_scores(
         "model_source": getattr(adapter.config, "_name_or_path", "") or "",
         "versions": library_versions(),
     }
-    if counts is None and sparsity > 0 and abs(plan.realised_sparsity - sparsity) > 0.02:
-        rank_zero_info(f"note: realised block-weight sparsity {plan.realised_sparsity:.4f} vs target {sparsity} "
-                       f"({allocation} allocation floors per-unit counts and rounds MLP widths up to {round_to})")
+    if counts is None and target.sparsity > 0 and abs(plan.realised_sparsity - target.sparsity) > 0.02:
+        rank_zero_info(f"note: realised block-weight sparsity {plan.realised_sparsity:.4f} vs target "
+                       f"{target.sparsity} ({target.allocation} allocation floors per-unit counts and rounds MLP "
+                       f"widths up to {target.round_to})")
     return plan
 
 
@@ -103,76 +108,55 @@ def _passes(check, *args) -> bool:
 def make_plan(
     model: nn.Module,
     calibration: torch.Tensor | Iterable[torch.Tensor] | None,
+    target: PruningTarget | None = None,
+    scoring: Scoring | None = None,
     *,
-    sparsity: float | None = None,
-    param_budget: int | None = None,
-    gamma: float | str = 1.0,
-    criterion: str = "nirvana",
-    functional: str = "max_over_seq",
-    round_to: int = 8,
-    skip_layers: Sequence[int] = (),
-    allocation: str = "global",
-    micro_batch_size: int | None = None,
-    accumulate: str = "gradient",
-    checkpointing: bool = True,
-    scoring_dtype: str = "float32",
-    seed: int = 0,
-    counts: tuple[int, int] | None = None,
-    tp_size: int = 1,
-    scoring_device: str | None = None,
     probe: torch.Tensor | None = None,
-    gamma_grid: Sequence[float] = GAMMA_GRID,
+    counts: tuple[int, int] | None = None,
+    **flat,
 ) -> PruningPlan:
     """Score and allocate without cutting (see :func:`prune` for the arguments).
 
     Scoring runs where the model is (move it first to score on an accelerator), or on
-    ``scoring_device`` one layer at a time with the model left where it is. ``counts``
-    (attention groups, neurons) to remove overrides the counts ``sparsity`` gives (global
+    ``scoring.device`` one layer at a time with the model left where it is. ``counts``
+    (attention groups, neurons) to remove overrides the counts ``target.sparsity`` gives (global
     allocation; iterative schedules pass them).
     """
-    check_choice("criterion", criterion, CRITERIA)
-    check_choice("functional", functional, FUNCTIONALS)
-    check_choice("allocation", allocation, MODES)
-    check_choice("accumulate", accumulate, ACCUMULATE)
-    check_choice("scoring_dtype", scoring_dtype, SCORING_DTYPES)
+    target, scoring = from_flat(target, scoring, flat, "make_plan")
     model = unwrap_model(model)
-    get_adapter(model)  # unsupported families fail here, before any work
-    if (sparsity is None) == (param_budget is None):
-        raise ConfigError("sparsity", sparsity, "exactly one of sparsity and param_budget")
-    if param_budget is not None:
+    adapter = get_adapter(model)  # unsupported families fail here, before any work
+    sparsity = target.sparsity
+    if target.param_budget is not None:
         n_param = count_parameters(model)
-        sparsity = sparsity_for_param_budget(n_param["total"], n_param["block"], param_budget)
-    auto = isinstance(gamma, str)
+        sparsity = sparsity_for_param_budget(n_param["total"], n_param["block"], target.param_budget)
+        target = dataclasses.replace(target, sparsity=sparsity, param_budget=None)
+    auto = target.gamma == "auto"
     if auto:
-        if gamma != "auto":
-            raise ConfigError("gamma", gamma, "a finite number > 0 or 'auto'")
-        grid = check_grid(gamma_grid)
+        grid = list(target.grid)
         if counts is not None:
-            raise ConfigError("gamma", "auto", "a number with explicit removal counts (iterative schedules fix the "
-                              "counts from gamma before scoring)")
+            raise ConfigError("target.gamma", "auto", "a number with explicit removal counts (iterative schedules fix "
+                              "the counts from gamma before scoring)")
         if probe is None:
             raise ConfigError("probe", None, "held-out token windows (N, T) for gamma 'auto': each grid gamma's "
                               "masked model is compared with the dense model on them, never on the calibration")
-    validate_targets(sparsity, 1.0 if auto else gamma, round_to, allocation)
     # Feasibility (fractions <= 1, guards, skip_layers) depends only on the geometry: check it on
     # placeholder scores now rather than after minutes of scoring.
-    adapter = get_adapter(model)
     geometry = [adapter.layer_geometry(layer) for layer in adapter.layers()]
 
     def allocation_check(g: float) -> None:
         allocate([torch.zeros(a) for a, _ in geometry], [torch.zeros(m) for _, m in geometry], sparsity=sparsity,
-                 gamma=g, n_query_per_kv=adapter.n_query_per_kv, head_dim=adapter.head_dim, round_to=round_to,
-                 skip_layers=skip_layers, mode=allocation, counts=counts, tp_size=tp_size)
+                 gamma=g, n_query_per_kv=adapter.n_query_per_kv, head_dim=adapter.head_dim, round_to=target.round_to,
+                 skip_layers=target.skip_layers, mode=target.allocation, counts=counts, tp_size=target.tp_size)
 
     if not auto:
-        allocation_check(gamma)
+        allocation_check(target.gamma)
     elif not any(_passes(allocation_check, g) for g in grid):  # the search skips infeasible gammas itself
         allocation_check(grid[0])  # none can reach the target: raise the first gamma's reason
     batches: list[torch.Tensor] = []
-    if criterion in DATA_CRITERIA:
+    if scoring.needs_data:
         if calibration is None:
-            raise ConfigError("calibration", None, f"token ids for criterion {criterion!r}")
-        batches = as_batches(calibration, micro_batch_size)
+            raise ConfigError("calibration", None, f"token ids for criterion {scoring.criterion!r}")
+        batches = as_batches(calibration, scoring.micro_batch_size)
         check_token_ids(batches, int(model.get_input_embeddings().num_embeddings))
     if auto:
         from .selection import check_disjoint
@@ -184,27 +168,29 @@ def make_plan(
             check_disjoint([torch.cat(batches)] if len({b.shape[1] for b in batches}) == 1 else batches, probe)
     start = time.perf_counter()
     # float32 scoring of a half-precision model: one module at a time, the model is never converted
-    compute_dtype = torch.float32 if scoring_dtype == "float32" else None
-    scores = compute_unit_scores(model, batches, criterion=criterion, functional=functional,
-                                 accumulate=accumulate, checkpointing=checkpointing, seed=seed,
-                                 compute_dtype=compute_dtype, compute_device=scoring_device)
+    compute_dtype = torch.float32 if scoring.dtype == "float32" else None
+    activation_baseline = scoring.criterion in ("wanda_sp", "flap")
+    scores = compute_unit_scores(model, batches, criterion=scoring.criterion, functional=scoring.functional,
+                                 accumulate=scoring.accumulate, checkpointing=scoring.checkpointing,
+                                 seed=scoring.seed, compute_dtype=compute_dtype, compute_device=scoring.device)
     provenance = {
-        "criterion": criterion, "functional": functional if criterion == "nirvana" else None,
+        "criterion": scoring.criterion, "functional": scoring.functional if scoring.criterion == "nirvana" else None,
         "calibration_fingerprint": fingerprint(batches) if batches else None,
         "calibration_shape": [sum(b.shape[0] for b in batches), batches[0].shape[1]] if batches else None,
-        "micro_batches": len(batches), "accumulate": accumulate, "checkpointing": checkpointing, "seed": seed,
+        "micro_batches": len(batches), "accumulate": scoring.accumulate, "checkpointing": scoring.checkpointing,
+        "seed": scoring.seed,
         # wanda_sp / flap: one forward pass in the model's dtype where the model is (float64 statistics)
-        "scoring_dtype": "model" if criterion in ("wanda_sp", "flap") else scoring_dtype,
-        "scoring_device": None if scoring_device is None or criterion in ("wanda_sp", "flap") else str(scoring_device),
+        "scoring_dtype": "model" if activation_baseline else scoring.dtype,
+        "scoring_device": None if scoring.device is None or activation_baseline else str(scoring.device),
         "scoring_seconds": round(time.perf_counter() - start, 3),
     }
 
     def plan_for(g: float) -> PruningPlan:
-        return plan_from_scores(model, scores, sparsity=sparsity, gamma=g, round_to=round_to, skip_layers=skip_layers,
-                                allocation=allocation, provenance=provenance, counts=counts, tp_size=tp_size)
+        return plan_from_scores(model, scores, dataclasses.replace(target, gamma=g), provenance=provenance,
+                                counts=counts)
 
     if not auto:
-        return plan_for(gamma)
+        return plan_for(target.gamma)
     plan, search = search_gamma(model, plan_for, probe, grid)
     rank_zero_info("gamma 'auto': KL to the dense model on the probe per gamma\n" + search.table())
     return plan
@@ -213,76 +199,46 @@ def make_plan(
 def prune(
     model: nn.Module,
     calibration: torch.Tensor | Iterable[torch.Tensor] | None,
+    target: PruningTarget | None = None,
+    scoring: Scoring | None = None,
     *,
-    sparsity: float | None = None,
-    param_budget: int | None = None,
-    gamma: float | str = 1.0,
-    criterion: str = "nirvana",
-    functional: str = "max_over_seq",
-    round_to: int = 8,
-    skip_layers: Sequence[int] = (),
-    allocation: str = "global",
-    micro_batch_size: int | None = None,
-    accumulate: str = "gradient",
-    checkpointing: bool = True,
-    scoring_dtype: str = "float32",
-    seed: int = 0,
-    tp_size: int = 1,
-    scoring_device: str | None = None,
     probe: torch.Tensor | None = None,
-    gamma_grid: Sequence[float] = GAMMA_GRID,
     bias_compensation: bool = False,
+    **flat,
 ) -> PruningPlan:
-    """Structurally prune ``model`` in place with NIRVANA (or a baseline criterion).
+    """Structurally prune ``model`` in place with NIRVANA (or a baseline criterion): score, plan, cut.
 
     Args:
         model: a supported causal LM (Llama, Mistral, Qwen2, Qwen3).
         calibration: LongTensor ``(N, T)`` of token ids or an iterable of ``(B, T)`` batches
             (not needed for ``magnitude``/``random``).
-        sparsity: fraction of block linear weights to remove, in [0, 1).
-        param_budget: alternatively, the total parameter count to reach.
-        gamma: MLP-to-attention pruning-fraction ratio (1: uniform fractions), or ``"auto"``: the value of
-            ``gamma_grid`` whose masked model has the lowest KL to the dense model on ``probe``
-            (:mod:`nirvana_lightning.pruning.gamma`; the curve goes to ``provenance["gamma_search"]``).
+        target: how much to remove (:class:`~nirvana_lightning.settings.PruningTarget`: sparsity or
+            param_budget, gamma or ``"auto"``, round_to, tp_size, skip_layers, allocation).
+        scoring: how units are scored (:class:`~nirvana_lightning.settings.Scoring`: criterion, functional,
+            dtype, micro-batching, checkpointing, device, seed).
         probe: held-out token windows ``(N, T)`` for ``gamma="auto"``, sharing no text with the calibration
             (checked: no common 32-token run). Required then: this function has no corpus to draw them from
-            (the callback draws them from held-out documents, ``probe_samples`` x ``probe_seq_len``).
-        gamma_grid: the gammas ``"auto"`` tries.
+            (the callback draws them from held-out documents).
         bias_compensation: FLAP's compensation, for any criterion: each removed unit's mean contribution on the
             calibration is added to the bias of o_proj / down_proj (:mod:`nirvana_lightning.pruning.compensation`;
             Llama-family configs only).
-        criterion: ``nirvana`` | ``magnitude`` | ``taylor`` | ``random`` | ``wanda_sp`` | ``flap`` (the last two:
-            activation baselines from one forward pass, see :mod:`nirvana_lightning.pruning.saliency`).
-        functional: NIRVANA output functional: ``max_over_seq`` | ``max_over_vocab`` | ``sum_logits``.
-        round_to: kept MLP width per layer rounded up to a multiple of this (32 fits GGUF's q8_0/q4_0 blocks,
-            256 its k-quants).
-        tp_size: serve-time tensor-parallel degree; every layer keeps a multiple of it in KV groups
-            (see :func:`~nirvana_lightning.pruning.allocation.allocate`).
-        skip_layers: layers left untouched.
-        allocation: ``global`` ranking or ``uniform`` per-layer fractions.
-        micro_batch_size / accumulate: see :mod:`nirvana_lightning.pruning.gradients`.
-        checkpointing: activation checkpointing during scoring.
-        scoring_dtype: ``float32`` (a half-precision model is scored in float32 one layer at a time, never
-            converted: see :mod:`nirvana_lightning.pruning.gradients`) or ``model``.
-        seed: seed of the ``random`` criterion (recorded in the plan).
-        scoring_device: score on this device one layer at a time while the model stays where it is (e.g. a
-            70B model in host memory scored on one GPU); default: where the model is.
+        **flat: 0.1's keywords, each folded into ``target`` or ``scoring`` (``sparsity=``, ``gamma=``,
+            ``criterion=``, ``round_to=``, ``scoring_dtype=``, ``scoring_device=`` ...: see
+            :data:`~nirvana_lightning.settings.FLAT_KEYWORDS`); a keyword overrides the same field of an
+            object also passed.
 
     Returns:
         The applied :class:`PruningPlan`. On any error the model is untouched.
     """
-    plan = make_plan(model, calibration, sparsity=sparsity, param_budget=param_budget, gamma=gamma,
-                     criterion=criterion, functional=functional, round_to=round_to, skip_layers=skip_layers,
-                     allocation=allocation, micro_batch_size=micro_batch_size, accumulate=accumulate,
-                     checkpointing=checkpointing, scoring_dtype=scoring_dtype, seed=seed, tp_size=tp_size,
-                     scoring_device=scoring_device, probe=probe, gamma_grid=gamma_grid)
+    target, scoring = from_flat(target, scoring, flat, "prune")
+    plan = make_plan(model, calibration, target, scoring, probe=probe)
     if not bias_compensation:
         return cut(model, plan)
     if calibration is None:
         raise ConfigError("calibration", None, "token ids for bias_compensation (the removed units' input means)")
     from .compensation import add_biases, bias_deltas
 
-    deltas = bias_deltas(model, plan, as_batches(calibration, micro_batch_size))  # from the dense columns
+    deltas = bias_deltas(model, plan, as_batches(calibration, scoring.micro_batch_size))  # from the dense columns
     cut(model, plan)
     plan.provenance["bias_compensation"] = add_biases(model, deltas)
     return plan
@@ -291,10 +247,20 @@ def prune(
 def cut(model: nn.Module, plan: PruningPlan) -> PruningPlan:
     """Apply ``plan`` and record the parameter counts before and after in its provenance."""
     before = count_parameters(model)["total"]
-    apply_plan(model, plan)
+    cut_model(model, plan)
     after = count_parameters(model)["total"]
     plan.provenance.update({"params_before": before, "params_after": after})
     p = plan.provenance
     rank_zero_info(f"pruned ({p.get('criterion', 'saved plan')}, s={p.get('sparsity')}, gamma={p.get('gamma')}): "
                    f"params {before:,} -> {after:,}; block-weight sparsity {plan.realised_sparsity:.4f}")
     return plan
+
+
+def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """Deprecated 0.1 name of :func:`cut` (which returns the plan); returns the model, as 0.1 did."""
+    import warnings
+
+    warnings.warn("apply_plan is deprecated: use cut(model, plan) (one verb for applying a plan)", DeprecationWarning,
+                  stacklevel=2)
+    cut(model, plan)
+    return model

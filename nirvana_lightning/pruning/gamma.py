@@ -55,13 +55,6 @@ class GammaSearch:
                 "infeasible": self.infeasible}
 
 
-def check_grid(grid: Sequence[float]) -> list[float]:
-    grid = list(grid)
-    if not grid or any(isinstance(g, bool) or not isinstance(g, (int, float)) or not g > 0 for g in grid):
-        raise ConfigError("gamma_grid", grid, "one or more numbers > 0")
-    return [float(g) for g in grid]
-
-
 def search_gamma(model: nn.Module, make, probe: torch.Tensor, grid: Sequence[float],
                  batch_size: int = 16):
     """Return ``(plan, GammaSearch)``: ``make(gamma)`` allocates a plan from fixed scores (ConfigError when

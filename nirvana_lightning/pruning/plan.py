@@ -112,26 +112,12 @@ class PruningPlan:
                     raise ValueError(f"plan layer {i}: {kind} keep index out of range [0, {width})")
 
     # ------------------------------------------------------------- summary
-    def summary(self) -> dict[str, Any]:
-        """Params before/after and per-layer kept counts."""
-        return {
-            "block_params_before": self.block_params_before,
-            "block_params_after": self.block_params_after,
-            "realised_sparsity": self.realised_sparsity,
-            "layers": [
-                {"layer": i, "kv_groups": f"{a}/{ab}", "mlp_neurons": f"{m}/{mb}",
-                 "attention_kept": a / ab, "mlp_kept": m / mb}
-                for i, (a, ab, m, mb) in enumerate(zip(self.n_kv_group_after, self.n_kv_group_before,
-                                                       self.mlp_dim_after, self.mlp_dim_before))
-            ],
-        }
-
     def table(self) -> str:
         """A per-layer markdown table."""
         rows = ["| layer | KV groups kept | attention kept | MLP neurons kept | MLP kept |", "|---|---|---|---|---|"]
-        for r in self.summary()["layers"]:
-            rows.append(f"| {r['layer']} | {r['kv_groups']} | {r['attention_kept']:.0%} | {r['mlp_neurons']} | "
-                        f"{r['mlp_kept']:.0%} |")
+        for r in allocation_rows(self):
+            rows.append(f"| {r['layer']} | {r['kv_groups_kept']}/{r['kv_groups']} | {r['attention_kept']:.0%} | "
+                        f"{r['mlp_neurons_kept']}/{r['mlp_neurons']} | {r['mlp_kept']:.0%} |")
         rows.append(f"\nblock weights {self.block_params_before:,} -> {self.block_params_after:,} "
                     f"(sparsity {self.realised_sparsity:.4f})")
         return "\n".join(rows)
@@ -162,6 +148,16 @@ class PruningPlan:
 
         core = json.dumps([self.attention_keep, self.mlp_keep, self.n_kv_group_before, self.mlp_dim_before])
         return hashlib.sha256(core.encode()).hexdigest()[:16]
+
+
+def allocation_rows(plan: PruningPlan) -> list[dict]:
+    """Per layer: kept / original KV groups and MLP neurons, and the kept fractions."""
+    return [
+        {"layer": i, "kv_groups_kept": a, "kv_groups": ab, "mlp_neurons_kept": m, "mlp_neurons": mb,
+         "attention_kept": a / ab, "mlp_kept": m / mb}
+        for i, (a, ab, m, mb) in enumerate(zip(plan.n_kv_group_after, plan.n_kv_group_before,
+                                               plan.mlp_dim_after, plan.mlp_dim_before))
+    ]
 
 
 def compose_plans(first: PruningPlan, second: PruningPlan) -> PruningPlan:

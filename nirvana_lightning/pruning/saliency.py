@@ -1,4 +1,4 @@
-"""Pure saliency maths (METHOD.md sections 1-2): tensors in, tensors out.
+"""Pure saliency maths (docs/method.md sections 1-2): tensors in, tensors out.
 
 A weight's saliency is ``S(w) = |w * df/dw|`` in float32, where ``f`` is a scalar of the model
 output (NIRVANA) or the LM loss (``taylor``). Units aggregate S entrywise (L1):

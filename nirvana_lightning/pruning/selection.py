@@ -1,4 +1,4 @@
-"""KL-divergence selection of calibration data (METHOD.md section 4).
+"""KL-divergence selection of calibration data (docs/method.md section 5).
 
 Each candidate calibration set is scored and allocated into a plan; the plan is evaluated by
 masking (no copy of the model, weights untouched); the candidate whose pruned model has the
@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from .api import make_plan
 from .gradients import fingerprint
 from .plan import PruningPlan
+from .settings import PruningTarget, Scoring, from_flat
 from .surgery import masked_units
 
 #: a window's origin: (stream name, start offset, length)
@@ -157,16 +158,15 @@ def select_calibration(
     model: nn.Module,
     candidates: Sequence[torch.Tensor],
     probe: torch.Tensor,
+    target: PruningTarget | None = None,
+    scoring: Scoring | None = None,
     *,
-    sparsity: float | None = None,
-    param_budget: int | None = None,
-    gamma: float | str = 1.0,
-    criterion: str = "nirvana",
     candidate_spans: Sequence[Sequence[Span]] | None = None,
     probe_spans: Sequence[Span] | None = None,
     probe_batch_size: int = 16,
     progress: bool = True,
-    **plan_kwargs,
+    counts: tuple[int, int] | None = None,
+    **flat,
 ) -> SelectionResult:
     """Pick the calibration candidate whose pruned model stays closest to the dense model.
 
@@ -174,7 +174,7 @@ def select_calibration(
         model: the dense model (left bit-identical: candidates are evaluated by masking).
         candidates: LongTensors ``(N, T)`` of token ids, one per candidate.
         probe: LongTensor ``(P, T_probe)``, disjoint from every candidate (checked).
-        sparsity / param_budget / gamma / criterion / plan_kwargs: as :func:`make_plan`.
+        target / scoring / counts / flat (0.1's keywords): as :func:`make_plan`.
         candidate_spans / probe_spans: window origins, for an exact disjointness check.
         probe_batch_size: probe windows per forward pass.
 
@@ -182,8 +182,9 @@ def select_calibration(
         :class:`SelectionResult`; ``plan`` is the winner's (not applied) with the selection in
         its provenance.
     """
+    target, scoring = from_flat(target, scoring, flat, "select_calibration")
     if len(candidates) < 1:
-        raise ConfigError("num_candidates", len(candidates), "at least 1 candidate")
+        raise ConfigError("selection.num_candidates", len(candidates), "at least 1 candidate")
     check_disjoint(candidates, probe, candidate_spans, probe_spans)
     model = unwrap_model(model)
     check_logprob_memory(probe.shape[0], probe.shape[1], int(model.config.vocab_size))
@@ -193,9 +194,9 @@ def select_calibration(
     kls, ppls, plans, fps, secs = [], [], [], [], []
     for i, cand in enumerate(tqdm(candidates, desc="KL calibration selection", disable=not progress)):
         start = time.perf_counter()
-        kwargs = {**plan_kwargs, "probe": probe} if gamma == "auto" else plan_kwargs  # each candidate's own gamma
-        plan = make_plan(model, cand, sparsity=sparsity, param_budget=param_budget, gamma=gamma,
-                         criterion=criterion, **kwargs)
+        # gamma 'auto': each candidate's own gamma, searched on the same probe
+        plan = make_plan(model, cand, target, scoring, probe=probe if target.gamma == "auto" else None,
+                         counts=counts)
         model.eval()
         with masked_units(model, plan):
             kl, ppl = mean_token_kl(model, probe, dense, probe_batch_size)

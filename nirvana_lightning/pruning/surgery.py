@@ -64,7 +64,7 @@ def expand_group_index(groups: list[int] | torch.Tensor, block: int) -> torch.Te
     return (groups[:, None] * block + torch.arange(block)).reshape(-1)
 
 
-def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
+def cut_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
     """Physically remove the units the plan does not keep (in place); returns the model.
 
     Everything is checked before the first tensor changes, so a mismatched plan leaves the

@@ -1,4 +1,6 @@
-"""LoRA merged into a plain model for export, without copying the model.
+"""LoRA's one home: attach, merge, strip, count and load adapters (every peft call of the package is here).
+
+Merging for export builds a plain model without copying the model (:func:`merged_model`):
 
 ``copy.deepcopy(peft_model).merge_and_unload()`` doubles the model's memory (every weight, embeddings
 and head included) and cannot run on a sharded model (FSDP2 forbids ``deepcopy``). Here the plain
@@ -12,10 +14,73 @@ left as it was (still wrapped, still trainable).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from ..adapters import remote_modeling, unwrap_model
+
+
+def attach_lora(model: nn.Module, *, r: int, alpha: int, dropout: float, roles: Sequence[str]) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters on the projections of ``roles`` (``q k v o gate up down``, resolved to
+    module names by the model family); B = 0, so the function is unchanged."""
+    from peft import LoraConfig, get_peft_model
+
+    from ..adapters import get_adapter
+
+    targets = get_adapter(model).lora_target_modules(list(roles))
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def merge_into_base(model: nn.Module) -> nn.Module:
+    """Fold the adapters into the base weights in place and return the plain model (no-op without peft)."""
+    return model.merge_and_unload() if unwrap_model(model) is not model else model
+
+
+def adapter_parameter_count(model: nn.Module) -> int:
+    """Trainable adapter parameters of a peft model (0 for a plain model)."""
+    count = getattr(model, "get_nb_trainable_parameters", None)
+    return int(count()[0]) if callable(count) and unwrap_model(model) is not model else 0
+
+
+def load_adapter(base_model: nn.Module, path: str | Path) -> nn.Module:
+    """A saved adapter (``save_pretrained`` of a peft model) loaded onto ``base_model``."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, str(path))
+
+
+@contextmanager
+def without_adapter_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """The base model with every peft adapter layer swapped for the linear it wraps, then restored.
+
+    The merged, exported model has exactly the base shapes and no adapter code in its forward;
+    ``disable_adapter()`` would still run each wrapper's Python. The base weights lack the
+    unmerged LoRA deltas, which does not change the speed of the same shapes.
+    """
+    base = unwrap_model(model)
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft: nothing can be wrapped
+        yield base
+        return
+    swapped = []
+    for name, module in list(base.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name) if parent_name else base
+            swapped.append((parent, child, module))
+    for parent, child, module in swapped:
+        setattr(parent, child, module.get_base_layer())
+    try:
+        yield base
+    finally:
+        for parent, child, module in swapped:
+            setattr(parent, child, module)
 
 
 def _scalings(model: nn.Module) -> dict[str, dict[str, float]]:

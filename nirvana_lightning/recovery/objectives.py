@@ -127,3 +127,14 @@ def distillation_loss(model: nn.Module, teacher: nn.Module, batch: dict, *, temp
     lm = total[1] / max(1, n) if with_lm else None
     loss = alpha * kd + (1 - alpha) * lm if with_lm else kd
     return {"loss": loss, "kd": kd, "lm": lm, "n_token": n}
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, min_lr_ratio: float) -> float:
+    """The recovery learning-rate multiplier at optimizer step ``step``: linear warmup over ``warmup`` steps,
+    then cosine decay to ``min_lr_ratio`` at ``total`` (a ``LambdaLR`` lambda, so rebuilds can fast-forward it)."""
+    import math
+
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..adapters import ROLES, get_adapter
+from ..adapters import ROLES
 from ..errors import check_choice
 
 RECOVERY_MODES = ("lora", "full", "none")
@@ -27,12 +27,9 @@ def apply_recovery(
     """
     check_choice("model.recovery", mode, RECOVERY_MODES)
     if mode == "lora":
-        from peft import LoraConfig, get_peft_model
+        from .lora import attach_lora
 
-        targets = get_adapter(model).lora_target_modules(lora_targets)
-        config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                            target_modules=targets, task_type="CAUSAL_LM")
-        return get_peft_model(model, config)
+        return attach_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, roles=lora_targets)
     for p in model.parameters():
         p.requires_grad_(mode == "full")
     return model

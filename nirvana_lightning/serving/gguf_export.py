@@ -323,7 +323,9 @@ def save_gguf(model: nn.Module, tokenizer, path: str | Path, plan=None, dtype: s
     if unwrap_model(model) is not model:  # peft: merge the adapters into a copy of the weights
         import copy
 
-        model = copy.deepcopy(model).merge_and_unload()
+        from ..recovery.lora import merge_into_base
+
+        model = merge_into_base(copy.deepcopy(model))
     config = model.config
     arch = check_gguf_support(model, tokenizer, tokenizer_pre)
     heads, kv_heads, ffn, head_dim = _layer_widths(model)
