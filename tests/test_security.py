@@ -297,7 +297,7 @@ def test_run_summary_flags_speed_measured_on_a_loaded_machine(monkeypatch):
     monkeypatch.setattr(summary_mod.os, "getloadavg", lambda: (7.5, 7.0, 6.0))
     monkeypatch.setattr(summary_mod.os, "sched_getaffinity", lambda pid: {0, 1})
     assert summary_mod.machine_load() == {"load": 7.5, "cores": 2}
-    table = summary_mod.RunSummaryCallback.table({
+    table = summary_mod.RunSummaryCallback.render({
         "stages": ["dense", "pruned", "recovered"], "loaded": {"recovered": {"load": 7.5, "cores": 2}},
         "rows": {"decode tokens/s (batch 1, KV cache)": {"dense": 10.0, "pruned": 11.0, "recovered": 78.8},
                  "params (total)": {"dense": 100.0, "recovered": 80.0}}, "plan": None, "speed_settings": None})

@@ -65,6 +65,8 @@ class StagedEvaluation(L.Callback):
     """
 
     prefix = "eval"
+    #: print the stage table when training ends
+    announce = True
 
     def __init__(self, dense: bool = False, every_n_steps: int | None = None) -> None:
         check_every_n_steps(f"{type(self).__name__}.every_n_steps", every_n_steps)
@@ -104,7 +106,8 @@ class StagedEvaluation(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # not on_fit_end: by then the strategy's teardown has moved the model to the CPU
         self.record(trainer, pl_module, "recovered")
-        rank_zero_info("\n" + self.table())
+        if self.announce:
+            rank_zero_info("\n" + self.table())
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if "recovered" not in self.results:  # no training loop ran (max_steps: 0): evaluate the final model here

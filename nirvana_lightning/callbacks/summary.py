@@ -15,10 +15,10 @@ from ..errors import check_positive
 from ..eval.speed import count_parameters_detailed, flops_per_token, measure_throughput
 from ..io import write_text_atomic
 from ..recovery.lora import adapter_parameter_count, without_adapter_layers
-from .staged import SUMMARY_STAGES, on_root_device, prepare_dense_stage
+from .staged import SUMMARY_STAGES, StagedEvaluation
 
 
-class RunSummaryCallback(L.Callback):
+class RunSummaryCallback(StagedEvaluation):
     """At fit end, one table of dense / pruned / recovered for every metric of the run.
 
     Collects the results of every evaluation callback in the Trainer (perplexity, KL to dense,
@@ -38,6 +38,9 @@ class RunSummaryCallback(L.Callback):
             the ratios; ``benchmarks/speedup.py`` alternates dense and pruned for careful figures.
     """
 
+    prefix = "summary"
+    announce = False  # the whole summary is printed at teardown instead of this callback's own stage table
+
     def __init__(self, speed: bool = True, batch_size: int = 1, seq_len: int = 128, new_tokens: int = 16,
                  repeats: int = 5, warmup: int = 2) -> None:
         key = "RunSummaryCallback."
@@ -46,44 +49,28 @@ class RunSummaryCallback(L.Callback):
         check_positive(key + "new_tokens", new_tokens, allow_zero=True)
         check_positive(key + "repeats", repeats)
         check_positive(key + "warmup", warmup, allow_zero=True)
+        super().__init__(dense=True)  # the stages and their timing are StagedEvaluation's
         self.speed, self.batch_size, self.seq_len = speed, batch_size, seq_len
         self.new_tokens, self.repeats, self.warmup = new_tokens, repeats, warmup
-        self.measured: dict[str, dict[str, float]] = {}  # stage -> {row: value}
         self.loaded: dict[str, dict] = {}  # stage -> machine load when its speed was measured (only if loaded)
         self.summary: dict | None = None
 
-    # ------------------------------------------------------------------ hooks
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or "dense" in self.measured or prunable(pl_module).resume_ckpt_path:
-            return
-        prepare_dense_stage(trainer, pl_module, type(self).__name__)
-        self._measure(trainer, pl_module, "dense")
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if "pruned" not in self.measured:
-            self._measure(trainer, pl_module, "pruned")
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # not on_fit_end: by then the strategy's teardown has moved the model to the CPU
-        self._measure(trainer, pl_module, "recovered")
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if "recovered" not in self.measured:  # no training loop ran (max_steps: 0)
-            with on_root_device(trainer, pl_module):
-                self._measure(trainer, pl_module, "recovered")
+    def metric_label(self, metric: str) -> str:
+        return metric
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # after every callback's on_train_end, so their "recovered" results exist
-        if stage != "fit" or "recovered" not in self.measured:
+        if stage != "fit" or "recovered" not in self.results:
             return
         self.summary = self.collect(trainer, pl_module)
-        table = self.table(self.summary)
+        table = self.render(self.summary)
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank
         self._write(log_dir, table)
         rank_zero_info("run summary (" + str(log_dir / "summary.md") + "):\n" + table)
 
     # -------------------------------------------------------------- measuring
-    def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:
+        """Parameters, FLOPs/token and (``speed``) throughput of the model as it is at ``stage``."""
         base = unwrap_model(pl_module.model)
         counts = count_parameters_detailed(base)
         # LoRA weights are not part of the deployed (merged) model: count them on their own row
@@ -107,23 +94,19 @@ class RunSummaryCallback(L.Callback):
                 row[f"decode tokens/s (batch {self.batch_size}, KV cache)"] = result["decode_tokens_per_s"]
             if result.get("prefill_peak_memory_bytes") is not None:
                 row["peak memory prefill (GiB)"] = result["prefill_peak_memory_bytes"] / 2**30
-        self.measured[stage] = row
-        for logger in trainer.loggers:
-            logger.log_metrics({f"summary/{k}/{stage}": float(v) for k, v in row.items()}, step=trainer.global_step)
+        return {k: float(v) for k, v in row.items()}
 
     # ------------------------------------------------------------- collecting
     def collect(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         """``{"stages": [...], "rows": {label: {stage: value}}, "plan": {...}, "history": {...}}``."""
         rows: dict[str, dict[str, float]] = {}
         history: dict[str, dict] = {}
-        for callback in trainer.callbacks:  # every evaluation callback: a SummarySource
-            if isinstance(callback, SummarySource):
-                for label, values in callback.summary_rows().items():
-                    rows.setdefault(label, {}).update(values)
+        sources = [c for c in trainer.callbacks if isinstance(c, SummarySource) and c is not self]
+        for callback in [*sources, self]:  # every evaluation callback, then this one's own rows
+            for label, values in callback.summary_rows().items():
+                rows.setdefault(label, {}).update(values)
+            if callback is not self:
                 history[type(callback).__name__] = getattr(callback, "results", None)
-        for stage in SUMMARY_STAGES:
-            for label, value in self.measured.get(stage, {}).items():
-                rows.setdefault(label, {})[stage] = float(value)
         plan = prunable(pl_module).pruning_plan
         plan_info = None
         if plan is not None:
@@ -138,7 +121,7 @@ class RunSummaryCallback(L.Callback):
                                    "device": str(trainer.strategy.root_device)} if self.speed else None}
 
     @staticmethod
-    def table(summary: dict) -> str:
+    def render(summary: dict) -> str:
         stages = summary["stages"]
         out = ["| metric | " + " | ".join(stages) + " | recovered / dense |", "|---|" + "---|" * (len(stages) + 1)]
         loaded = summary.get("loaded") or {}
@@ -171,11 +154,11 @@ class RunSummaryCallback(L.Callback):
         write_text_atomic(log_dir / "summary.json", json.dumps(self.summary, indent=1))
 
     def state_dict(self) -> dict:
-        return {"measured": {k: dict(v) for k, v in self.measured.items()},
-                "loaded": {k: dict(v) for k, v in self.loaded.items()}}
+        return {**super().state_dict(), "loaded": {k: dict(v) for k, v in self.loaded.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.measured = {k: dict(v) for k, v in state_dict.get("measured", {}).items()}
+        # 0.1 checkpoints keep the measurements under "measured"
+        super().load_state_dict({"results": state_dict.get("results", state_dict.get("measured", {}))})
         self.loaded = {k: dict(v) for k, v in state_dict.get("loaded", {}).items()}
 
 
