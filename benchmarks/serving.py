@@ -78,7 +78,7 @@ def recover(sparsity: float, out: Path, reuse: bool) -> Path:
         return out
     cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     pruning = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("NirvanaPruningCallback"))
-    pruning["init_args"].update(sparsity=sparsity, round_to=32)
+    pruning["init_args"]["target"].update(sparsity=sparsity, round_to=32)
     cfg["trainer"]["callbacks"] = [pruning, {"class_path": "nirvana_lightning.ExportCallback",
                                              "init_args": {"path": str(out), "overwrite": True}}]
     cfg["trainer"].update(limit_val_batches=0, default_root_dir=str(out.parent / f"run-{sparsity}"))

@@ -120,6 +120,23 @@ def renamed_in_configs(argv: list[str]) -> str | None:
     return None
 
 
+def _did_you_mean(owner: str | None, name: str) -> str:
+    """A close valid key of the pruning callback (its nested settings included), as text."""
+    import dataclasses
+    import difflib
+    import inspect
+
+    from .callbacks import NirvanaPruningCallback
+    from .pruning.settings import SECTIONS
+
+    if owner != "NirvanaPruningCallback":
+        return ""
+    valid = [n for n in inspect.signature(NirvanaPruningCallback.__init__).parameters if n != "self"]
+    valid += [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    return f" (did you mean {owner}.{close[0]}?)" if close else ""
+
+
 def explain(err: BaseException, argv: list[str] | None = None) -> str | None:
     """One line for a configuration error anywhere in ``err``'s chain, or None when it is not one.
 
@@ -155,7 +172,7 @@ def explain(err: BaseException, argv: list[str] | None = None) -> str | None:
         key = f"{owner}.{name}" if owner else name
         if key in RENAMED_KEYS:
             return f"{key} is not a setting since 0.2; use {RENAMED_KEYS[key]} (docs/configs.md)"
-        return f"{key} is not a setting{' of ' + owner if owner else ''}; see docs/configs.md for the valid keys"
+        return f"{key} is not a setting{_did_you_mean(owner, name)}; see docs/configs.md for the valid keys"
     keys = re.findall(r'Parser key "([\w.\[\]]+)"', text)
     given = re.findall(r"(?:Given value|Got value): (.*)", text)
     expected = re.findall(r"Expected a (?:<class '(\w+)'>|typing\.Literal\[(.*?)\]|(\S+))", text)

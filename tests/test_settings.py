@@ -247,6 +247,8 @@ BAD_CLI = [
     ([CB + "scoring.criterion=obs"], r"NirvanaPruningCallback\.scoring\.criterion='obs' is invalid; expected one of: "
                                      r"'nirvana', 'magnitude', 'taylor', 'random', 'wanda_sp', 'flap'"),
     (["--model.lrr=1"], r"model\.lrr is not a setting"),
+    ([CB + "target.sparsty=0.1"], r"NirvanaPruningCallback\.target\.sparsty is not a setting \(did you mean "
+                                  r"NirvanaPruningCallback\.target\.sparsity\?\)"),
     ([CB + "target.sparsity=abc"], r"NirvanaPruningCallback\.target\.sparsity='abc' is invalid; expected float or null"),
     ([CB + "sparsity=0.3"], r"NirvanaPruningCallback\.sparsity is not a setting since 0\.2; use "
                             r"NirvanaPruningCallback\.target\.sparsity"),
@@ -284,3 +286,18 @@ def test_01_configs_fail_naming_the_new_key(old, capsys):
     assert "is not a setting since 0.2; use " in last and str(old) in last, last
     key = last.split("nirvana-lightning: error: ", 1)[1].split(" ", 1)[0]
     assert key in RENAMED_KEYS and RENAMED_KEYS[key].split(" ")[0] in last
+
+
+def test_calibration_source_is_a_calibration_setting(tmp_path):
+    """Where calibration text comes from is declared with the other calibration settings, and read lazily."""
+    text = tmp_path / "calibration.txt"
+    text.write_text("the zebra runs across the savanna at dawn. " * 60)
+    with pytest.raises(ConfigError, match=r"^calibration\.source\[0\]='/no/such\.txt'"):
+        Calibration(source=["/no/such.txt"])
+    assert Calibration(source=str(text)).source == (str(text),)
+    dm = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32)
+    windows = dm.calibration_windows(4, 16, 0, sources=Calibration(source=[str(text)]).source)
+    allowed = set(dm.tokenizer(text.read_text(), add_special_tokens=False)["input_ids"]) | {dm.tokenizer.eos_token_id}
+    assert windows.shape == (4, 16) and set(windows.flatten().tolist()) <= allowed
+    train_side = dm.calibration_windows(4, 16, 0)
+    assert not torch.equal(train_side, windows)

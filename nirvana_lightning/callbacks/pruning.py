@@ -231,7 +231,7 @@ class NirvanaPruningCallback(L.Callback):
                 calibration = None
                 if scoring.needs_data:
                     calibration = datamodule.calibration_windows(self.calibration.samples, self.calibration.seq_len,
-                                                                 seed)
+                                                                 seed, sources=self.calibration.source)
                 plan = make_plan(model, calibration, target, scoring, probe=probe, counts=counts)
             if self.bias_compensation:
                 self._deltas = self._bias_deltas(trainer, model, plan, calibration)
@@ -272,7 +272,7 @@ class NirvanaPruningCallback(L.Callback):
         check_family(model)
         if calibration is None:
             calibration = trainer.datamodule.calibration_windows(self.calibration.samples, self.calibration.seq_len,
-                                                                 self.calibration.seed)
+                                                                 self.calibration.seed, sources=self.calibration.source)
             if self.scoring.device is None:
                 model.to(trainer.strategy.root_device)
         deltas = bias_deltas(model, plan, as_batches(calibration, self.scoring.micro_batch_size))
@@ -321,7 +321,8 @@ class NirvanaPruningCallback(L.Callback):
         """KL selection among candidate calibration sets; returns the winner's plan (not yet cut) and windows."""
         sel = self.selection
         candidates, spans = datamodule.calibration_candidates(sel.num_candidates, self.calibration.samples,
-                                                              self.calibration.seq_len, seed, mode=sel.candidate_mode)
+                                                              self.calibration.seq_len, seed, mode=sel.candidate_mode,
+                                                              sources=self.calibration.source)
         result = select_calibration(model, candidates, probe, target, scoring, candidate_spans=spans,
                                     probe_spans=probe_spans, counts=counts)
         winner = candidates[result.best_index]

@@ -74,9 +74,6 @@ class NirvanaDataModule(L.LightningDataModule):
         max_train_windows / max_val_windows: optional caps (first windows after the split).
         batch_size / eval_batch_size: per-device batch sizes.
         num_workers: DataLoader workers.
-        calibration_sources: text for pruning calibration (default: ``sources``; for ``sft`` the
-            prompt+response text). Calibration windows come from the TRAIN side of the split; how many,
-            how long and their seed are the pruning callback's ``calibration`` settings.
         cache_dir: where embedded models are converted.
     """
 
@@ -95,7 +92,6 @@ class NirvanaDataModule(L.LightningDataModule):
         batch_size: int = 4,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        calibration_sources: list[str] | None = None,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -106,8 +102,6 @@ class NirvanaDataModule(L.LightningDataModule):
             raise ConfigError("data.sources", sources, "at least one source")
         for i, s in enumerate(sources):
             validate_source_spec(s, f"data.sources[{i}]")
-        for i, s in enumerate(calibration_sources or []):
-            validate_source_spec(s, f"data.calibration_sources[{i}]")
         for key, value in (("data.seq_len", seq_len), ("data.batch_size", batch_size)):
             check_positive_int(key, value)
         for key, value in (("data.max_train_windows", max_train_windows), ("data.max_val_windows", max_val_windows),
@@ -123,12 +117,13 @@ class NirvanaDataModule(L.LightningDataModule):
         self.max_train_windows, self.max_val_windows = max_train_windows, max_val_windows
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers = num_workers
-        self.calibration_sources, self.cache_dir = calibration_sources, cache_dir
+        self.cache_dir = cache_dir
         self.tokenizer = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
-        self._calibration_stream: torch.Tensor | None = None
+        self._calibration_stream: torch.Tensor | None = None  # the training side of the split
         self._calibration_doc_starts: list[int] = []
+        self._other_calibration: dict[tuple[str, ...], tuple[torch.Tensor, list[int]]] = {}  # calibration.source
         self._probe_stream: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ setup
@@ -147,18 +142,17 @@ class NirvanaDataModule(L.LightningDataModule):
             if len(train) == 0:
                 raise ConfigError("data.seq_len", self.seq_len, "a window no longer than the training text")
             self.train_set, self.val_set = _Rows(list(train)), _Rows(list(val))
-            self._calibration_stream = self._stream(
-                [docs[i] for i in train_idx] if self.calibration_sources is None else None)
-            self._probe_stream = self._stream([docs[i] for i in val_idx], probe=True)
+            self._calibration_stream, self._calibration_doc_starts = self._stream([docs[i] for i in train_idx])
+            self._probe_stream = self._stream([docs[i] for i in val_idx])[0]
         else:
             build = partial(build_sft_example, tokenizer=self.tokenizer, max_len=self.seq_len)
             train = [build(records[i]) for i in train_idx][: self.max_train_windows]
             val = [build(records[i]) for i in val_idx][: self.max_val_windows]
             self.train_set, self.val_set = _Rows(train), _Rows(val)
             texts = [format_prompt(records[i]) + records[i]["output"] for i in train_idx]
-            self._calibration_stream = self._stream(self._tokenize(texts) if self.calibration_sources is None else None)
+            self._calibration_stream, self._calibration_doc_starts = self._stream(self._tokenize(texts))
             val_texts = [format_prompt(records[i]) + records[i]["output"] for i in val_idx]
-            self._probe_stream = self._stream(self._tokenize(val_texts), probe=True)
+            self._probe_stream = self._stream(self._tokenize(val_texts))[0]
         rank_zero_info(
             f"data: {len(self.train_set)} train / {len(self.val_set)} val examples ({self.task}, "
             f"seq_len {self.seq_len}), {self._calibration_stream.numel()} calibration tokens"
@@ -178,20 +172,27 @@ class NirvanaDataModule(L.LightningDataModule):
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
-    def _stream(self, docs: list[list[int]] | None, probe: bool = False) -> torch.Tensor:
-        """Documents joined with EOS; for calibration, also remembers where each document starts."""
-        if docs is None:  # separate calibration sources
-            records = [r for i, s in enumerate(self.calibration_sources)
-                       for r in self._read("data.calibration_sources", i, s)]
-            docs = self._tokenize([self._text(r, i) for i, r in enumerate(records)])
+    def _stream(self, docs: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+        """Documents joined with EOS, and where each document starts."""
         eos = self.tokenizer.eos_token_id
-        if not probe:
-            starts, offset = [], 0
-            for d in docs:
-                starts.append(offset)
-                offset += len(d) + 1
-            self._calibration_doc_starts = starts
-        return torch.tensor([t for d in docs for t in (*d, eos)], dtype=torch.long)
+        starts, offset = [], 0
+        for d in docs:
+            starts.append(offset)
+            offset += len(d) + 1
+        return torch.tensor([t for d in docs for t in (*d, eos)], dtype=torch.long), starts
+
+    def calibration_text(self, sources: tuple[str, ...] | list[str] | None = None) -> tuple[torch.Tensor, list[int]]:
+        """The calibration token stream and its document starts: the training side of the split, or the text of
+        ``sources`` (``calibration.source``: read, tokenised and kept on first use)."""
+        if self._calibration_stream is None:
+            self.setup("fit")
+        if not sources:
+            return self._calibration_stream, self._calibration_doc_starts
+        key = tuple(sources)
+        if key not in self._other_calibration:
+            records = [r for i, s in enumerate(key) for r in self._read("calibration.source", i, s)]
+            self._other_calibration[key] = self._stream(self._tokenize([self._text(r, i) for i, r in enumerate(records)]))
+        return self._other_calibration[key]
 
     # ------------------------------------------------------------- loaders
     def _collate(self):
@@ -211,16 +212,15 @@ class NirvanaDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
-    def calibration_windows(self, n_window: int, seq_len: int, seed: int) -> torch.Tensor:
-        """Seeded calibration windows ``(N, T)`` from the training side of the split."""
-        if self._calibration_stream is None:
-            self.setup("fit")
-        check_window_count("calibration.samples", n_window, seq_len, self._calibration_stream.numel(),
-                           "calibration text (training side of the split)")
-        return sample_windows(self._calibration_stream, n_window, seq_len, seed)
+    def calibration_windows(self, n_window: int, seq_len: int, seed: int,
+                            sources: tuple[str, ...] | None = None) -> torch.Tensor:
+        """Seeded calibration windows ``(N, T)`` from the training side of the split (or ``sources``)."""
+        stream, _ = self.calibration_text(sources)
+        check_window_count("calibration.samples", n_window, seq_len, stream.numel(), _what(sources))
+        return sample_windows(stream, n_window, seq_len, seed)
 
     def calibration_candidates(self, n_candidate: int, n_window: int, seq_len: int, seed: int,
-                               mode: str = "random"):
+                               mode: str = "random", sources: tuple[str, ...] | None = None):
         """Candidate calibration sets for KL selection, with their spans in the calibration stream.
 
         ``random``: candidate i is N seeded windows (seed + i) of the training-side text.
@@ -230,16 +230,13 @@ class NirvanaDataModule(L.LightningDataModule):
         Returns:
             ``(candidates, spans)``: lists of ``(N_i, T)`` LongTensors and of ``(stream, start, T)``.
         """
-        if self._calibration_stream is None:
-            self.setup("fit")
         n, t = n_window, seq_len
-        stream = self._calibration_stream
+        stream, doc_starts = self.calibration_text(sources)
         if mode == "random":
-            check_window_count("calibration.samples", n, t, stream.numel(),
-                               "calibration text (training side of the split)")
+            check_window_count("calibration.samples", n, t, stream.numel(), _what(sources))
             starts = [sample_window_starts(stream.numel(), n, t, seed + i) for i in range(n_candidate)]
         elif mode == "document":
-            bounds = list(zip(self._calibration_doc_starts, [*self._calibration_doc_starts[1:], stream.numel()]))
+            bounds = list(zip(doc_starts, [*doc_starts[1:], stream.numel()]))
             usable = [(a, b) for a, b in bounds if b - a > t]
             if len(usable) < n_candidate:
                 raise ConfigError("selection.num_candidates", n_candidate, f"at most {len(usable)} documents of > {t} tokens")
@@ -266,3 +263,7 @@ class NirvanaDataModule(L.LightningDataModule):
         starts = sample_window_starts(self._probe_stream.numel(), n_window, seq_len, seed)
         probe = torch.stack([self._probe_stream[s:s + seq_len] for s in starts])
         return probe, [("probe", s, seq_len) for s in starts]
+
+
+def _what(sources) -> str:
+    return f"calibration text of {list(sources)}" if sources else "calibration text (training side of the split)"

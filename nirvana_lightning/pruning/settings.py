@@ -170,24 +170,37 @@ def check_device_spec(key: str, spec: str) -> str:
 
 @dataclass(frozen=True)
 class Calibration:
-    """The calibration windows scoring reads (drawn by the data module from its calibration text).
+    """The calibration windows scoring reads (drawn by the data module).
 
     Args:
         samples: number of windows N.
         seq_len: tokens per window T.
         seed: seed of the window draw (iterative step k draws with ``seed + k - 1``); the probe windows of
             KL selection and of ``gamma: auto`` are drawn from held-out text with the same seed.
+        source: text to draw them from, in the forms ``data.sources`` takes (builtin corpora, local
+            ``.txt`` / ``.jsonl`` / ``.json`` files, ``hf:<dataset>``); default: the training side of the data
+            module's split (for ``sft``: prompt + response).
     """
 
     samples: int = 32
     seq_len: int = 128
     seed: int = 0
+    source: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_positive_int("calibration.samples", self.samples)
         check_positive_int("calibration.seq_len", self.seq_len)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError("calibration.seed", self.seed, "an integer >= 0")
+        if self.source is not None:
+            from ..data.sources import validate_source_spec
+
+            source = (self.source,) if isinstance(self.source, str) else tuple(self.source)
+            if not source:
+                raise ConfigError("calibration.source", [], "null (the training text) or one source or more")
+            for i, spec in enumerate(source):
+                validate_source_spec(spec, f"calibration.source[{i}]")
+            _freeze(self, "source", source)
 
 
 @dataclass(frozen=True)
@@ -332,6 +345,7 @@ RENAMED_KEYS: dict[str, str] = {
     "data.calibration_samples": "NirvanaPruningCallback.calibration.samples",
     "data.calibration_seq_len": "NirvanaPruningCallback.calibration.seq_len",
     "data.calibration_seed": "NirvanaPruningCallback.calibration.seed",
+    "data.calibration_sources": "NirvanaPruningCallback.calibration.source",
 }
 
 
