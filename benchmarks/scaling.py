@@ -48,7 +48,7 @@ Fit, per approach, over every measured run (non-negative least squares on GiB, u
        vocabulary chunk for lean), so c = 1 means the analytic activation model is exact and
        a = (gradients held + reduction scratch) / W is what the analytic model expects.
 
-Projected total peak = W + scoring delta (no process overhead; the README's 17.6 / 53.6 GiB for
+Projected total peak = W + scoring delta (no process overhead; docs/results.md's 17.6 / 53.6 GiB for
 Llama-3.1-8B are the same quantity from the analytic model), at bf16, 32 x 128 tokens.
 """
 
@@ -93,7 +93,7 @@ TARGETS = {
     "llama-3.1-70b": {"label": "Llama-3.1-70B", "config": llama(8192, 80, 64, 8, 28672, LLAMA3_VOCAB, False)},
 }
 PROJECT_WINDOWS, PROJECT_DTYPE = 32, "bfloat16"
-#: README.md, "Results > Scoring memory": Llama-3.1-8B, bf16, 32 x 128 tokens (project_scoring_memory)
+#: docs/results.md, "Scoring memory": Llama-3.1-8B, bf16, 32 x 128 tokens (project_scoring_memory)
 README_8B_GIB = {"lean": 17.58, "straightforward": 53.56}
 PLAN_SPARSITY, PLAN_GAMMA = 0.2, 3.0
 OVERHEAD_GIB = 1.0  # Python, torch, the calibration: added to the memory guard's estimate
@@ -416,7 +416,7 @@ def render_plot(data: dict, path: Path) -> None:
     if target_8b is not None:
         for approach in APPROACHES:
             ax.plot([target_8b["params"]], [proj["readme_8b_gib"][approach]], "*", color=colors[approach], ms=14,
-                    mec="k", label=f"README 8B {approach} ({proj['readme_8b_gib'][approach]} GiB)")
+                    mec="k", label=f"docs/results.md 8B {approach} ({proj['readme_8b_gib'][approach]} GiB)")
     ax.axhline(data["machine"]["mem_total_kib"] / 2**20, color="k", lw=0.8, alpha=0.5)
     ax.text(x[0], data["machine"]["mem_total_kib"] / 2**20 * 1.08, "this machine's RAM", fontsize=7)
     for m in models:
@@ -476,7 +476,7 @@ def summary(data: dict) -> str:
                     f"analytic, straightforward {m['straightforward']['fit_total_gib']:.1f} vs "
                     f"{m['straightforward']['analytic_total_gib']:.1f} GiB")
             if m["label"] == "Llama-3.1-8B":
-                line += (f" (README: {proj['readme_8b_gib']['lean']} / {proj['readme_8b_gib']['straightforward']} GiB); "
+                line += (f" (docs/results.md: {proj['readme_8b_gib']['lean']} / {proj['readme_8b_gib']['straightforward']} GiB); "
                          f"lean / straightforward {m['lean']['fit_total_gib'] / m['straightforward']['fit_total_gib']:.2f} "
                          f"by the fit, {m['lean']['analytic_total_gib'] / m['straightforward']['analytic_total_gib']:.2f} "
                          "analytic")
@@ -579,10 +579,10 @@ def render_markdown(data: dict, path: Path, png_name: str) -> None:
     add(f"## Projections ({proj['dtype']}, {proj['n_window']} x {proj['seq_len']} tokens)\n")
     add("Total peak = weights + scoring delta, in GiB, no process overhead. Fit: the coefficients above applied to "
         "the model's weight bytes and analytic activation bytes; analytic: `project_scoring_memory` (which is what "
-        f"the README quotes for Llama-3.1-8B: lean {proj['readme_8b_gib']['lean']} GiB, straightforward "
+        f"docs/results.md quotes for Llama-3.1-8B: lean {proj['readme_8b_gib']['lean']} GiB, straightforward "
         f"{proj['readme_8b_gib']['straightforward']} GiB).\n")
     add("| model | parameters | weights | lean fit | lean analytic | straightforward fit | straightforward analytic | "
-        "README | analytic a (lean / straightf.) |")
+        "docs/results.md | analytic a (lean / straightf.) |")
     add("|---|---|---|---|---|---|---|---|---|")
     for m in sorted(proj["models"].values(), key=lambda m: m["params"]):
         readme = (f"{proj['readme_8b_gib']['lean']} / {proj['readme_8b_gib']['straightforward']}"

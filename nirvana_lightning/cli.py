@@ -180,6 +180,8 @@ def explain(err: BaseException, argv: list[str] | None = None) -> str | None:
         return None
     inner = keys[-1]
     key = f"{owner}.{inner}" if owner and inner != "trainer.callbacks" else inner
+    if key in RENAMED_KEYS:  # a 0.1 flat value where a section now stands (schedule: linear)
+        return f"{key} is not a setting since 0.2; use {RENAMED_KEYS[key]} (docs/configs.md)"
     value = given[-1].strip() if given else "?"
     kinds = []
     for cls, literal, other in expected:

@@ -36,6 +36,8 @@ class PrunableModule(Protocol):
     pruning_plan: PruningPlan | None
     #: the checkpoint the Trainer will restore (set by :meth:`resume_from`), else None
     resume_ckpt_path: str | None
+    #: the module's settings (``source``, ``recovery``, ...), as Lightning saves them
+    hparams: Any
 
     def build_model(self) -> torch.nn.Module:
         """Load the base model once (idempotent) and return it without adapters."""
@@ -56,6 +58,9 @@ class PrunableModule(Protocol):
     def resume_from(self, ckpt_path: str | None) -> None:
         """Name the checkpoint the Trainer will restore, so its saved plan is cut at setup."""
 
+    def fill_omitted_base(self, checkpoint: dict) -> None:
+        """Complete a LoRA checkpoint written without its frozen base (rebuilt from ``source`` + plan)."""
+
 
 @runtime_checkable
 class PruneListener(Protocol):
@@ -69,12 +74,35 @@ class PruneListener(Protocol):
 class SummarySource(Protocol):
     """A callback whose measurements become rows of the run summary."""
 
+    #: every measurement, ``{stage: {metric: value}}`` (kept in the summary's history)
+    results: dict[str, dict[str, float]]
+
     def summary_rows(self) -> dict[str, dict[str, float]]:
         """``{row label: {stage (dense / pruned / recovered): value}}``."""
 
 
-_ATTRIBUTES = ("model", "tokenizer", "pruning_plan", "resume_ckpt_path")
-_METHODS = ("build_model", "base_model", "dense_reference", "merge_recovery_adapters", "cut_step", "resume_from")
+class CalibrationData(Protocol):
+    """The data-module side the pruning callback uses (:class:`~nirvana_lightning.data.NirvanaDataModule`)."""
+
+    #: the tokenizer of the model source
+    tokenizer: Any
+
+    def calibration_windows(self, n_window: int, seq_len: int, seed: int,
+                            sources: tuple[str, ...] | None = None) -> torch.Tensor:
+        """Seeded calibration windows ``(N, T)``."""
+
+    def calibration_candidates(self, n_candidate: int, n_window: int, seq_len: int, seed: int, mode: str = "random",
+                               sources: tuple[str, ...] | None = None) -> tuple[list, list]:
+        """Candidate calibration sets for KL selection, with their spans."""
+
+    def probe_windows(self, n_window: int, seq_len: int, seed: int) -> tuple[torch.Tensor, list]:
+        """Held-out probe windows, with their spans."""
+
+
+_ATTRIBUTES = ("model", "tokenizer", "pruning_plan", "resume_ckpt_path", "hparams")
+_METHODS = ("build_model", "base_model", "dense_reference", "merge_recovery_adapters", "cut_step", "resume_from",
+            "fill_omitted_base")
+_DATA_METHODS = ("calibration_windows", "calibration_candidates", "probe_windows")
 
 
 def prunable(pl_module: Any) -> PrunableModule:
@@ -95,3 +123,19 @@ def prunable(pl_module: Any) -> PrunableModule:
         raise ConfigError("model", type(pl_module).__name__, "a LightningModule implementing nirvana_lightning."
                           f"contract.PrunableModule (NirvanaModule does); missing: {', '.join(missing)}")
     return pl_module
+
+
+def calibration_data(datamodule: Any) -> CalibrationData:
+    """``datamodule`` if it implements :class:`CalibrationData`, else a clear error naming what is missing."""
+    import inspect
+
+    missing = []
+    for name in _DATA_METHODS:
+        try:
+            inspect.getattr_static(type(datamodule), name)
+        except AttributeError:
+            missing.append(name)
+    if datamodule is None or missing:
+        raise ConfigError("data", type(datamodule).__name__, "a datamodule implementing nirvana_lightning.contract."
+                          f"CalibrationData (NirvanaDataModule does); missing: {', '.join(missing or _DATA_METHODS)}")
+    return datamodule

@@ -110,7 +110,7 @@ def test_infeasible_gamma_raises_clearly():
                                     ({"sparsity": 0.2, "round_to": 7}, "round_to"),
                                     ({"sparsity": 0.2, "mode": "bogus"}, "allocation")])
 def test_bad_targets(kw, key):
-    with pytest.raises(ConfigError, match=f"^{key}="):
+    with pytest.raises(ConfigError, match=rf"^target\.{key}="):
         _alloc([torch.rand(4)], [torch.rand(16)], **kw)
 
 
@@ -188,6 +188,6 @@ def test_a_round_to_that_makes_the_target_unreachable_is_named():
     """round_to wider than the layers used to blame sparsity; the error now names round_to (issue 15)."""
     attn = [torch.rand(2), torch.rand(2)]
     mlp = [torch.rand(16), torch.rand(16)]
-    with pytest.raises(ConfigError, match=r"^round_to=32 .*keeps at least 32 MLP neurons .*narrowest has 16"):
+    with pytest.raises(ConfigError, match=r"^target\.round_to=32 .*keeps at least 32 MLP neurons .*narrowest has 16"):
         _alloc(attn, mlp, sparsity=0.5, gamma=1.0, n_query_per_kv=1, head_dim=1, round_to=32)
     _alloc(attn, mlp, sparsity=0.5, gamma=1.0, n_query_per_kv=1, head_dim=1, round_to=8)

@@ -58,7 +58,7 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
 
 def test_bf16_true_keeps_adapters_optimizer_and_metrics_in_full_precision(tmp_path):
     """Under bf16-true the base is bf16, but LoRA weights, AdamW moments and the perplexity sums are not."""
-    from nirvana_lightning.eval.perplexity import lm_loss_and_count
+    from nirvana_lightning.recovery.objectives import lm_loss
 
     module, _, trainer = _fit("lora", tmp_path, steps=3, dtype="bfloat16", precision="bf16-true", lr=1e-5)
     lora = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
@@ -76,7 +76,7 @@ def test_bf16_true_keeps_adapters_optimizer_and_metrics_in_full_precision(tmp_pa
     module.model.eval()
     with torch.no_grad(), trainer.precision_plugin.forward_context():
         for batch in trainer.datamodule.val_dataloader():
-            loss, n = lm_loss_and_count(module.model, batch)
+            loss, n = lm_loss(module.model, batch)
             total, count = total + float(loss) * n, count + n
     assert float(trainer.callback_metrics["val/ppl"]) == pytest.approx(math.exp(total / count), rel=1e-6)
 

@@ -131,6 +131,10 @@ def test_01_keywords_of_the_python_api_still_work():
     assert prune(pruned, cal, **flat).fingerprint() == a.fingerprint()
     with pytest.raises(ConfigError, match=r"^make_plan\(sparsty=\.\.\.\)=0\.3 .*sparsity"):
         make_plan(model, cal, sparsty=0.3)
+    with pytest.raises(ConfigError, match=r"^target\.sparsity=None .*exactly one .* for prune .*nothing is pruned by default"):
+        prune(model, cal, criterion="taylor")  # 0.1 refused a call without a target too
+    # "+0" (each rank's own accelerator in the callback) is the model's own device here: offloaded scoring
+    assert make_plan(model, cal, *typed, scoring_device="+0").fingerprint() == a.fingerprint()
     assert set(FLAT_KEYWORDS) >= set(flat)
 
 
@@ -257,6 +261,11 @@ BAD_CLI = [
                                        r"NirvanaPruningCallback\.calibration\.samples"),
     ([CB + "selection.method=entropy"], r"NirvanaPruningCallback\.selection\.method='entropy' is invalid"),
     (["--model.lr=-1"], r"model\.lr=-1\.0 is invalid; expected a finite number > 0"),
+    ([CB + "schedule=linear"], r"NirvanaPruningCallback\.schedule is not a setting since 0\.2; use "
+                               r"NirvanaPruningCallback\.schedule\.kind"),
+    # found only once the model's widths are known (at setup): still named as the user wrote it
+    ([CB + "target.sparsity=0.6", CB + "target.round_to=128"],
+     r"NirvanaPruningCallback\.target\.round_to=128 is invalid; .*narrowest has"),
 ]
 
 

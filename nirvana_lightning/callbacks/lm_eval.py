@@ -66,9 +66,7 @@ class LmEvalCallback(StagedEvaluation):
         def run() -> dict:
             tokenizer = prunable(pl_module).tokenizer
             if tokenizer is None:
-                tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-            if tokenizer is None:
-                raise RuntimeError("LmEvalCallback: neither the module nor the datamodule has a tokenizer")
+                raise RuntimeError("LmEvalCallback: the module has no tokenizer (build_model() sets it)")
             return run_lm_eval(pl_module.model, tokenizer, self.tasks, num_fewshot=self.num_fewshot,
                                limit=self.limit, batch_size=self.batch_size)
 

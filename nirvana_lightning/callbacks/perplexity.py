@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 
+from ..contract import prunable
 from ..data.sft import format_prompt
 from ..data.sources import read_records, validate_source_spec
 from ..errors import ConfigError, check_positive
@@ -87,7 +88,7 @@ class PerplexityCallback(StagedEvaluation):
         out = {}
         if self.val:
             out["val"] = compute_perplexity(pl_module.model, trainer.datamodule.val_dataloader(), device=device)
-        tokenizer = getattr(trainer.datamodule, "tokenizer", None) or pl_module.tokenizer
+        tokenizer = prunable(pl_module).tokenizer
         for name in self.datasets:
             out[name] = compute_text_perplexity(pl_module.model, tokenizer, self._texts_of(name), seq_len=self.seq_len,
                                                 stride=self.stride, max_tokens=self.max_tokens, device=device)

@@ -9,7 +9,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from ..adapters import get_adapter
-from ..contract import PrunableModule, PruneListener, prunable
+from ..contract import PrunableModule, PruneListener, calibration_data, prunable
 from ..devices import resolve_device
 from ..errors import ConfigError
 from ..io import write_text_atomic
@@ -179,9 +179,8 @@ class NirvanaPruningCallback(L.Callback):
         if self.schedule.iterative:
             step = self._step_target(model, k)
             target, counts = dataclasses.replace(target, sparsity=step.sparsity), step.counts
-        datamodule = trainer.datamodule
-        if scoring.needs_data and (datamodule is None or not hasattr(datamodule, "calibration_windows")):
-            raise ConfigError("data", type(datamodule).__name__, "a datamodule with calibration_windows()")
+        datamodule = calibration_data(trainer.datamodule) if scoring.needs_data or target.gamma == "auto" \
+            else trainer.datamodule
         if scoring.device is not None:  # the model stays in host memory; each layer visits the device in turn
             device = resolve_device(scoring.device, trainer.strategy.root_device, trainer.world_size,
                                     key="NirvanaPruningCallback.scoring.device")

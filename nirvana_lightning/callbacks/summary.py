@@ -106,7 +106,7 @@ class RunSummaryCallback(StagedEvaluation):
             for label, values in callback.summary_rows().items():
                 rows.setdefault(label, {}).update(values)
             if callback is not self:
-                history[type(callback).__name__] = getattr(callback, "results", None)
+                history[type(callback).__name__] = callback.results
         plan = prunable(pl_module).pruning_plan
         plan_info = None
         if plan is not None:

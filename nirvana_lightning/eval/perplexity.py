@@ -9,18 +9,7 @@ import torch
 from torch import nn
 
 from ..data.sft import IGNORE_INDEX
-
-
-def lm_loss_and_count(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """Mean next-token loss of a batch and the number of tokens it averages over.
-
-    ``batch`` holds ``input_ids``, ``labels`` (-100 where ignored) and optionally
-    ``attention_mask``, all ``(B, T)``. Labels are shifted by one (HF convention). The logits are
-    never materialised whole (:mod:`nirvana_lightning.recovery.objectives`).
-    """
-    from ..recovery.objectives import lm_loss
-
-    return lm_loss(model, batch)
+from ..recovery.objectives import lm_loss
 
 
 @torch.no_grad()
@@ -37,7 +26,7 @@ def compute_perplexity(model: nn.Module, batches: Iterable[dict], device: torch.
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss, n = lm_loss_and_count(model, batch)
+            loss, n = lm_loss(model, batch)
             total += float(loss) * n
             count += n
     finally:

@@ -42,13 +42,13 @@ def validate_targets(sparsity: float, gamma: float, round_to: int, mode: str = "
     """Check target settings; raises :class:`ConfigError` naming the key."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0 \
             or math.isnan(sparsity):
-        raise ConfigError("sparsity", sparsity, "a fraction in [0, 1)")
+        raise ConfigError("target.sparsity", sparsity, "a fraction in [0, 1)")
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0 or math.isinf(gamma):
-        raise ConfigError("gamma", gamma, "a finite number > 0 (1 gives uniform fractions)")
+        raise ConfigError("target.gamma", gamma, "a finite number > 0 (1 gives uniform fractions)")
     if round_to not in ROUND_TO_CHOICES:
-        raise ConfigError("round_to", round_to, ROUND_TO_CHOICES)
+        raise ConfigError("target.round_to", round_to, ROUND_TO_CHOICES)
     if mode not in MODES:
-        raise ConfigError("allocation", mode, MODES)
+        raise ConfigError("target.allocation", mode, MODES)
 
 
 def compute_prune_fractions(
@@ -81,7 +81,7 @@ def _exact_prune_fractions(
     if s == 0:
         return Fraction(0), Fraction(0)
     if prunable == 0:
-        raise ConfigError("sparsity", sparsity, "0 when every layer is skipped")
+        raise ConfigError("target.sparsity", sparsity, "0 when every layer is skipped")
     p_attn = s * total / prunable
     p_mlp = g * p_attn
     if p_mlp > 1 or p_attn > 1:
@@ -106,7 +106,7 @@ def _select_lowest(scores: list[torch.Tensor], protected: list[torch.Tensor], n_
     blocked = torch.cat(protected) if protected else torch.zeros(0, dtype=torch.bool)
     candidates = (~blocked).nonzero().squeeze(1)
     if n_remove > candidates.numel():
-        raise ConfigError("sparsity", f"a target removing {n_remove} {kind}",
+        raise ConfigError("target.sparsity", f"a target removing {n_remove} {kind}",
                           f"at most {candidates.numel()} removable {kind} (the guards keep the rest)")
     order = candidates[_stable_order(flat[candidates])]
     remove = torch.zeros_like(blocked)
@@ -211,21 +211,21 @@ def allocate(
     """
     validate_targets(sparsity, gamma, round_to, mode)
     if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
-        raise ConfigError("tp_size", tp_size, "a tensor-parallel degree >= 1")
+        raise ConfigError("target.tp_size", tp_size, "a tensor-parallel degree >= 1")
     n_layer = len(attention_scores)
     if len(mlp_scores) != n_layer:
         raise ValueError(f"{n_layer} layers of attention scores but {len(mlp_scores)} of MLP scores")
     skip = set(skip_layers)
     for i in skip:
         if not 0 <= i < n_layer:
-            raise ConfigError("skip_layers", i, f"layer indices in [0, {n_layer})")
+            raise ConfigError("target.skip_layers", i, f"layer indices in [0, {n_layer})")
     attention_scores = [s.detach().cpu().double() for s in attention_scores]
     mlp_scores = [s.detach().cpu().double() for s in mlp_scores]
     mlp_round = math.lcm(round_to, tp_size)
     if tp_size > 1:
         for i, (a, m) in enumerate(zip(attention_scores, mlp_scores)):
             if a.numel() % tp_size or m.numel() % tp_size:
-                raise ConfigError("tp_size", tp_size, f"a degree dividing every layer's KV groups and MLP width "
+                raise ConfigError("target.tp_size", tp_size, f"a degree dividing every layer's KV groups and MLP width "
                                                       f"(layer {i} has {a.numel()} groups, {m.numel()} neurons)")
     # Guards: the best `tp_size` attention groups of every layer and the best `round_to` neurons stay; so do
     # skipped layers.
@@ -241,7 +241,7 @@ def allocate(
     p_attn, p_mlp = _exact_prune_fractions(sparsity, gamma, attn_cost, mlp_cost, n_attn, n_mlp,
                                            n_attn_prunable, n_mlp_prunable)
     if counts is not None and mode != "global":
-        raise ConfigError("allocation", mode, "'global' when explicit removal counts are given (iterative schedules)")
+        raise ConfigError("target.allocation", mode, "'global' when explicit removal counts are given (iterative schedules)")
     if mode == "global":
         n_attn_remove = math.floor(n_attn_prunable * p_attn)
         n_mlp_remove = math.floor(n_mlp_prunable * p_mlp)
@@ -251,8 +251,8 @@ def allocate(
                 raise ValueError(f"removal counts must be >= 0, got {counts}")
             p_attn = Fraction(n_attn_remove, max(1, n_attn_prunable))
             p_mlp = Fraction(n_mlp_remove, max(1, n_mlp_prunable))
-        _blame_guard(n_attn_remove, attn_protect, attention_scores, skip, "tp_size", tp_size, "attention groups")
-        _blame_guard(n_mlp_remove, mlp_protect, mlp_scores, skip, "round_to", round_to, "MLP neurons")
+        _blame_guard(n_attn_remove, attn_protect, attention_scores, skip, "target.tp_size", tp_size, "attention groups")
+        _blame_guard(n_mlp_remove, mlp_protect, mlp_scores, skip, "target.round_to", round_to, "MLP neurons")
         attn_remove = _select_lowest(attention_scores, attn_protect, n_attn_remove, "attention groups")
         mlp_remove = _select_lowest(mlp_scores, mlp_protect, n_mlp_remove, "MLP neurons")
     else:
@@ -275,6 +275,6 @@ def sparsity_for_param_budget(n_param_total: int, n_param_block: int, budget: in
     """
     fixed = n_param_total - n_param_block
     if not fixed < budget <= n_param_total:
-        raise ConfigError("param_budget", budget,
+        raise ConfigError("target.param_budget", budget,
                           f"a parameter count in ({fixed:,}, {n_param_total:,}] (embeddings, norms and head are kept)")
     return (n_param_total - budget) / n_param_block

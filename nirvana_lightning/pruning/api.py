@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from ..adapters import get_adapter, unwrap_model
+from ..devices import resolve_device
 from ..errors import ConfigError
 from .allocation import allocate, sparsity_for_param_budget
 from .gamma import search_gamma
@@ -125,6 +126,9 @@ def make_plan(
     target, scoring = from_flat(target, scoring, flat, "make_plan")
     model = unwrap_model(model)
     adapter = get_adapter(model)  # unsupported families fail here, before any work
+    if scoring.device is not None and str(scoring.device).startswith("+"):  # +N: N devices after the model's own
+        home = next(model.parameters()).device
+        scoring = dataclasses.replace(scoring, device=str(resolve_device(scoring.device, home, 1, key="scoring.device")))
     sparsity = target.sparsity
     if target.param_budget is not None:
         n_param = count_parameters(model)
@@ -212,9 +216,9 @@ def prune(
         model: a supported causal LM (Llama, Mistral, Qwen2, Qwen3).
         calibration: LongTensor ``(N, T)`` of token ids or an iterable of ``(B, T)`` batches
             (not needed for ``magnitude``/``random``).
-        target: how much to remove (:class:`~nirvana_lightning.settings.PruningTarget`: sparsity or
+        target: how much to remove (:class:`~nirvana_lightning.pruning.settings.PruningTarget`: sparsity or
             param_budget, gamma or ``"auto"``, round_to, tp_size, skip_layers, allocation).
-        scoring: how units are scored (:class:`~nirvana_lightning.settings.Scoring`: criterion, functional,
+        scoring: how units are scored (:class:`~nirvana_lightning.pruning.settings.Scoring`: criterion, functional,
             dtype, micro-batching, checkpointing, device, seed).
         probe: held-out token windows ``(N, T)`` for ``gamma="auto"``, sharing no text with the calibration
             (checked: no common 32-token run). Required then: this function has no corpus to draw them from
@@ -224,7 +228,7 @@ def prune(
             Llama-family configs only).
         **flat: 0.1's keywords, each folded into ``target`` or ``scoring`` (``sparsity=``, ``gamma=``,
             ``criterion=``, ``round_to=``, ``scoring_dtype=``, ``scoring_device=`` ...: see
-            :data:`~nirvana_lightning.settings.FLAT_KEYWORDS`); a keyword overrides the same field of an
+            :data:`~nirvana_lightning.pruning.settings.FLAT_KEYWORDS`); a keyword overrides the same field of an
             object also passed.
 
     Returns:

@@ -84,7 +84,7 @@ def search_gamma(model: nn.Module, make, probe: torch.Tensor, grid: Sequence[flo
         model.train(was_training)
     feasible = [i for i, kl in enumerate(kls) if kl is not None and math.isfinite(kl)]
     if not feasible:
-        raise ConfigError("gamma", "auto", f"a target some gamma of {list(grid)} can reach ({infeasible})")
+        raise ConfigError("target.gamma", "auto", f"a target some gamma of {list(grid)} can reach ({infeasible})")
     best = min(feasible, key=lambda i: (kls[i], i))
     search = GammaSearch([float(g) for g in grid], kls, ppls, best, time.perf_counter() - start, infeasible)
     plan = plans[best]

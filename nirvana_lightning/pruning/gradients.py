@@ -181,7 +181,7 @@ def _computed_in(model: nn.Module, adapter, device: torch.device, dtype: torch.d
             continue
         if any(id(x) in layer_ids for x in m.modules()):
             raise NotImplementedError(f"{type(m).__name__} holds parameters and contains decoder layers: "
-                                      "score this family with scoring_dtype='model' or convert it to float32 first")
+                                      "score this family with scoring.dtype 'model' or convert it to float32 first")
         others.append(m)
         covered |= {id(x) for x in m.modules()}
     wrapped = [*layers, *others]
@@ -308,7 +308,7 @@ def compute_unit_scores(
     check_choice("functional", functional, FUNCTIONALS)
     check_choice("accumulate", accumulate, ACCUMULATE)
     if not lean and accumulate == "saliency":
-        raise ConfigError("accumulate", accumulate, "'gradient' when lean=False (the baseline keeps every gradient)")
+        raise ConfigError("scoring.accumulate", accumulate, "'gradient' when lean=False (the baseline keeps every gradient)")
     model = unwrap_model(model)
     adapter = get_adapter(model)
     linears = list(adapter.block_linears())

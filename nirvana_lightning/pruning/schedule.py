@@ -22,11 +22,11 @@ def cumulative_sparsity(schedule: str, final: float, step: int, n_step: int) -> 
     Every schedule ends exactly at ``final`` when ``step == n_step``.
     """
     if schedule not in SCHEDULES:
-        raise ConfigError("schedule", schedule, SCHEDULES)
+        raise ConfigError("schedule.kind", schedule, SCHEDULES)
     if not 1 <= step <= n_step:
         raise ValueError(f"step {step} outside 1..{n_step}")
     if schedule == "once" and n_step != 1:
-        raise ConfigError("n_steps", n_step, "1 with schedule 'once'")
+        raise ConfigError("schedule.n_steps", n_step, "1 with schedule.kind 'once'")
     if step == n_step:
         return final
     t = step / n_step

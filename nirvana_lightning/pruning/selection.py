@@ -105,10 +105,10 @@ def check_logprob_memory(n_window: int, seq_len: int, vocab: int, available: int
     available = available_memory_bytes() if available is None else available
     if available is not None and need > available // 2:
         fits = max(0, available // 2 // (seq_len * vocab * 4))
-        raise ConfigError("probe_samples", n_window,
+        raise ConfigError("selection.probe_samples", n_window,
                           f"at most {fits}: the dense log-probabilities of {n_window} x {seq_len} tokens over "
                           f"{vocab:,} words take {need / 2**30:.1f} GiB, and half of the available memory is "
-                          f"{available / 2**31:.1f} GiB (lower probe_samples or probe_seq_len)")
+                          f"{available / 2**31:.1f} GiB (lower selection.probe_samples or selection.probe_seq_len)")
 
 
 def compute_dense_logprobs(model: nn.Module, probe: torch.Tensor, batch_size: int = 16) -> list[torch.Tensor]:

@@ -37,6 +37,10 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _is_index(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def _freeze(obj: Any, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)  # normalising a frozen dataclass's own field in __post_init__
 
@@ -92,8 +96,7 @@ class PruningTarget:
         check_positive_int("target.tp_size", self.tp_size)
         skip = tuple(self.skip_layers or ())
         for i, layer in enumerate(skip):
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                raise ConfigError(f"target.skip_layers[{i}]", layer, "a layer index >= 0")
+            check_positive_int(f"target.skip_layers[{i}]", layer, minimum=0)
         _freeze(self, "skip_layers", skip)
         check_choice("target.allocation", self.allocation, MODES)
 
@@ -142,8 +145,7 @@ class Scoring:
             raise ConfigError("scoring.checkpointing", self.checkpointing, (True, False))
         if self.device is not None:
             check_device_spec("scoring.device", self.device)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError("scoring.seed", self.seed, "an integer")
+        check_positive_int("scoring.seed", self.seed, minimum=0)
 
     @property
     def needs_data(self) -> bool:
@@ -190,8 +192,7 @@ class Calibration:
     def __post_init__(self) -> None:
         check_positive_int("calibration.samples", self.samples)
         check_positive_int("calibration.seq_len", self.seq_len)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError("calibration.seed", self.seed, "an integer >= 0")
+        check_positive_int("calibration.seed", self.seed, minimum=0)
         if self.source is not None:
             from ..data.sources import validate_source_spec
 
@@ -259,8 +260,8 @@ class Schedule:
                               "exactly one of schedule.at_epochs and schedule.every_n_steps for an iterative schedule")
         if self.at_epochs is not None:
             epochs = tuple(self.at_epochs)
-            if len(epochs) != self.n_steps or any(isinstance(e, bool) or not isinstance(e, int) or e < 0
-                                                  for e in epochs) or list(epochs) != sorted(set(epochs)):
+            if len(epochs) != self.n_steps or any(not _is_index(e) for e in epochs) \
+                    or list(epochs) != sorted(set(epochs)):
                 raise ConfigError("schedule.at_epochs", list(epochs), f"{self.n_steps} distinct increasing epoch "
                                   f"indices >= 0 (n_steps={self.n_steps})")
             _freeze(self, "at_epochs", epochs)
@@ -292,7 +293,8 @@ class Schedule:
 
 def check_combination(target: PruningTarget, scoring: Scoring, selection: Selection, schedule: Schedule, *,
                       plan_path: str | None = None, bias_compensation: bool = False) -> None:
-    """The rules that span two settings, checked once by the callback and by the Python API."""
+    """The rules that span two settings, checked once when the callback is built (the Python API's functions
+    take one target and one scoring each: these combinations cannot reach them)."""
     if schedule.iterative:
         if target.sparsity is None or plan_path is not None:
             raise ConfigError("schedule.kind", schedule.kind, "'once' unless the target is given as target.sparsity "
@@ -363,7 +365,10 @@ def from_flat(target: PruningTarget | None, scoring: Scoring | None, flat: dict[
                               + ", ".join(sorted(FLAT_KEYWORDS)))
         section, name = FLAT_KEYWORDS[key]
         parts[section][name] = value
-    if "sparsity" not in flat and "param_budget" in flat and flat["param_budget"] is not None:
+    if target is None and flat.get("sparsity") is None and flat.get("param_budget") is None:
+        raise ConfigError("target.sparsity", None, f"exactly one of target.sparsity and target.param_budget for {where} "
+                          "(target=PruningTarget(...), sparsity= or param_budget=; nothing is pruned by default)")
+    if "sparsity" not in flat and flat.get("param_budget") is not None:
         parts["target"].setdefault("sparsity", None)  # a budget alone replaces the default sparsity
     target = dataclasses.replace(target or PruningTarget(), **parts["target"]) if parts["target"] or target is None \
         else target
