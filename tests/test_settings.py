@@ -285,7 +285,7 @@ OLD_CONFIGS = sorted((REPO / "tests" / "data" / "configs_0.1").glob("*.yaml"))
 def test_every_01_config_has_a_converted_copy():
     names = {p.name for p in OLD_CONFIGS}
     current = {str(p.relative_to(REPO / "configs")).replace("/", "_") for p in (REPO / "configs").rglob("*.yaml")}
-    assert names == current
+    assert len(names) == 11 and names <= current  # configs added since 0.2 have no 0.1 form
 
 
 @pytest.mark.parametrize("old", OLD_CONFIGS, ids=[p.name for p in OLD_CONFIGS])

@@ -118,25 +118,25 @@ def test_same_seed_same_plan(family, calib):
     assert r[0].fingerprint() == r[1].fingerprint() != r[2].fingerprint()
 
 
-def test_plan_json_round_trip_and_reapply(tiny, calib):
+def test_plan_json_round_trip_and_reapply(tiny, calib, family):
     from nirvana_lightning.debug_models import build_tiny_model
 
     plan = make_plan(tiny, calib, sparsity=0.45, gamma=1.5)
     text = plan.to_json()
     again = PruningPlan.from_json(text)
     assert again == plan
-    other = build_tiny_model(f"tiny-{tiny.config.model_type}")
+    other = build_tiny_model(family)
     cut(tiny, plan)
     cut(other, again)
     assert torch.equal(_logits(tiny, calib), _logits(other, calib))
 
 
-def test_apply_plan_is_the_deprecated_name_of_cut(tiny, calib):
+def test_apply_plan_is_the_deprecated_name_of_cut(tiny, calib, family):
     """0.1's apply_plan still cuts, warns, and returns the model (cut returns the plan)."""
     from nirvana_lightning.debug_models import build_tiny_model
 
     plan = make_plan(tiny, calib, sparsity=0.45, gamma=1.5)
-    other = build_tiny_model(f"tiny-{tiny.config.model_type}")
+    other = build_tiny_model(family)
     with pytest.warns(DeprecationWarning, match=r"apply_plan is deprecated: use cut\(model, plan\)"):
         assert apply_plan(tiny, plan) is tiny
     assert cut(other, PruningPlan.from_dict(plan.to_dict())).fingerprint() == plan.fingerprint()

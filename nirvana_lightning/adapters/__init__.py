@@ -6,13 +6,14 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import ROLES, AttentionParts, MLPParts, ModelAdapter
+from .gemma3 import Gemma3Adapter
 from .llama import LlamaAdapter
 from .mistral import MistralAdapter
 from .qwen2 import Qwen2Adapter
 from .qwen3 import Qwen3Adapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
-    t: cls for cls in (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter) for t in cls.model_types
+    t: cls for cls in (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, Gemma3Adapter) for t in cls.model_types
 }
 
 

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -77,6 +78,23 @@ class ModelAdapter:
 
     def lm_head(self) -> nn.Linear:
         return self.model.lm_head
+
+    # ------------------------------------------------------- hidden states -> logits
+    @property
+    def logit_softcap(self) -> float | None:
+        """Final-logit soft-capping (Gemma 2/3: ``cap * tanh(logits / cap)``), None when the family has none."""
+        return None
+
+    def finalize_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the family's forward applies to ``lm_head(hidden)``: scorers and losses that apply the head
+        themselves, chunk by chunk, call this so they see the model's own logits."""
+        cap = self.logit_softcap
+        return logits if not cap else cap * torch.tanh(logits / cap)
+
+    @contextmanager
+    def raw_logits(self) -> Iterator[None]:
+        """The forward returns ``lm_head(hidden)`` unchanged (no soft-capping) inside the block."""
+        yield
 
     def block_linears(self) -> Iterator[tuple[int, str, nn.Linear]]:
         """``(layer_index, role, module)`` for every prunable projection, layer-major, roles in ROLES order."""

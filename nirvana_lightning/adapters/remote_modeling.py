@@ -74,9 +74,16 @@ class NirvanaQwen3ForCausalLM(transformers.Qwen3ForCausalLM):
         resize_layers_(self, config)
 
 
+class NirvanaGemma3ForCausalLM(transformers.Gemma3ForCausalLM):
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        resize_layers_(self, config)
+
+
 PRUNED_CLASSES = {
     "llama": NirvanaLlamaForCausalLM,
     "mistral": NirvanaMistralForCausalLM,
     "qwen2": NirvanaQwen2ForCausalLM,
     "qwen3": NirvanaQwen3ForCausalLM,
+    "gemma3_text": NirvanaGemma3ForCausalLM,
 }

@@ -99,9 +99,9 @@ def compute_kl(
         for batch in batches:
             input_ids = batch["input_ids"]
             attention_mask = batch.get("attention_mask")
-            ref_logits = reference(input_ids=input_ids.to(reference_device),
+            ref_logits = reference(input_ids=input_ids.to(reference_device), use_cache=False,
                                    attention_mask=None if attention_mask is None else attention_mask.to(reference_device)).logits
-            logits = model(input_ids=input_ids.to(device),
+            logits = model(input_ids=input_ids.to(device), use_cache=False,
                            attention_mask=None if attention_mask is None else attention_mask.to(device)).logits
             kl, n = token_kl(ref_logits, logits, target_mask(batch), token_chunk=token_chunk)
             total += float(kl)

@@ -200,20 +200,23 @@ def _computed_in(model: nn.Module, adapter, device: torch.device, dtype: torch.d
                 m.forward = previous
 
 
-def _chunked_head_functional(hidden: torch.Tensor, head: nn.Linear, functional: str, chunk: int) -> None:
-    """Backpropagate f(head(hidden)) into ``hidden.grad`` one vocabulary chunk at a time.
+def _chunked_head_functional(hidden: torch.Tensor, head: nn.Linear, functional: str, chunk: int,
+                             finalize=None) -> None:
+    """Backpropagate f(finalize(head(hidden))) into ``hidden.grad`` one vocabulary chunk at a time.
 
-    ``hidden`` is a detached leaf ``(B, T, H)`` that requires grad. Equals autograd through the
+    ``hidden`` is a detached leaf ``(B, T, H)`` that requires grad; ``finalize`` is the family's step from
+    head outputs to logits (soft-capping; elementwise and increasing). Equals autograd through the
     full logits for ``max_over_seq`` and ``sum_logits`` (separable over the vocabulary); for
     ``max_over_vocab`` the arg-max is found chunk-wise first (ties go to the first index).
     """
+    finalize = finalize or (lambda x: x)
     weight, bias = head.weight, head.bias
     n_vocab = weight.shape[0]
     if functional in ("max_over_seq", "sum_logits"):
         for start in range(0, n_vocab, chunk):
             w = weight[start:start + chunk].to(hidden.device, hidden.dtype)
             b = None if bias is None else bias[start:start + chunk].to(hidden.device, hidden.dtype)
-            logits = nn.functional.linear(hidden, w, b)  # (B, T, chunk)
+            logits = finalize(nn.functional.linear(hidden, w, b))  # (B, T, chunk)
             if functional == "max_over_seq":
                 part = logits.amax(dim=1).float().sum() / (hidden.shape[0] * n_vocab)
             else:
@@ -234,7 +237,7 @@ def _chunked_head_functional(hidden: torch.Tensor, head: nn.Linear, functional: 
     top = (hidden * weight[arg.to(weight.device)].to(hidden.device, hidden.dtype)).sum(-1)
     if bias is not None:
         top = top + bias[arg.to(bias.device)].to(hidden.device, hidden.dtype)
-    top.float().mean().backward()
+    finalize(top).float().mean().backward()  # increasing: the arg-max of the raw logits is the logits' own
 
 
 def input_statistics(model: nn.Module, adapter, batches: list[torch.Tensor]) -> dict[int, tuple[int, torch.Tensor, torch.Tensor]]:
@@ -391,11 +394,11 @@ def compute_unit_scores(
                 ids = batch.to(home)  # the embedding lookup runs where the model is
                 scale = 1.0 if functional == "sum_logits" and criterion == "nirvana" else ids.shape[0] / n_total
                 if criterion == "taylor":
-                    (model(input_ids=ids, labels=ids).loss * scale).backward()
+                    (model(input_ids=ids, labels=ids, use_cache=False).loss * scale).backward()
                 elif head_chunk:
                     hidden = adapter.body()(input_ids=ids, use_cache=False).last_hidden_state
                     leaf = hidden.detach().requires_grad_(True)
-                    _chunked_head_functional(leaf, adapter.lm_head(), functional, head_chunk)
+                    _chunked_head_functional(leaf, adapter.lm_head(), functional, head_chunk, adapter.finalize_logits)
                     hidden.backward(leaf.grad * scale)
                     del hidden, leaf
                 else:

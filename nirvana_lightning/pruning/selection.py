@@ -120,7 +120,7 @@ def compute_dense_logprobs(model: nn.Module, probe: torch.Tensor, batch_size: in
     device = next(model.parameters()).device
     out = []
     for batch in probe.split(batch_size):
-        logits = model(input_ids=batch.to(device)).logits
+        logits = model(input_ids=batch.to(device), use_cache=False).logits
         out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
         del logits
     return out
@@ -137,7 +137,7 @@ def mean_token_kl(model: nn.Module, probe: torch.Tensor, dense_logprobs: list[to
     device = next(model.parameters()).device
     kl_sum, nll_sum, n_kl, n_nll = 0.0, 0.0, 0, 0
     for batch, dense in zip(probe.split(batch_size), dense_logprobs):
-        logits = model(input_ids=batch.to(device)).logits  # (b, T, V)
+        logits = model(input_ids=batch.to(device), use_cache=False).logits  # (b, T, V)
         flat_logits = logits.reshape(-1, logits.shape[-1])
         flat_dense = dense.reshape(-1, dense.shape[-1])
         for s in range(0, flat_logits.shape[0], token_chunk):

@@ -43,8 +43,9 @@ def _head_as_identity(head: nn.Module) -> Iterator[None]:
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, nn.Module]:
     """Final hidden states ``(B, T, H)`` through the model's own forward, and its LM head module."""
-    head = get_adapter(model).lm_head()
-    with _head_as_identity(head):
+    adapter = get_adapter(model)
+    head = adapter.lm_head()
+    with _head_as_identity(head), adapter.raw_logits():
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = out.logits if hasattr(out, "logits") else out[0]
     if hidden.shape[-1] != head.in_features:
@@ -53,13 +54,20 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return hidden, head
 
 
-def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cap: float | None) -> torch.Tensor:
+    """The family's logits from hidden states (``cap``: final-logit soft-capping, as the model's forward does)."""
     logits = nn.functional.linear(hidden, weight, bias).float()
+    return logits if not cap else cap * torch.tanh(logits / cap)
+
+
+def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+            cap: float | None = None) -> torch.Tensor:
+    logits = _logits(hidden, weight, bias, cap)
     return nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
-                    chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, int]:
+                    chunk: int = DEFAULT_CHUNK, cap: float | None = None) -> tuple[torch.Tensor, int]:
     """``(sum of next-token NLL, number of labelled tokens)`` from hidden states, ``chunk`` positions at a time."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1).to(h.device)
@@ -67,7 +75,7 @@ def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
     h, y = h[keep], y[keep]
     total = h.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[0], chunk):
-        args = (h[s:s + chunk], head.weight, head.bias, y[s:s + chunk])
+        args = (h[s:s + chunk], head.weight, head.bias, y[s:s + chunk], cap)
         total = total + (checkpoint(_ce_sum, *args, use_reentrant=False) if torch.is_grad_enabled() else _ce_sum(*args))
     return total, int(h.shape[0])
 
@@ -75,15 +83,15 @@ def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
 def lm_loss(model: nn.Module, batch: dict, chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, int]:
     """Mean next-token loss over labelled tokens and their number (NaN when none is labelled, as in HF)."""
     hidden, head = hidden_states(model, batch["input_ids"], batch.get("attention_mask"))
-    total, n = chunked_lm_loss(hidden, head, batch["labels"], chunk)
+    total, n = chunked_lm_loss(hidden, head, batch["labels"], chunk, get_adapter(model).logit_softcap)
     return total / n if n else total * float("nan"), n
 
 
 def _kd_terms(h: torch.Tensor, weight, bias, t: torch.Tensor, t_weight, t_bias, y: torch.Tensor,
-              temperature: float, with_lm: bool) -> torch.Tensor:
-    logits = nn.functional.linear(h, weight, bias).float()
+              temperature: float, with_lm: bool, cap: float | None = None, t_cap: float | None = None) -> torch.Tensor:
+    logits = _logits(h, weight, bias, cap)
     with torch.no_grad():
-        p = torch.log_softmax(nn.functional.linear(t, t_weight, t_bias).float() / temperature, dim=-1)
+        p = torch.log_softmax(_logits(t, t_weight, t_bias, t_cap) / temperature, dim=-1)
     q = torch.log_softmax(logits / temperature, dim=-1)
     kl = (p.exp() * (p - q)).sum()
     ce = nn.functional.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum") if with_lm \
@@ -120,7 +128,7 @@ def distillation_loss(model: nn.Module, teacher: nn.Module, batch: dict, *, temp
     total = h.new_zeros(2, dtype=torch.float32)
     for s in range(0, h.shape[0], chunk):
         args = (h[s:s + chunk], head.weight, head.bias, t[s:s + chunk], t_weight, t_bias, y[s:s + chunk],
-                temperature, with_lm)
+                temperature, with_lm, get_adapter(model).logit_softcap, get_adapter(teacher).logit_softcap)
         total = total + (checkpoint(_kd_terms, *args, use_reentrant=False) if torch.is_grad_enabled() else _kd_terms(*args))
     n = int(h.shape[0])
     kd = total[0] / max(1, n) * temperature ** 2

@@ -12,4 +12,9 @@ SERVING_ARCHITECTURES: dict[str, str] = {
     "mistral": "NirvanaMistralForCausalLM",
     "qwen2": "NirvanaQwen2ForCausalLM",
     "qwen3": "NirvanaQwen3ForCausalLM",
+    "gemma3_text": "NirvanaGemma3ForCausalLM",
 }
+
+#: the families whose per-layer-width classes exist for vLLM (:mod:`.vllm_models`); Gemma 3 exports reload in
+#: transformers (``load_pruned`` / remote code) but vLLM classes for them are not written yet
+VLLM_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")

@@ -7,7 +7,7 @@ registered by ``"module:Class"`` name, so nothing heavy is imported until vLLM b
 
 from __future__ import annotations
 
-from . import SERVING_ARCHITECTURES
+from . import SERVING_ARCHITECTURES, VLLM_FAMILIES
 
 MODELS_MODULE = "nirvana_lightning.serving.vllm_models"
 
@@ -15,6 +15,6 @@ MODELS_MODULE = "nirvana_lightning.serving.vllm_models"
 def register() -> None:
     from vllm import ModelRegistry
 
-    for arch in SERVING_ARCHITECTURES.values():
+    for arch in (SERVING_ARCHITECTURES[t] for t in VLLM_FAMILIES):
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, f"{MODELS_MODULE}:{arch}")
