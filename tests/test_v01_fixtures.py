@@ -1,0 +1,61 @@
+"""Files written by nirvana-lightning 0.1 still load and cut the same units.
+
+``tests/data/v0.1`` was written by the 0.1 code (commit d3605f2) from ``configs/debug/tiny.yaml`` of that commit,
+with LoRA recovery (r=4), sparsity 0.4, gamma 2 and 2 training steps:
+``plan.json`` (format ``nirvana-lightning/plan/v1``) and ``tiny-llama-lora.ckpt`` (``last.ckpt``: the plan and the
+LoRA adapters, the frozen base omitted).
+"""
+
+from pathlib import Path
+
+import torch
+from conftest import build_tiny_model
+
+from nirvana_lightning import NirvanaModule, PruningPlan, cut, masked_units
+from nirvana_lightning.io import load_checkpoint
+
+DATA = Path(__file__).resolve().parent / "data" / "v0.1"
+
+
+def _v1_plan() -> PruningPlan:
+    plan = PruningPlan.from_json((DATA / "plan.json").read_text(encoding="utf-8"))
+    assert plan.format == "nirvana-lightning/plan/v1" and plan.provenance["versions"]["nirvana-lightning"] == "0.1.0"
+    return plan
+
+
+def test_a_v1_plan_cuts_the_units_it_names():
+    plan = _v1_plan()
+    dense = build_tiny_model("tiny-llama", vocab_size=49152)  # the debug model as 0.1 built it (seed 0)
+    probe = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), masked_units(dense, plan):
+        masked = dense(input_ids=probe).logits
+    d, g = plan.head_dim, plan.n_query_per_kv
+    before = {n: p.detach().clone() for n, p in dense.named_parameters()}
+    cut(dense, plan)
+    for i, (groups, neurons) in enumerate(zip(plan.attention_keep, plan.mlp_keep)):
+        layer = dense.model.layers[i]
+        rows = torch.cat([torch.arange(k * d, (k + 1) * d) for k in groups])
+        q_rows = torch.cat([torch.arange(k * g * d, (k + 1) * g * d) for k in groups])
+        prefix = f"model.layers.{i}."
+        assert torch.equal(layer.self_attn.k_proj.weight, before[prefix + "self_attn.k_proj.weight"][rows])
+        assert torch.equal(layer.self_attn.q_proj.weight, before[prefix + "self_attn.q_proj.weight"][q_rows])
+        assert torch.equal(layer.mlp.down_proj.weight, before[prefix + "mlp.down_proj.weight"][:, neurons])
+    with torch.no_grad():
+        assert torch.equal(dense(input_ids=probe).logits, masked)
+
+
+def test_a_v1_lora_checkpoint_loads_with_its_plan_and_adapters():
+    """The 0.1 checkpoint (plan + adapters, base omitted) rebuilds the pruned model with its trained adapters."""
+    plan = _v1_plan()
+    saved = load_checkpoint(DATA / "tiny-llama-lora.ckpt")
+    assert PruningPlan.from_dict(saved[NirvanaModule.PLAN_KEY]).fingerprint() == plan.fingerprint()
+    assert saved[NirvanaModule.BASE_OMITTED_KEY] > 0
+    module = NirvanaModule.load_from_checkpoint(DATA / "tiny-llama-lora.ckpt", weights_only=True)
+    assert module.pruning_plan.fingerprint() == plan.fingerprint()
+    state = module.state_dict()
+    lora = [k for k in saved["state_dict"] if "lora_" in k]
+    assert lora and all(torch.equal(state[k], saved["state_dict"][k]) for k in lora)
+    base = module.base_model
+    assert [layer.self_attn.k_proj.weight.shape[0] // plan.head_dim for layer in base.model.layers] \
+        == plan.n_kv_group_after
+    assert [layer.mlp.gate_proj.weight.shape[0] for layer in base.model.layers] == plan.mlp_dim_after
