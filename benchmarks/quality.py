@@ -18,7 +18,10 @@ Protocol.
                  chunked head; fp32), then ``plan_from_scores`` for every sparsity. These are the
                  two steps of ``make_plan``; scoring once per criterion instead of once per
                  (criterion, sparsity) gives the same plans in half the scoring time.
-    allocation   global, ``--gamma 3.0``, ``--round-to 8``.
+    allocation   global, ``--gammas 3.0`` (several: one row each), ``--round-to 8``, ``--granularities group``
+                 (``query_head`` too: one scoring pass gives both, a group's score being the sum of its k/v
+                 part and its heads'); a setting the allocation refuses (one KV group per layer cannot lose
+                 whole groups) is a row saying why.
     probe        the held-out documents, tokenised the same way, packed into
                  ``--eval-seq-len 128``-token windows, first ``--eval-windows 64`` windows,
                  batches of ``--eval-batch-size 8`` dicts {"input_ids", "labels"}.
@@ -51,7 +54,9 @@ from torch import nn
 
 from nirvana_lightning import apply_plan, compute_unit_scores, count_parameters, load_model, masked_units
 from nirvana_lightning.data import pack_documents, read_records, sample_windows, split_documents
+from nirvana_lightning.errors import ConfigError
 from nirvana_lightning.eval import compute_perplexity
+from nirvana_lightning.families.base import GRANULARITIES
 from nirvana_lightning.pruning import CRITERIA, PruningPlan, plan_from_scores
 from nirvana_lightning.pruning.gradients import fingerprint
 
@@ -135,7 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="model source for load_model")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.5], help="block-weight sparsities")
     parser.add_argument("--criteria", nargs="+", choices=CRITERIA, default=list(CRITERIA), help="saliency criteria")
-    parser.add_argument("--gamma", type=float, default=3.0, help="MLP-to-attention pruning-fraction ratio")
+    parser.add_argument("--gammas", type=float, nargs="+", default=[3.0],
+                        help="MLP-to-attention pruning-fraction ratios")
+    parser.add_argument("--granularities", nargs="+", choices=GRANULARITIES, default=["group"],
+                        help="attention granularities (query_head: single query heads too)")
     parser.add_argument("--round-to", type=int, default=8, help="kept MLP width per layer rounded up to this multiple")
     parser.add_argument("--n-calibration", type=int, default=32, help="calibration windows")
     parser.add_argument("--calibration-seq-len", type=int, default=128, help="tokens per calibration window")
@@ -161,29 +169,46 @@ def main(argv: list[str] | None = None) -> None:
     log(f"dense perplexity {ppl_dense:.3f}")
 
     rows, plans = [], []
+    scored_granularity = "query_head" if "query_head" in args.granularities else "group"
     for criterion in args.criteria:
         start = time.perf_counter()
-        scores = compute_unit_scores(model, calibration, criterion=criterion, seed=args.seed)
+        # one pass per criterion: group scores are the sums of the query-head pass's parts (random aside)
+        scores = compute_unit_scores(model, calibration, criterion=criterion, seed=args.seed,
+                                     granularity=scored_granularity)
         seconds = time.perf_counter() - start
         log(f"{criterion}: scored in {seconds:.0f} s")
         provenance = {"criterion": criterion, "calibration_fingerprint": fingerprint([calibration]),
                       "calibration_shape": list(calibration.shape), "seed": args.seed,
                       "scoring_seconds": round(seconds, 3)}
-        for sparsity in args.sparsities:
-            plan = plan_from_scores(model, scores, sparsity=sparsity, gamma=args.gamma, round_to=args.round_to,
-                                    provenance=provenance)
-            kl = KLAccumulator(dense_logprobs)
-            with masked_units(model, plan), tap_logits(model, kl):
-                ppl = compute_perplexity(model, batches)
-            removed = plan.block_params_before - plan.block_params_after
-            rows.append({"criterion": criterion, "sparsity": sparsity, "plan": plan, "ppl": ppl, "kl": kl.mean,
-                         "total_after": counts["total"] - removed})
-            plans.append(plan)
-            log(f"{criterion} s={sparsity}: perplexity {ppl:.3f}, KL {kl.mean:.4f}")
+        for granularity in args.granularities:
+            by_granularity = scores if granularity == scored_granularity else (
+                compute_unit_scores(model, calibration, criterion=criterion, seed=args.seed)
+                if criterion == "random" else scores.as_groups())
+            for gamma in args.gammas:
+                for sparsity in args.sparsities:
+                    setting = {"criterion": criterion, "granularity": granularity, "gamma": gamma,
+                               "sparsity": sparsity}
+                    try:
+                        plan = plan_from_scores(model, by_granularity, sparsity=sparsity, gamma=gamma,
+                                                round_to=args.round_to, attention_granularity=granularity,
+                                                provenance=provenance)
+                    except ConfigError as err:  # e.g. one KV group per layer: whole groups cannot go
+                        rows.append({**setting, "refused": str(err).splitlines()[0]})
+                        log(f"{setting}: refused: {err}")
+                        continue
+                    kl = KLAccumulator(dense_logprobs)
+                    with masked_units(model, plan), tap_logits(model, kl):
+                        ppl = compute_perplexity(model, batches)
+                    removed = plan.block_params_before - plan.block_params_after
+                    rows.append({**setting, "plan": plan, "ppl": ppl, "kl": kl.mean,
+                                 "total_after": counts["total"] - removed})
+                    plans.append(plan)
+                    log(f"{setting}: perplexity {ppl:.3f}, KL {kl.mean:.4f}")
 
     sanity = None
     if not args.no_sanity_check and rows:
-        first = max((r for r in rows if r["criterion"] == args.criteria[0]), key=lambda r: r["sparsity"])
+        first = max((r for r in rows if r["criterion"] == args.criteria[0] and "plan" in r),
+                    key=lambda r: (r["granularity"] == "query_head", r["sparsity"]))
         sanity = check_masked_equals_sliced(model, first["plan"], batches[0], first["total_after"])
         log(sanity)
 
@@ -191,22 +216,27 @@ def main(argv: list[str] | None = None) -> None:
     n_mlp = sum(plans[0].mlp_dim_before) if plans else 0
     n_token = sum(b["input_ids"].numel() for b in batches)
     n_prediction = sum(b["input_ids"].shape[0] * (b["input_ids"].shape[1] - 1) for b in batches)
-    print(f"\n## Pruning quality: {args.model}, gamma {args.gamma:g}, round_to {args.round_to}, calibration "
+    n_head = sum(plans[0].n_head_before) if plans else 0
+    print(f"\n## Pruning quality: {args.model}, round_to {args.round_to}, calibration "
           f"{args.n_calibration} x {args.calibration_seq_len} (seed {args.seed}, train side of a "
           f"{1 - args.val_fraction:.0%}/{args.val_fraction:.0%} document split of Brown: {info['n_train_doc']} train / "
           f"{info['n_val_doc']} held-out documents), probe {info['n_probe']} x {args.eval_seq_len} held-out tokens "
           f"({info['n_probe_available']} windows available)\n")
-    print("| criterion | sparsity | realised block sparsity | KV groups kept | MLP neurons kept | block params kept "
-          "| total params after | perplexity | KL(dense ‖ pruned) / token |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| dense | 0 | 0 | {n_attn}/{n_attn} | {n_mlp:,}/{n_mlp:,} | {counts['block']:,} (100.0%) | "
-          f"{counts['total']:,} | {ppl_dense:.3f} | 0 |")
+    print("| criterion | granularity | gamma | sparsity | realised block sparsity | KV groups kept | query heads kept "
+          "| MLP neurons kept | block params kept | total params after | perplexity | KL(dense ‖ pruned) / token |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| dense | | | 0 | 0 | {n_attn}/{n_attn} | {n_head}/{n_head} | {n_mlp:,}/{n_mlp:,} | "
+          f"{counts['block']:,} (100.0%) | {counts['total']:,} | {ppl_dense:.3f} | 0 |")
     for r in rows:
+        head = f"| {r['criterion']} | {r['granularity']} | {r['gamma']:g} | {r['sparsity']:g} |"
+        if "refused" in r:
+            print(f"{head} refused: {r['refused']} | | | | | | | |")
+            continue
         plan = r["plan"]
         kept = plan.block_params_after / plan.block_params_before
         ppl = f"{r['ppl']:,.3f}" if math.isfinite(r["ppl"]) else "inf"
-        print(f"| {r['criterion']} | {r['sparsity']:g} | {plan.realised_sparsity:.4f} | "
-              f"{sum(plan.n_kv_group_after)}/{n_attn} | {sum(plan.mlp_dim_after):,}/{n_mlp:,} | "
+        print(f"{head} {plan.realised_sparsity:.4f} | {sum(plan.n_kv_group_after)}/{n_attn} | "
+              f"{sum(plan.n_head_after)}/{n_head} | {sum(plan.mlp_dim_after):,}/{n_mlp:,} | "
               f"{plan.block_params_after:,} ({kept:.1%}) | {r['total_after']:,} ({r['total_after'] / counts['total']:.1%}) "
               f"| {ppl} | {r['kl']:.4f} |")
     print(f"\nperplexity over {n_prediction:,} next-token predictions; KL over {n_token:,} token positions; total params {counts['total']:,} "

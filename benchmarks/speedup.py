@@ -88,11 +88,11 @@ def build_plans(model: nn.Module, tokenizer, args: argparse.Namespace) -> list[P
                           calibration_shape=list(calibration.shape))
     start = time.perf_counter()
     scores = compute_unit_scores(model, calibration if calibration is not None else [], criterion=args.criterion,
-                                 seed=args.seed)
+                                 seed=args.seed, granularity=args.granularity)
     log(f"{args.criterion}: scored in {time.perf_counter() - start:.0f} s"
         + (f" on calibration {tuple(calibration.shape)}" if calibration is not None else ""))
     return [plan_from_scores(model, scores, sparsity=s, gamma=args.gamma, round_to=args.round_to,
-                             provenance=provenance) for s in args.sparsities]
+                             attention_granularity=args.granularity, provenance=provenance) for s in args.sparsities]
 
 
 def achieved_gflops(flops: float, tokens_per_s: float) -> float:
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.5], help="block-weight sparsities")
     parser.add_argument("--criterion", choices=CRITERIA, default="nirvana", help="saliency criterion")
     parser.add_argument("--gamma", type=float, default=3.0, help="MLP-to-attention pruning-fraction ratio")
+    parser.add_argument("--granularity", choices=["group", "query_head"], default="group",
+                        help="attention granularity (query_head: single query heads inside KV groups too)")
     parser.add_argument("--round-to", type=int, default=8, help="kept MLP width per layer rounded up to this multiple")
     parser.add_argument("--n-calibration", type=int, default=8, help="calibration windows")
     parser.add_argument("--calibration-seq-len", type=int, default=128, help="tokens per calibration window")
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
                                             for k in ("linear", "attention", "lm_head")) + " |")
     for name, plan in zip(names[1:], plans):
         print(f"{name}: KV groups per layer {min(plan.n_kv_group_after)}-{max(plan.n_kv_group_after)} "
-              f"(of {max(plan.n_kv_group_before)}), MLP width per layer {min(plan.mlp_dim_after)}-"
+              f"(of {max(plan.n_kv_group_before)}), query heads per layer {min(plan.n_head_after)}-"
+              f"{max(plan.n_head_after)} (of {max(plan.n_head_before)}), MLP width per layer {min(plan.mlp_dim_after)}-"
               f"{max(plan.mlp_dim_after)} (of {max(plan.mlp_dim_before)})")
 
     check = names[1 + args.sparsities.index(args.check_sparsity)]

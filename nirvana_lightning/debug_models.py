@@ -4,25 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny-llama": {"model_type": "llama"},
-    "tiny-mistral": {"model_type": "mistral", "sliding_window": 64},
-    "tiny-qwen2": {"model_type": "qwen2", "attention_bias": True},
-    # explicit head_dim different from hidden/heads, as in real Qwen3 checkpoints
-    "tiny-qwen3": {"model_type": "qwen3", "head_dim": 32},
-    # Gemma 3: per-head q/k norms, one sliding and one global layer, tied and scaled embeddings, and a final-logit
-    # soft-cap low enough to bend the tiny model's logits (Gemma-3-270M has none; Gemma 2 used 30)
-    "tiny-gemma3": {"model_type": "gemma3_text", "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 16,
-                    "layer_types": ["sliding_attention", "full_attention"], "final_logit_softcapping": 5.0,
-                    "tie_word_embeddings": True},
-}
+
+def _tiny_configs() -> dict[str, dict[str, Any]]:
+    from .families import FAMILIES
+
+    return {name: {"model_type": model_type, **overrides} for model_type, cls in FAMILIES.items()
+            for name, overrides in cls.tiny_models.items()}
+
+
+#: debug model name -> model_type and the overrides each family declares (``ModelFamily.tiny_models``)
+TINY_CONFIGS: dict[str, dict[str, Any]] = _tiny_configs()
 
 
 def build_tiny_config(name: str, vocab_size: int = 256, **overrides: Any):
     """A transformers config for a tiny random model: 2 layers, hidden 64, 4 heads over 2 KV heads."""
     from transformers import AutoConfig
 
-    spec = dict(TINY_CONFIGS[name])
+    spec = dict(TINY_CONFIGS[name] if name in TINY_CONFIGS else _tiny_configs()[name])  # a family added later
     model_type = spec.pop("model_type")
     kwargs: dict[str, Any] = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -19,8 +19,8 @@ from typing import Any
 
 from torch import nn
 
-from .adapters import get_adapter, remote_modeling, unwrap_model
 from .errors import ConfigError, check_choice
+from .families import FAMILIES, get_family, remote_modeling, unwrap_model
 from .io import MANIFEST, sha256_written, verify_manifest, write_dir_atomic
 from .pruning import PruningPlan, count_parameters
 from .pruning.plan import library_versions
@@ -162,14 +162,14 @@ def save_pruned(
             (tmp / BASE_FILE).write_text(json.dumps({"base_model": source, "dtype": dtype}, indent=1))
         else:
             merged = merged_model(model) if is_peft else base  # no copy of the model (recovery.lora)
-            get_adapter(merged)  # supported family
+            get_family(merged)  # supported family
             for name, param in merged.named_parameters():
                 if not bool(param.detach().isfinite().all()):
                     raise ValueError(f"save_pruned: parameter {name} holds NaN or inf values; refusing to export a "
                                      "broken model (nothing was written)")
             config = merged.config
             previous = getattr(config, "auto_map", None), getattr(config, "architectures", None)
-            cls_name = remote_modeling.PRUNED_CLASSES[config.model_type].__name__
+            cls_name = remote_modeling.pruned_class(config.model_type).__name__
             # transformers with trust_remote_code follows auto_map; vLLM (with our plugin installed) follows
             # architectures, which names the class the plugin registers (the same name as ours here).
             config.auto_map = {"AutoModelForCausalLM": f"modeling_nirvana.{cls_name}"}
@@ -305,9 +305,9 @@ def load_pruned(path: str | Path, dtype: str | None = None, *, verify: bool = Tr
             warnings.warn(f"{path} has no {MANIFEST} (written before nirvana-lightning 0.2): its files are not "
                           "verified", stacklevel=2)
     config = AutoConfig.from_pretrained(path)
-    cls = remote_modeling.PRUNED_CLASSES.get(config.model_type)
-    if cls is None:
-        raise ValueError(f"model_type {config.model_type!r}; supported: {sorted(remote_modeling.PRUNED_CLASSES)}")
+    if config.model_type not in FAMILIES:
+        raise ValueError(f"model_type {config.model_type!r}; supported: {sorted(FAMILIES)}")
+    cls = remote_modeling.pruned_class(config.model_type)
     plan = None
     if (path / PLAN_FILE).is_file():
         try:

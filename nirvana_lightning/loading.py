@@ -210,9 +210,9 @@ def load_model(source: str, dtype: str = "float32", *, cache_dir: str | Path | N
         config = AutoConfig.from_pretrained(path)
         with torch.device("meta"):
             if is_pruned_export(path):
-                from .adapters import remote_modeling
+                from .families import remote_modeling
 
-                model = remote_modeling.PRUNED_CLASSES[config.model_type](config).to(DTYPES[dtype])
+                model = remote_modeling.pruned_class(config.model_type)(config).to(DTYPES[dtype])
             else:
                 model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     elif is_pruned_export(path):  # a save_pruned directory: per-layer widths, our classes (no remote code)
@@ -246,7 +246,7 @@ def is_pruned_export(path: str | Path) -> bool:
         data = json.loads(config.read_text())
     except ValueError as err:
         raise ConfigError("model.source", str(path), f"a directory whose config.json is valid JSON ({err})") from None
-    from .adapters.remote_modeling import WIDTHS_KEY
+    from .families.remote_modeling import WIDTHS_KEY
     from .serving.quantize import INT8_WEIGHTS, QUANT_FILE
 
     if (Path(path) / QUANT_FILE).is_file() and (Path(path) / INT8_WEIGHTS).is_file():  # ours, int8

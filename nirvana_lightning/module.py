@@ -10,9 +10,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import MeanMetric
 
-from .adapters import ROLES, remote_modeling, unwrap_model
 from .devices import resolve_device
 from .errors import ConfigError, check_choice, check_positive
+from .families import ROLES, remote_modeling, unwrap_model
 from .io import checkpoint_file, load_checkpoint
 from .loading import DTYPES, load_model, validate_source
 from .pruning import PruningPlan
@@ -329,7 +329,7 @@ class NirvanaModule(L.LightningModule):
         if plain is None:
             base = unwrap_model(self.model)
             with torch.device("meta"):
-                plain = remote_modeling.PRUNED_CLASSES[base.config.model_type](base.config)
+                plain = remote_modeling.pruned_class(base.config.model_type)(base.config)
             plain.to(base.get_input_embeddings().weight.dtype)
         self.model = plain
         self._recovery_applied = False

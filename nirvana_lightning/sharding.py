@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import get_adapter
+from .families import get_family
 
 
 def is_sharded(strategy) -> bool:
@@ -36,7 +36,7 @@ def shard_model(model: nn.Module, mesh) -> nn.Module:
     """``fully_shard`` every decoder layer, then the root (embeddings, final norm, LM head and anything left)."""
     from torch.distributed.fsdp import fully_shard
 
-    for layer in get_adapter(model).layers():
+    for layer in get_family(model).layers():
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model

@@ -25,6 +25,12 @@ def family(request) -> str:
     return request.param
 
 
+@pytest.fixture(params=["group", "query_head"])
+def granularity(request) -> str:
+    """Attention granularity: whole KV groups (the paper's), or query heads inside each group too."""
+    return request.param
+
+
 @pytest.fixture
 def tiny(family):
     """A fresh tiny random model of the parametrised family."""

@@ -1,6 +1,7 @@
 """Allocation on hand-made score tensors (pure functions)."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -191,3 +192,49 @@ def test_a_round_to_that_makes_the_target_unreachable_is_named():
     with pytest.raises(ConfigError, match=r"^target\.round_to=32 .*keeps at least 32 MLP neurons .*narrowest has 16"):
         _alloc(attn, mlp, sparsity=0.5, gamma=1.0, n_query_per_kv=1, head_dim=1, round_to=32)
     _alloc(attn, mlp, sparsity=0.5, gamma=1.0, n_query_per_kv=1, head_dim=1, round_to=8)
+
+
+def _heads(rows):
+    return [torch.tensor(r, dtype=torch.float64) for r in rows]
+
+
+def test_query_heads_keep_the_same_number_per_group_and_whole_groups_go():
+    """query_head granularity: a group all of whose heads are among the lowest goes whole; the other groups of
+    the layer keep the same number of heads each (their best), so stock GQA kernels run the layer."""
+    from nirvana_lightning.pruning.allocation import UnitCosts
+
+    # layer 0: 3 groups of 2 heads; group 1's heads are the lowest two; layer 1: 3 groups, one weak head each
+    heads = _heads([[5, 6, 0.1, 0.2, 7, 8], [1, 9, 0.3, 9, 2, 9]])
+    costs = UnitCosts([2, 2], [3, 3], fixed=2 * 2 * 3)
+    a = allocate(heads, [torch.ones(8)] * 2, sparsity=0.0, n_query_per_kv=2, head_dim=1, round_to=1, costs=costs,
+                 heads_per_group=[2, 2], counts=(5, 0))
+    assert a.attention_keep[0].tolist() == [0, 2] and a.q_head_keep[0].tolist() == [0, 1, 4, 5]
+    assert a.attention_keep[1].tolist() == [0, 1, 2] and a.q_head_keep[1].tolist() == [1, 3, 5]
+    for groups, kept in zip(a.attention_keep, a.q_head_keep):
+        per_group = [sum(1 for h in kept.tolist() if h // 2 == grp) for grp in groups.tolist()]
+        assert len(set(per_group)) == 1 and all(h // 2 in groups.tolist() for h in kept.tolist())
+
+
+def test_query_heads_never_empty_a_layer_and_honour_tp_size():
+    from nirvana_lightning.pruning.allocation import UnitCosts
+
+    heads = _heads([[0.1, 0.2, 0.3, 0.4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
+    costs = UnitCosts([2, 2], [3, 3], fixed=16)
+    a = allocate(heads, [torch.ones(8)] * 2, sparsity=0.0, n_query_per_kv=2, head_dim=1, round_to=1, costs=costs,
+                 heads_per_group=[2, 2], counts=(7, 0), tp_size=2)
+    for groups, kept in zip(a.attention_keep, a.q_head_keep):
+        assert len(groups) % 2 == 0 and len(groups) >= 2 and len(kept) >= len(groups)
+    with pytest.raises(ConfigError, match="removable query heads"):
+        allocate(heads, [torch.ones(8)] * 2, sparsity=0.0, n_query_per_kv=2, head_dim=1, round_to=1, costs=costs,
+                 heads_per_group=[2, 2], counts=(16, 0))
+
+
+def test_query_head_fractions_count_the_heads_own_weights():
+    """The formula at query_head granularity: p_attn = s * total / (q/o weights of prunable heads + gamma * MLP),
+    where total includes the k/v rows no head owns."""
+    from nirvana_lightning.pruning.allocation import UnitCosts
+
+    costs = UnitCosts([4] * 2, [3] * 2, fixed=2 * 4 * 2)  # 4 heads (cost 4), 2 groups of k/v (4) per layer
+    p_attn, p_mlp = costs.fractions(0.25, 2.0, [4, 4], [8, 8], set())
+    total = 2 * 4 * 4 + 2 * 8 * 3 + 16
+    assert p_attn == Fraction(1, 4) * total / (2 * 4 * 4 + 2 * 2 * 8 * 3) and p_mlp == 2 * p_attn

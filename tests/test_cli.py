@@ -84,8 +84,8 @@ def test_resume_from_pruned_checkpoint_does_not_prune_again(tmp_path):
     import torch
 
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert state["nirvana_pruning_plan"]["mlp_keep"] == plan["mlp_keep"]
-    for i, width in enumerate(len(k) for k in plan["mlp_keep"]):
+    assert state["nirvana_pruning_plan"]["keep"] == plan["keep"]
+    for i, width in enumerate(len(k) for k in plan["keep"]["mlp"]):
         assert state["state_dict"][f"model.model.layers.{i}.mlp.gate_proj.weight"].shape[0] == width
     r = run("validate", "--config", TINY, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={ckpt}")
     assert r.returncode == 0 and "restored pruning plan" in r.stderr + r.stdout, r.stderr[-3000:]
@@ -96,7 +96,7 @@ def test_resume_from_pruned_checkpoint_does_not_prune_again(tmp_path):
     assert module.pruning_plan.fingerprint() == __import__("nirvana_lightning").PruningPlan.from_dict(
         state["nirvana_pruning_plan"]).fingerprint()
     widths = [layer.mlp.gate_proj.weight.shape[0] for layer in module.base_model.model.layers]
-    assert widths == [len(k) for k in plan["mlp_keep"]]
+    assert widths == [len(k) for k in plan["keep"]["mlp"]]
 
 
 def test_prune_only_config_exports_a_reloadable_model(tmp_path):
@@ -112,7 +112,7 @@ def test_prune_only_config_exports_a_reloadable_model(tmp_path):
 
     model, tokenizer = load_pruned(export)
     plan = json.loads((export / "plan.json").read_text())
-    assert [len(k) for k in plan["mlp_keep"]] == [layer.mlp.gate_proj.out_features for layer in model.model.layers]
+    assert [len(k) for k in plan["keep"]["mlp"]] == [layer.mlp.gate_proj.out_features for layer in model.model.layers]
     assert tokenizer is not None
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from nirvana_lightning import load_pruned, prune, save_pruned
-from nirvana_lightning.adapters import get_adapter
 from nirvana_lightning.debug_models import build_tiny_model
 from nirvana_lightning.errors import ConfigError
+from nirvana_lightning.families import get_family
 from nirvana_lightning.pruning.surgery import expand_group_index
 
 CALIB = torch.randint(0, 256, (6, 20), generator=torch.Generator().manual_seed(3))
@@ -18,8 +18,8 @@ IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(4))
 
 def _mean_filled(dense, plan, calib):
     """Hooks on the dense model: o_proj / down_proj inputs of removed units replaced by their calibration means."""
-    adapter = get_adapter(dense)
-    g, d = adapter.n_query_per_kv, adapter.head_dim
+    family = get_family(dense)
+    g, d = family.n_query_per_kv, family.head_dim
     sums = {}
 
     def record(key):
@@ -29,11 +29,11 @@ def _mean_filled(dense, plan, calib):
             sums[key] = (n + x.shape[0], s + x.sum(0))
         return hook
 
-    layers = adapter.layers()
+    layers = family.layers()
     handles = []
     for i, layer in enumerate(layers):
-        handles += [adapter.attention(layer).o.register_forward_pre_hook(record((i, "o"))),
-                    adapter.mlp(layer).down.register_forward_pre_hook(record((i, "down")))]
+        handles += [family.attention(layer).o.register_forward_pre_hook(record((i, "o"))),
+                    family.mlp(layer).down.register_forward_pre_hook(record((i, "down")))]
     with torch.no_grad():
         dense(input_ids=calib)
     for h in handles:
@@ -54,8 +54,8 @@ def _mean_filled(dense, plan, calib):
         heads = expand_group_index((~kept).nonzero().flatten().tolist(), g * d)
         neurons = torch.ones(plan.mlp_dim_before[i], dtype=torch.bool)
         neurons[plan.mlp_keep[i]] = False
-        adapter.attention(layer).o.register_forward_pre_hook(fill((i, "o"), heads))
-        adapter.mlp(layer).down.register_forward_pre_hook(fill((i, "down"), neurons.nonzero().flatten()))
+        family.attention(layer).o.register_forward_pre_hook(fill((i, "o"), heads))
+        family.mlp(layer).down.register_forward_pre_hook(fill((i, "down"), neurons.nonzero().flatten()))
     return dense
 
 

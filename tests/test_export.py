@@ -64,14 +64,16 @@ def _reference(model, ids=IDS):
 
 
 def test_fresh_process_round_trip_every_family(tmp_path):
+    """Every family at both attention granularities (query_head: layers with their own query heads per KV head)."""
     dirs, refs = [], {}
     for name in sorted(TINY_CONFIGS):
-        model = build_tiny_model(name)
-        plan = prune(model, IDS, sparsity=0.45, gamma=1.5)
-        d = tmp_path / name
-        save_pruned(model, None, d, plan)
-        dirs.append(d)
-        refs[str(d)] = _reference(model)
+        for granularity in ("group", "query_head"):
+            model = build_tiny_model(name)
+            plan = prune(model, IDS, sparsity=0.45, gamma=1.5, attention_granularity=granularity)
+            d = tmp_path / f"{name}-{granularity}"
+            save_pruned(model, None, d, plan)
+            dirs.append(d)
+            refs[str(d)] = _reference(model)
     for mode in ("package", "remote"):
         out = _reload_in_fresh_process(mode, dirs, tmp_path)
         for d, (logits, tokens) in refs.items():
@@ -151,7 +153,7 @@ def test_corrupt_or_mismatched_plan_names_the_layer(tmp_path):
     plan = prune(model, IDS, sparsity=0.45, gamma=1.5)
     save_pruned(model, None, tmp_path / "m", plan)
     data = json.loads((tmp_path / "m" / "plan.json").read_text())
-    data["mlp_keep"][1] = data["mlp_keep"][1][:-8]
+    data["keep"]["mlp"][1] = data["keep"]["mlp"][1][:-8]
     (tmp_path / "m" / "plan.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="plan.json does not match its sha256"):
         load_pruned(tmp_path / "m")

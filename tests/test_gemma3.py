@@ -2,7 +2,7 @@
 
 Its weights carry Q4_K_M rounding: this is not the bf16 release. 18 layers, 4 query heads over ONE KV head
 (head_dim 256), MLP 2048: group-granularity pruning can remove no attention at all (each layer's only group is
-kept), only MLP neurons.
+kept), only MLP neurons; at query_head granularity its query heads are prunable.
 """
 
 import copy
@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from nirvana_lightning import count_parameters, make_plan, masked_units, prune
+from nirvana_lightning import count_parameters, cut, make_plan, masked_units, prune
 from nirvana_lightning.data import read_records, sample_windows
 
 
@@ -63,3 +63,24 @@ def test_gemma3_270m_prunes_its_mlp_and_pruned_equals_masked(gemma3):
         pruned = model(input_ids=probe).logits
     assert (pruned - masked).abs().max().item() <= 1e-3
     assert count_parameters(model)["block"] == plan.block_params_after < before
+
+
+def test_gemma3_270m_query_heads_make_its_attention_prunable(gemma3):
+    """At query_head granularity the 4 heads of each layer's one KV group are ranked: gamma 3 is feasible, layers
+    keep 1-4 heads (their only group stays), and the pruned model equals the masked one."""
+    model, tok = gemma3
+    model = copy.deepcopy(model)
+    text = " ".join(r["text"] for r in read_records("brown")[:20])
+    stream = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    calib, probe = sample_windows(stream, 4, 64, 0), sample_windows(stream, 2, 32, 1)
+    plan = make_plan(model, calib, sparsity=0.2, gamma=3.0, round_to=8, attention_granularity="query_head")
+    assert plan.n_kv_group_after == [1] * 18 and sum(plan.n_head_after) < 4 * 18
+    assert all(1 <= h <= 4 for h in plan.n_head_after)
+    with torch.no_grad(), masked_units(model, plan):
+        masked = model(input_ids=probe).logits
+    cut(model, plan)
+    with torch.no_grad():
+        pruned = model(input_ids=probe).logits
+    assert (pruned - masked).abs().max().item() <= 1e-3
+    assert count_parameters(model)["block"] == plan.block_params_after
+    assert [layer.self_attn.q_proj.out_features // 256 for layer in model.model.layers] == plan.n_head_after

@@ -59,11 +59,13 @@ def test_removal_counts_match_allocation_and_counts_override():
         allocate(attn, mlp, sparsity=0.35, round_to=1, counts=(2, 10), mode="uniform", **kw)
 
 
-def test_compose_equals_applying_the_steps_in_sequence(family):
+def test_compose_equals_applying_the_steps_in_sequence(family, granularity):
     sequential = build_tiny_model(family)
-    first = prune(sequential, None, sparsity=0.25, criterion="magnitude")
-    second = prune(sequential, None, sparsity=0.3, criterion="magnitude")
+    first = prune(sequential, None, sparsity=0.25, criterion="magnitude", attention_granularity=granularity)
+    second = prune(sequential, None, sparsity=0.3, criterion="magnitude", attention_granularity=granularity)
     composed = compose_plans(first, second)
+    assert composed.granularity == granularity
+    assert composed.block_params_after == second.block_params_after
     direct = build_tiny_model(family)
     cut(direct, composed)
     for (name, p), (_, q) in zip(sequential.state_dict().items(), direct.state_dict().items()):
@@ -71,6 +73,21 @@ def test_compose_equals_applying_the_steps_in_sequence(family):
     assert [s["sparsity"] for s in composed.provenance["steps"]] == [0.25, 0.3]
     with pytest.raises(ValueError, match="widths"):
         compose_plans(second, first)
+
+
+def test_group_and_query_head_steps_compose(family):
+    """A query_head step after a group step (and the reverse): the composed plan, written at query_head
+    granularity, cuts what the two steps cut."""
+    for kinds in (("group", "query_head"), ("query_head", "group")):
+        sequential = build_tiny_model(family)
+        steps = [prune(sequential, None, sparsity=s, criterion="magnitude", attention_granularity=k)
+                 for s, k in zip((0.2, 0.3), kinds)]
+        composed = compose_plans(*steps)
+        assert composed.granularity == "query_head"
+        direct = build_tiny_model(family)
+        cut(direct, composed)
+        for (name, p), (_, q) in zip(sequential.state_dict().items(), direct.state_dict().items()):
+            assert torch.equal(p, q), (kinds, name)
 
 
 # ---------------------------------------------------------------- in a real fit

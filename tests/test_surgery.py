@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nirvana_lightning import PruningPlan, apply_plan, count_parameters, cut, make_plan, masked_units, prune
-from nirvana_lightning.adapters import get_adapter
 from nirvana_lightning.errors import ConfigError
+from nirvana_lightning.families import get_family
 from nirvana_lightning.pruning import UnitScores, plan_from_scores
 
 
@@ -16,9 +16,12 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def test_pruned_logits_equal_masked_dense_logits(tiny, calib):
-    plan = make_plan(tiny, calib, sparsity=0.45, gamma=1.5, round_to=8)
-    assert plan.realised_sparsity > 0.2
+def test_pruned_logits_equal_masked_dense_logits(tiny, calib, granularity):
+    plan = make_plan(tiny, calib, sparsity=0.45, gamma=1.5, round_to=8, attention_granularity=granularity)
+    assert plan.realised_sparsity > 0.2 and plan.granularity == granularity
+    if granularity == "query_head":  # a layer keeps fewer heads per group than g, or loses whole groups
+        assert any(h < n * get_family(tiny).n_query_per_kv for h, n in zip(plan.n_head_after, plan.n_kv_group_after)) \
+            or plan.n_kv_group_after != plan.n_kv_group_before
     dense = _logits(tiny, calib)
     with masked_units(tiny, plan):
         masked = _logits(tiny, calib)
@@ -36,29 +39,33 @@ def test_masking_restores_the_model(tiny, calib):
     assert torch.equal(_logits(tiny, calib), dense)
 
 
-def test_zero_sparsity_is_identity(tiny, calib):
+def test_zero_sparsity_is_identity(tiny, calib, granularity):
     dense = _logits(tiny, calib)
     state = {k: v.clone() for k, v in tiny.state_dict().items()}
-    plan = prune(tiny, calib, sparsity=0.0, gamma=3.0)
+    plan = prune(tiny, calib, sparsity=0.0, gamma=3.0, attention_granularity=granularity)
     assert plan.realised_sparsity == 0.0
     assert torch.equal(_logits(tiny, calib), dense)
     assert all(torch.equal(v, state[k]) for k, v in tiny.state_dict().items())
 
 
-def test_realised_parameters_match_plan_and_formula(tiny, calib):
+def test_realised_parameters_match_plan_and_formula(tiny, calib, granularity):
     before = count_parameters(tiny)
-    plan = prune(tiny, calib, sparsity=0.4, gamma=2.0, round_to=8)
+    plan = prune(tiny, calib, sparsity=0.4, gamma=2.0, round_to=8, attention_granularity=granularity)
     after = count_parameters(tiny)
     assert before["block"] == plan.block_params_before
     assert after["block"] == plan.block_params_after
     removed_other = before["other"] - after["other"]  # only Qwen2 q/k/v biases leave with their rows
-    adapter = get_adapter(tiny)
+    family = get_family(tiny)
     if getattr(tiny.config, "attention_bias", False):
-        g, d = adapter.n_query_per_kv, adapter.head_dim
+        d = family.head_dim
         removed_groups = sum(plan.n_kv_group_before) - sum(plan.n_kv_group_after)
-        assert removed_other == removed_groups * (g + 2) * d
+        removed_heads = sum(plan.n_head_before) - sum(plan.n_head_after)
+        assert removed_other == removed_heads * d + removed_groups * 2 * d
     else:
         assert removed_other == 0
+    if granularity == "query_head":  # the heads the formula asked for, before the per-layer layout rounds them
+        assert plan.provenance["n_attn_removed_requested"] > 0
+        return
     # the formula: removed units as requested, minus what the multiple-of-8 rounding spared
     p = plan.provenance
     removed_neurons = sum(plan.mlp_dim_before) - sum(plan.mlp_dim_after)
@@ -67,18 +74,18 @@ def test_realised_parameters_match_plan_and_formula(tiny, calib):
 
 
 def test_slices_move_in_whole_group_blocks(tiny, calib):
-    adapter = get_adapter(tiny)
-    g, d = adapter.n_query_per_kv, adapter.head_dim
+    family = get_family(tiny)
+    g, d = family.n_query_per_kv, family.head_dim
     dense = copy.deepcopy(tiny)
     # force group 0 out of layer 0 by giving it the lowest score
-    n_group, mlp_dim = adapter.layer_geometry(adapter.layers()[0])
+    n_group, mlp_dim = family.layer_geometry(family.layers()[0])
     scores = UnitScores([torch.tensor([0.0] + [1.0] * (n_group - 1)), torch.ones(n_group)],
                         [torch.rand(mlp_dim), torch.rand(mlp_dim)])
     plan = plan_from_scores(tiny, scores, sparsity=0.3, gamma=1.0, round_to=8)
     assert 0 not in plan.attention_keep[0]
     cut(tiny, plan)
     kept = plan.attention_keep[0]
-    a_new, a_old = adapter.attention(adapter.layers()[0]), get_adapter(dense).attention(get_adapter(dense).layers()[0])
+    a_new, a_old = family.attention(family.layers()[0]), get_family(dense).attention(get_family(dense).layers()[0])
     for j, h in enumerate(kept):
         assert torch.equal(a_new.q.weight[j * g * d:(j + 1) * g * d], a_old.q.weight[h * g * d:(h + 1) * g * d])
         assert torch.equal(a_new.k.weight[j * d:(j + 1) * d], a_old.k.weight[h * d:(h + 1) * d])
@@ -89,17 +96,20 @@ def test_slices_move_in_whole_group_blocks(tiny, calib):
             assert torch.equal(a_new.k.bias[j * d:(j + 1) * d], a_old.k.bias[h * d:(h + 1) * d])
 
 
-def test_modules_config_and_tensors_agree_and_generate_works(tiny, calib):
-    plan = prune(tiny, calib, sparsity=0.45, gamma=1.5, round_to=8)
-    adapter = get_adapter(tiny)
+def test_modules_config_and_tensors_agree_and_generate_works(tiny, calib, granularity):
+    plan = prune(tiny, calib, sparsity=0.45, gamma=1.5, round_to=8, attention_granularity=granularity)
+    family = get_family(tiny)
     widths = tiny.config.nirvana_layer_widths
-    assert tiny.config.head_dim == adapter.head_dim
-    for i, layer in enumerate(adapter.layers()):
-        a, m = adapter.attention(layer), adapter.mlp(layer)
+    assert tiny.config.head_dim == family.head_dim
+    for i, layer in enumerate(family.layers()):
+        a, m = family.attention(layer), family.mlp(layer)
         n_group = plan.n_kv_group_after[i]
         assert widths["num_key_value_heads"][i] == n_group
-        assert a.k.out_features == a.k.weight.shape[0] == n_group * adapter.head_dim == a.v.out_features
-        assert widths["num_attention_heads"][i] * adapter.head_dim == a.q.out_features == a.o.in_features
+        assert a.k.out_features == a.k.weight.shape[0] == n_group * family.head_dim == a.v.out_features
+        assert widths["num_attention_heads"][i] == plan.n_head_after[i]
+        assert widths["num_attention_heads"][i] * family.head_dim == a.q.out_features == a.o.in_features
+        if hasattr(layer.self_attn, "num_key_value_groups"):
+            assert layer.self_attn.num_key_value_groups == plan.n_head_after[i] // n_group
         assert widths["intermediate_size"][i] == plan.mlp_dim_after[i] == m.gate.out_features == m.down.in_features
         if hasattr(layer.mlp, "intermediate_size"):
             assert layer.mlp.intermediate_size == plan.mlp_dim_after[i]
@@ -118,10 +128,10 @@ def test_same_seed_same_plan(family, calib):
     assert r[0].fingerprint() == r[1].fingerprint() != r[2].fingerprint()
 
 
-def test_plan_json_round_trip_and_reapply(tiny, calib, family):
+def test_plan_json_round_trip_and_reapply(tiny, calib, family, granularity):
     from nirvana_lightning.debug_models import build_tiny_model
 
-    plan = make_plan(tiny, calib, sparsity=0.45, gamma=1.5)
+    plan = make_plan(tiny, calib, sparsity=0.45, gamma=1.5, attention_granularity=granularity)
     text = plan.to_json()
     again = PruningPlan.from_json(text)
     assert again == plan
@@ -146,10 +156,12 @@ def test_apply_plan_is_the_deprecated_name_of_cut(tiny, calib, family):
 def test_mismatched_plan_names_the_layer_and_leaves_model_untouched(tiny, calib):
     plan = make_plan(tiny, calib, sparsity=0.45, gamma=1.5)
     data = plan.to_dict()
-    data["mlp_keep"][1] = [0, 500]
+    data["keep"]["mlp"][1] = [0, 500]
     with pytest.raises(ValueError, match="layer 1"):
         PruningPlan.from_dict(data)
-    bad = PruningPlan.from_dict({**plan.to_dict(), "mlp_dim_before": [plan.mlp_dim_before[0], 999]})
+    data = plan.to_dict()
+    data["width_before"]["mlp"] = [plan.mlp_dim_before[0], 999]
+    bad = PruningPlan.from_dict(data)
     state = {k: v.clone() for k, v in tiny.state_dict().items()}
     with pytest.raises(ValueError, match="plan layer 1"):
         cut(tiny, bad)
@@ -170,7 +182,7 @@ def test_bad_input_leaves_model_untouched(tiny, calib, kw, match):
 
 
 def test_nan_saliency_is_rejected_before_any_cut(tiny, calib):
-    layer = get_adapter(tiny).layers()[1]
+    layer = get_family(tiny).layers()[1]
     with torch.no_grad():
         layer.mlp.up_proj.weight[3, 0] = float("nan")
     shapes = {k: v.shape for k, v in tiny.state_dict().items()}
@@ -189,15 +201,15 @@ def test_param_budget_target(tiny, calib):
 
 def test_bf16_model_is_scored_in_float32_and_stays_bf16(family, calib):
     """float32 scoring of a bf16 model equals scoring an fp32 copy exactly, and never converts the model."""
-    from nirvana_lightning.adapters import get_adapter
     from nirvana_lightning.debug_models import build_tiny_model
+    from nirvana_lightning.families import get_family
     from nirvana_lightning.pruning.gradients import compute_unit_scores
 
     model = build_tiny_model(family).to(torch.bfloat16)
     reference = build_tiny_model(family).to(torch.bfloat16).float()
     seen = []  # parameter dtypes of the whole model at every layer call, forward and backward recompute
     hooks = [layer.register_forward_pre_hook(lambda *_: seen.append({p.dtype for p in model.parameters()}))
-             for layer in get_adapter(model).layers()]
+             for layer in get_family(model).layers()]
     for criterion in ("nirvana", "taylor"):
         for kwargs in ({}, {"micro_batch_size": 2}, {"micro_batch_size": 2, "accumulate": "saliency"},
                        {"lean": False, "checkpointing": False, "head_chunk": None}):
@@ -217,8 +229,8 @@ def test_bf16_model_is_scored_in_float32_and_stays_bf16(family, calib):
 
 def test_out_of_memory_half_way_leaves_the_model_untouched(family, calib):
     """An error in the middle of float32 scoring (e.g. CUDA OOM in layer 1) leaves weights, dtypes and hooks as before."""
-    from nirvana_lightning.adapters import get_adapter
     from nirvana_lightning.debug_models import build_tiny_model
+    from nirvana_lightning.families import get_family
 
     model = build_tiny_model(family).to(torch.bfloat16)
     before = {n: (p.clone(), p.requires_grad) for n, p in model.named_parameters()}
@@ -226,7 +238,7 @@ def test_out_of_memory_half_way_leaves_the_model_untouched(family, calib):
     def explode(*_):  # the last layer, after the others have made their float32 copies
         raise torch.OutOfMemoryError("injected: CUDA out of memory")
 
-    handle = get_adapter(model).layers()[-1].register_forward_pre_hook(explode)
+    handle = get_family(model).layers()[-1].register_forward_pre_hook(explode)
     with pytest.raises(torch.OutOfMemoryError, match="injected"):
         prune(model, calib, sparsity=0.3, gamma=1.0)
     handle.remove()

@@ -6,6 +6,7 @@ with LoRA recovery (r=4), sparsity 0.4, gamma 2 and 2 training steps:
 LoRA adapters, the frozen base omitted).
 """
 
+import json
 from pathlib import Path
 
 import torch
@@ -18,8 +19,17 @@ DATA = Path(__file__).resolve().parent / "data" / "v0.1"
 
 
 def _v1_plan() -> PruningPlan:
-    plan = PruningPlan.from_json((DATA / "plan.json").read_text(encoding="utf-8"))
-    assert plan.format == "nirvana-lightning/plan/v1" and plan.provenance["versions"]["nirvana-lightning"] == "0.1.0"
+    """The v1 file, read into a v2 plan with the same units and 0.1's parameter arithmetic."""
+    raw = json.loads((DATA / "plan.json").read_text(encoding="utf-8"))
+    assert raw["format"] == "nirvana-lightning/plan/v1" and raw["provenance"]["versions"]["nirvana-lightning"] == "0.1.0"
+    plan = PruningPlan.from_dict(raw)
+    assert plan.format == "nirvana-lightning/plan/v2" and plan.granularity == "group"
+    assert plan.attention_keep == raw["attention_keep"] and plan.mlp_keep == raw["mlp_keep"]
+    g, d, hidden = raw["n_query_per_kv"], raw["head_dim"], raw["hidden_dim"]
+    v1_params = sum(2 * (g + 1) * d * hidden * len(a) + 3 * hidden * len(m)
+                    for a, m in zip(raw["attention_keep"], raw["mlp_keep"]))
+    assert plan.block_params_after == v1_params
+    assert abs(plan.realised_sparsity - raw["provenance"]["realised_sparsity"]) < 1e-12
     return plan
 
 

@@ -8,10 +8,10 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from ..adapters import unwrap_model
 from ..contract import prunable
 from ..errors import ConfigError, check_choice
 from ..export import save_pruned
+from ..families import unwrap_model
 from ..io import load_checkpoint, write_dir_atomic
 from ..recovery.lora import merged_model
 from ..serving.gguf_export import GGUF_DTYPES, check_gguf_support, save_gguf

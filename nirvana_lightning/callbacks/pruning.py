@@ -8,13 +8,15 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from ..adapters import get_adapter
 from ..contract import PrunableModule, PruneListener, calibration_data, prunable
 from ..devices import resolve_device
 from ..errors import ConfigError
+from ..families import get_family
 from ..io import write_text_atomic
 from ..pruning import PruningPlan, make_plan
-from ..pruning.api import count_parameters, cut
+from ..pruning.allocation import UnitCosts
+from ..pruning.api import count_parameters, cut, unit_layout
+from ..pruning.plan import as_query_heads
 from ..pruning.schedule import cumulative_sparsity, reachable_steps, step_target
 from ..pruning.selection import select_calibration
 from ..pruning.settings import Calibration, PruningTarget, Schedule, Scoring, Selection, check_combination
@@ -199,17 +201,26 @@ class NirvanaPruningCallback(L.Callback):
         return plan
 
     def _step_target(self, model, k: int):
-        """Step ``k``'s removal, from the dense widths (the first step's plan) and the current ones."""
-        adapter = get_adapter(model)
-        now = [adapter.layer_geometry(layer) for layer in adapter.layers()]
+        """Step ``k``'s removal, from the dense widths (the first step's plan) and the current ones, in the
+        attention units of the target's granularity (KV groups, or query heads)."""
+        family = get_family(model)
+        granularity = self.target.attention_granularity
+        attn = "q_head" if granularity == "query_head" else "self_attn"
+        kinds, costs, _ = unit_layout(family, granularity)
+        now = [(k_[attn].n_units, k_["mlp"].n_units) for k_ in kinds]
         first = self.history[0] if self.history else None
-        dense = list(zip(first.n_kv_group_before, first.mlp_dim_before)) if first else now
+        if first is not None:
+            first = as_query_heads(first) if granularity == "query_head" else first
+            costs = UnitCosts(first.unit_cost[attn], first.unit_cost["mlp"],
+                              fixed=sum(n * c for n, c in zip(first.width_before["self_attn"],
+                                                              first.unit_cost["self_attn"])) if attn == "q_head" else 0)
+        dense = list(zip(first.width_before[attn], first.mlp_dim_before)) if first else now
         current_block = count_parameters(model)["block"]
         return step_target(self.schedule.kind, self.target.sparsity, k, self.schedule.n_steps, dense_widths=dense,
                            current_widths=now, dense_block=first.block_params_before if first else current_block,
                            current_block=current_block, gamma=self.target.gamma,
-                           n_query_per_kv=adapter.n_query_per_kv, head_dim=adapter.head_dim,
-                           skip_layers=self.target.skip_layers, allocation=self.target.allocation)
+                           n_query_per_kv=family.n_query_per_kv, head_dim=family.head_dim,
+                           skip_layers=self.target.skip_layers, allocation=self.target.allocation, costs=costs)
 
     def _score(self, trainer: L.Trainer, model, datamodule, target: PruningTarget, scoring: Scoring, counts,
                seed: int) -> PruningPlan:

@@ -9,10 +9,10 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from ..adapters import unwrap_model
 from ..contract import SummarySource, prunable
 from ..errors import check_positive
 from ..eval.speed import count_parameters_detailed, flops_per_token, measure_throughput
+from ..families import unwrap_model
 from ..io import write_text_atomic
 from ..recovery.lora import adapter_parameter_count, without_adapter_layers
 from .staged import SUMMARY_STAGES, StagedEvaluation

@@ -23,7 +23,7 @@ def save_allocation_plot(plan: PruningPlan, path: str | Path, title: str | None 
     layers = [r["layer"] for r in rows]
     fig = Figure(figsize=(max(6.0, 0.25 * len(layers) + 3), 3.6), dpi=120)
     ax = fig.add_subplot()
-    ax.plot(layers, [r["attention_kept"] for r in rows], marker="o", label="attention (KV groups kept)")
+    ax.plot(layers, [r["attention_kept"] for r in rows], marker="o", label="attention (query heads kept)")
     ax.plot(layers, [r["mlp_kept"] for r in rows], marker="s", label="MLP (neurons kept)")
     ax.set_xlabel("layer")
     ax.set_ylabel("fraction kept")

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..adapters import get_adapter, unwrap_model
 from ..errors import check_positive
+from ..families import get_family, unwrap_model
 
 
 def _distinct_parameters(module: nn.Module) -> dict[int, nn.Parameter]:
@@ -38,12 +38,12 @@ def count_parameters_detailed(model: nn.Module) -> dict[str, int]:
         every layer, weights only, no biases).
     """
     model = unwrap_model(model)
-    adapter = get_adapter(model)
+    family = get_family(model)
     total = sum(p.numel() for p in _distinct_parameters(model).values())
     embedding_modules = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
     embeddings = {id(p): p for m in embedding_modules for p in m.parameters()}
     n_embedding = sum(p.numel() for p in embeddings.values())
-    block = sum(lin.weight.numel() for _, _, lin in adapter.block_linears())
+    block = sum(lin.weight.numel() for _, _, lin in family.block_linears())
     return {"total": total, "embeddings": n_embedding, "non_embedding": total - n_embedding, "block": block}
 
 
@@ -85,11 +85,11 @@ def flops_per_token(model: nn.Module, seq_len: int) -> dict[str, float]:
     """
     ctx = average_causal_context(seq_len)
     model = unwrap_model(model)
-    adapter = get_adapter(model)
-    linear = 2 * sum(lin.weight.numel() for _, _, lin in adapter.block_linears())
+    family = get_family(model)
+    linear = 2 * sum(lin.weight.numel() for _, _, lin in family.block_linears())
     attention = 0.0
-    for layer in adapter.layers():
-        q_rows = adapter.attention(layer).q.weight.shape[0]  # n_head_l * head_dim
+    for layer in family.layers():
+        q_rows = family.attention(layer).q.weight.shape[0]  # n_head_l * head_dim
         attention += 2 * 2 * q_rows * ctx
     head = model.get_output_embeddings()
     lm_head = 2 * head.weight.numel() if head is not None else 0
@@ -105,10 +105,10 @@ def kv_cache_bytes(model: nn.Module, batch_size: int, n_token: int) -> int:
     size of the model's dtype. The steady size: a growing cache may briefly hold a copy while it
     is concatenated, and sliding-window caches (Mistral) can be smaller.
     """
-    adapter = get_adapter(model)
+    family = get_family(model)
     total = 0
-    for layer in adapter.layers():
-        k = adapter.attention(layer).k.weight
+    for layer in family.layers():
+        k = family.attention(layer).k.weight
         total += k.shape[0] * k.element_size()
     return 2 * batch_size * n_token * total
 

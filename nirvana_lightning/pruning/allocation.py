@@ -36,6 +36,7 @@ class Allocation:
     p_mlp: float
     n_attn_requested: int
     n_mlp_requested: int
+    q_head_keep: list[torch.Tensor] | None = None  # per layer (n_head_kept,) int64, query_head granularity only
 
 
 def validate_targets(sparsity: float, gamma: float, round_to: int, mode: str = "global") -> None:
@@ -60,8 +61,8 @@ def compute_prune_fractions(
     Raises:
         ConfigError: when the target cannot be met (a fraction above 1).
     """
-    p_attn, p_mlp = _exact_prune_fractions(sparsity, gamma, attn_cost, mlp_cost, n_attn, n_mlp,
-                                           n_attn_prunable, n_mlp_prunable)
+    p_attn, p_mlp = _exact_prune_fractions(sparsity, gamma, attn_cost * n_attn + mlp_cost * n_mlp,
+                                           attn_cost * n_attn_prunable, mlp_cost * n_mlp_prunable)
     return float(p_attn), float(p_mlp)
 
 
@@ -70,14 +71,13 @@ def _decimal(x: float) -> Fraction:
     return Fraction(repr(float(x)))
 
 
-def _exact_prune_fractions(
-    sparsity: float, gamma: float, attn_cost: int, mlp_cost: int,
-    n_attn: int, n_mlp: int, n_attn_prunable: int, n_mlp_prunable: int,
-) -> tuple[Fraction, Fraction]:
-    """As :func:`compute_prune_fractions`, in exact rational arithmetic (so floors never lose a unit)."""
+def _exact_prune_fractions(sparsity: float, gamma: float, total: int, attn_prunable: int,
+                           mlp_prunable: int) -> tuple[Fraction, Fraction]:
+    """``(p_attn, p_mlp)`` in exact rational arithmetic (so floors never lose a unit), from weight totals:
+    ``total`` block weights, of which ``attn_prunable`` / ``mlp_prunable`` are owned by prunable attention units
+    and neurons: ``p_attn = s * total / (attn_prunable + gamma * mlp_prunable)``, ``p_mlp = gamma * p_attn``."""
     s, g = _decimal(sparsity), _decimal(gamma)
-    total = attn_cost * n_attn + mlp_cost * n_mlp
-    prunable = attn_cost * n_attn_prunable + g * mlp_cost * n_mlp_prunable
+    prunable = attn_prunable + g * mlp_prunable
     if s == 0:
         return Fraction(0), Fraction(0)
     if prunable == 0:
@@ -85,13 +85,36 @@ def _exact_prune_fractions(
     p_attn = s * total / prunable
     p_mlp = g * p_attn
     if p_mlp > 1 or p_attn > 1:
-        worst = "MLP neurons" if p_mlp >= p_attn else "attention groups"
+        worst = "MLP neurons" if p_mlp >= p_attn else "attention units"
         raise ConfigError(
             "sparsity", sparsity,
             f"a feasible target: with gamma={gamma} it asks to remove {float(max(p_mlp, p_attn)):.1%} of the "
             f"prunable {worst}; lower sparsity or move gamma toward {'1' if gamma > 1 else 'a larger value'}",
         )
     return p_attn, p_mlp
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """Block weights per attention unit and per neuron, per layer, and the block weights no unit owns directly
+    (the k/v rows of KV groups when query heads are the attention units; they go with a group's last head)."""
+
+    attention: list[int]
+    mlp: list[int]
+    fixed: int = 0
+
+    @classmethod
+    def of_groups(cls, n_layer: int, n_query_per_kv: int, head_dim: int) -> UnitCosts:
+        """KV groups (``2(g+1)d`` weight vectors) and neurons (3), in units of one hidden-sized vector."""
+        return cls([2 * (n_query_per_kv + 1) * head_dim] * n_layer, [3] * n_layer)
+
+    def fractions(self, sparsity: float, gamma: float, n_attn: Sequence[int], n_mlp: Sequence[int],
+                  skip: set[int]) -> tuple[Fraction, Fraction]:
+        total = self.fixed + sum(a * c for a, c in zip(n_attn, self.attention)) + sum(
+            m * c for m, c in zip(n_mlp, self.mlp))
+        attn = sum(a * c for i, (a, c) in enumerate(zip(n_attn, self.attention)) if i not in skip)
+        mlp = sum(m * c for i, (m, c) in enumerate(zip(n_mlp, self.mlp)) if i not in skip)
+        return _exact_prune_fractions(sparsity, gamma, total, attn, mlp)
 
 
 def _stable_order(scores: torch.Tensor) -> torch.Tensor:
@@ -156,19 +179,50 @@ def removal_counts(
     n_query_per_kv: int,
     head_dim: int,
     skip_layers: Sequence[int] = (),
+    costs: UnitCosts | None = None,
 ) -> tuple[int, int]:
-    """How many attention groups and MLP neurons global allocation removes from a model of these widths.
+    """How many attention units and MLP neurons global allocation removes from a model of these widths.
 
     The same exact-rational formula and floors as :func:`allocate`, without scores: iterative
     schedules use it on the DENSE widths to know how many units must be gone after each step.
+    ``n_kv_group`` are the attention units per layer (query heads when ``costs`` says so).
     """
     skip = set(skip_layers)
-    n_attn, n_mlp = sum(n_kv_group), sum(mlp_dim)
+    costs = costs or UnitCosts.of_groups(len(n_kv_group), n_query_per_kv, head_dim)
+    p_attn, p_mlp = costs.fractions(sparsity, gamma, n_kv_group, mlp_dim, skip)
     n_attn_prunable = sum(a for i, a in enumerate(n_kv_group) if i not in skip)
     n_mlp_prunable = sum(m for i, m in enumerate(mlp_dim) if i not in skip)
-    p_attn, p_mlp = _exact_prune_fractions(sparsity, gamma, 2 * (n_query_per_kv + 1) * head_dim, 3, n_attn, n_mlp,
-                                           n_attn_prunable, n_mlp_prunable)
     return math.floor(n_attn_prunable * p_attn), math.floor(n_mlp_prunable * p_mlp)
+
+
+def _protect_best_heads(scores: torch.Tensor, g: int, n_group: int) -> torch.Tensor:
+    """Mask of the best query head of each of the ``n_group`` best KV groups (group score: the sum of its heads)."""
+    per_group = scores.reshape(-1, g)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    for grp in _protect_top(per_group.sum(1), n_group).nonzero().squeeze(1).tolist():
+        mask[grp * g + int(_protect_top(per_group[grp], 1).nonzero()[0])] = True
+    return mask
+
+
+def _layout_heads(scores: torch.Tensor, remove: torch.Tensor, g: int, tp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a layer's selected query heads into a layout stock kernels run: ``(kept groups, kept heads)``.
+
+    A KV group all of whose heads were selected goes whole (its k/v rows too). The other groups keep the same
+    number of heads each, ``h = g - round(removed among them / their count)`` (at least 1), their best ``h``. The
+    kept group count is rounded up to a multiple of ``tp_size`` (sparing the best-scoring removed groups).
+    """
+    per_group = scores.double().reshape(-1, g)
+    selected = remove.reshape(-1, g)
+    gone = selected.all(1)
+    n_group = per_group.shape[0]
+    n_keep = min(n_group, math.ceil(int((~gone).sum()) / tp_size) * tp_size)
+    kept = _protect_top(torch.where(gone, per_group.sum(1), math.inf), n_keep)
+    alive = ~gone
+    h = g - math.floor(Fraction(int(selected[alive].sum()), max(1, int(alive.sum()))) + Fraction(1, 2))
+    h = max(1, min(g, h))
+    groups = kept.nonzero().squeeze(1)
+    heads = torch.cat([_protect_top(per_group[grp], h).nonzero().squeeze(1) + grp * g for grp in groups.tolist()])
+    return groups, heads
 
 
 def allocate(
@@ -184,27 +238,36 @@ def allocate(
     mode: str = "global",
     counts: tuple[int, int] | None = None,
     tp_size: int = 1,
+    costs: UnitCosts | None = None,
+    heads_per_group: Sequence[int] | None = None,
 ) -> Allocation:
     """Choose which units stay.
 
     Args:
-        attention_scores: per layer ``(n_kv_group_l,)`` unit scores.
+        attention_scores: per layer ``(n_kv_group_l,)`` unit scores (``(n_head_l,)`` query-head scores when
+            ``heads_per_group`` is given).
         mlp_scores: per layer ``(mlp_dim_l,)`` unit scores.
         sparsity: fraction of the current block linear weights to remove, in [0, 1).
-        gamma: (fraction of neurons pruned) / (fraction of attention groups pruned).
+        gamma: (fraction of neurons pruned) / (fraction of attention units pruned).
         n_query_per_kv: g, query heads per KV head.
         head_dim: d.
         round_to: kept MLP width per layer is rounded up to a multiple of this.
         skip_layers: layer indices left untouched.
         mode: ``global`` ranks units of all layers together; ``uniform`` removes the same fraction
             from every layer (ablation).
-        counts: ``(n_attention_groups, n_neurons)`` to remove instead of the counts the formula
+        counts: ``(n_attention_units, n_neurons)`` to remove instead of the counts the formula
             gives for ``sparsity`` (``global`` only; used by iterative schedules, which derive
             them from the dense model with :func:`removal_counts`).
         tp_size: tensor-parallel degree the pruned model must serve at: every layer keeps a multiple
             of ``tp_size`` KV groups (so query and KV heads split evenly over the ranks) and a
             multiple of ``lcm(round_to, tp_size)`` neurons. Kept counts are rounded up, sparing the
             best-scoring units selected for removal.
+        costs: block weights per unit, per layer (the family's declaration); default: ``2(g+1)d`` per KV group
+            and 3 per neuron (hidden-sized vectors).
+        heads_per_group: ``query_head`` granularity: per layer, query heads per KV group. Query heads are ranked
+            (``costs`` must then be the heads' own q/o weights, with the k/v rows as ``fixed``); each layer is
+            then laid out by :func:`_layout_heads`: a group all of whose heads were selected goes whole, the
+            others keep the same number of heads each. ``Allocation.q_head_keep`` holds the kept heads.
 
     Returns:
         :class:`Allocation` with sorted keep indices per layer.
@@ -221,25 +284,28 @@ def allocate(
             raise ConfigError("target.skip_layers", i, f"layer indices in [0, {n_layer})")
     attention_scores = [s.detach().cpu().double() for s in attention_scores]
     mlp_scores = [s.detach().cpu().double() for s in mlp_scores]
+    heads = list(heads_per_group) if heads_per_group is not None else None
+    n_groups = [s.numel() // heads[i] for i, s in enumerate(attention_scores)] if heads else \
+        [s.numel() for s in attention_scores]
     mlp_round = math.lcm(round_to, tp_size)
     if tp_size > 1:
-        for i, (a, m) in enumerate(zip(attention_scores, mlp_scores)):
-            if a.numel() % tp_size or m.numel() % tp_size:
+        for i, (a, m) in enumerate(zip(n_groups, mlp_scores)):
+            if a % tp_size or m.numel() % tp_size:
                 raise ConfigError("target.tp_size", tp_size, f"a degree dividing every layer's KV groups and MLP width "
-                                                      f"(layer {i} has {a.numel()} groups, {m.numel()} neurons)")
-    # Guards: the best `tp_size` attention groups of every layer and the best `round_to` neurons stay; so do
-    # skipped layers.
-    attn_protect = [torch.ones(s.numel(), dtype=torch.bool) if i in skip else _protect_top(s, tp_size)
+                                                      f"(layer {i} has {a} groups, {m.numel()} neurons)")
+    # Guards: the best `tp_size` attention groups of every layer (with query heads: the best head of each) and the
+    # best `round_to` neurons stay; so do skipped layers.
+    attn_protect = [torch.ones(s.numel(), dtype=torch.bool) if i in skip else
+                    _protect_best_heads(s, heads[i], tp_size) if heads else _protect_top(s, tp_size)
                     for i, s in enumerate(attention_scores)]
     mlp_protect = [torch.ones(s.numel(), dtype=torch.bool) if i in skip else _protect_top(s, min(mlp_round, s.numel()))
                    for i, s in enumerate(mlp_scores)]
-    n_attn = sum(s.numel() for s in attention_scores)
-    n_mlp = sum(s.numel() for s in mlp_scores)
     n_attn_prunable = sum(s.numel() for i, s in enumerate(attention_scores) if i not in skip)
     n_mlp_prunable = sum(s.numel() for i, s in enumerate(mlp_scores) if i not in skip)
-    attn_cost, mlp_cost = 2 * (n_query_per_kv + 1) * head_dim, 3
-    p_attn, p_mlp = _exact_prune_fractions(sparsity, gamma, attn_cost, mlp_cost, n_attn, n_mlp,
-                                           n_attn_prunable, n_mlp_prunable)
+    costs = costs or UnitCosts.of_groups(n_layer, n_query_per_kv, head_dim)
+    p_attn, p_mlp = costs.fractions(sparsity, gamma, [s.numel() for s in attention_scores],
+                                    [s.numel() for s in mlp_scores], skip)
+    kind = "query heads" if heads else "attention groups"
     if counts is not None and mode != "global":
         raise ConfigError("target.allocation", mode, "'global' when explicit removal counts are given (iterative schedules)")
     if mode == "global":
@@ -251,20 +317,24 @@ def allocate(
                 raise ValueError(f"removal counts must be >= 0, got {counts}")
             p_attn = Fraction(n_attn_remove, max(1, n_attn_prunable))
             p_mlp = Fraction(n_mlp_remove, max(1, n_mlp_prunable))
-        _blame_guard(n_attn_remove, attn_protect, attention_scores, skip, "target.tp_size", tp_size, "attention groups")
+        _blame_guard(n_attn_remove, attn_protect, attention_scores, skip, "target.tp_size", tp_size, kind)
         _blame_guard(n_mlp_remove, mlp_protect, mlp_scores, skip, "target.round_to", round_to, "MLP neurons")
-        attn_remove = _select_lowest(attention_scores, attn_protect, n_attn_remove, "attention groups")
+        attn_remove = _select_lowest(attention_scores, attn_protect, n_attn_remove, kind)
         mlp_remove = _select_lowest(mlp_scores, mlp_protect, n_mlp_remove, "MLP neurons")
     else:
         attn_remove, mlp_remove, n_attn_remove, n_mlp_remove = [], [], 0, 0
         for i in range(n_layer):
             na = 0 if i in skip else math.floor(attention_scores[i].numel() * p_attn)
             nm = 0 if i in skip else math.floor(mlp_scores[i].numel() * p_mlp)
-            attn_remove += _select_lowest([attention_scores[i]], [attn_protect[i]], na, f"attention groups in layer {i}")
+            attn_remove += _select_lowest([attention_scores[i]], [attn_protect[i]], na, f"{kind} in layer {i}")
             mlp_remove += _select_lowest([mlp_scores[i]], [mlp_protect[i]], nm, f"MLP neurons in layer {i}")
             n_attn_remove, n_mlp_remove = n_attn_remove + na, n_mlp_remove + nm
-    attention_keep = [_round_up_keep(s, r, tp_size) for s, r in zip(attention_scores, attn_remove)]
     mlp_keep = [_round_up_keep(s, r, mlp_round) for s, r in zip(mlp_scores, mlp_remove)]
+    if heads:
+        layouts = [_layout_heads(s, r, g, tp_size) for s, r, g in zip(attention_scores, attn_remove, heads)]
+        return Allocation([grp for grp, _ in layouts], mlp_keep, float(p_attn), float(p_mlp), n_attn_remove,
+                          n_mlp_remove, q_head_keep=[h for _, h in layouts])
+    attention_keep = [_round_up_keep(s, r, tp_size) for s, r in zip(attention_scores, attn_remove)]
     return Allocation(attention_keep, mlp_keep, float(p_attn), float(p_mlp), n_attn_remove, n_mlp_remove)
 
 

@@ -10,10 +10,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..adapters import get_adapter, unwrap_model
 from ..devices import resolve_device
 from ..errors import ConfigError
-from .allocation import allocate, sparsity_for_param_budget
+from ..families import ModelFamily, get_family, unwrap_model
+from .allocation import UnitCosts, allocate, sparsity_for_param_budget
 from .gamma import search_gamma
 from .gradients import UnitScores, as_batches, check_token_ids, compute_unit_scores, fingerprint
 from .plan import PruningPlan, library_versions
@@ -26,8 +26,24 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     """Total parameters, block linear weights and the rest (embeddings, norms, head, biases)."""
     model = unwrap_model(model)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    block = sum(lin.weight.numel() for _, _, lin in get_adapter(model).block_linears())
+    block = sum(lin.weight.numel() for _, _, lin in get_family(model).block_linears())
     return {"total": total, "block": block, "other": total - block}
+
+
+def unit_layout(family: ModelFamily, granularity: str = "group") -> tuple[list[dict], UnitCosts, list[int] | None]:
+    """What the family declares for allocation: per layer its unit kinds, the unit costs (weights) the formula
+    reads, and at ``query_head`` granularity the query heads per KV group of each layer."""
+    kinds = [family.unit_kinds(layer, granularity) for layer in family.layers()]
+    if granularity == "group":
+        return kinds, UnitCosts([k["self_attn"].cost for k in kinds], [k["mlp"].cost for k in kinds]), None
+    costs = UnitCosts([k["q_head"].cost for k in kinds], [k["mlp"].cost for k in kinds],
+                      fixed=sum(k["self_attn"].n_units * k["self_attn"].cost for k in kinds))
+    return kinds, costs, [k["q_head"].n_units // k["self_attn"].n_units for k in kinds]
+
+
+def _attention_units(granularity: str) -> str:
+    return "q_head" if granularity == "query_head" else "self_attn"
+
 
 
 def model_identity(model: nn.Module) -> dict:
@@ -53,6 +69,7 @@ def plan_from_scores(
     *,
     provenance: dict | None = None,
     counts: tuple[int, int] | None = None,
+    family: ModelFamily | None = None,
     **flat,
 ) -> PruningPlan:
     """Allocate from unit scores and wrap the result as a :class:`PruningPlan` for ``model``.
@@ -63,32 +80,40 @@ def plan_from_scores(
     target, _ = from_flat(target, None, flat, "plan_from_scores")
     if target.sparsity is None:
         raise ConfigError("target.sparsity", None, "a fraction here (resolve param_budget with make_plan)")
-    adapter = get_adapter(model)
-    check_finite(scores.attention, "attention")
-    check_finite(scores.mlp, "MLP")
-    geometry = [adapter.layer_geometry(layer) for layer in adapter.layers()]
-    result = allocate(scores.attention, scores.mlp, sparsity=target.sparsity, gamma=target.gamma,
-                      n_query_per_kv=adapter.n_query_per_kv, head_dim=adapter.head_dim, round_to=target.round_to,
-                      skip_layers=target.skip_layers, mode=target.allocation, counts=counts, tp_size=target.tp_size)
+    if scores.granularity != target.attention_granularity:
+        raise ConfigError("target.attention_granularity", target.attention_granularity,
+                          f"{scores.granularity!r}, the granularity the scores were computed at")
+    family = family or get_family(model)
+    for kind, per_layer in scores.by_kind.items():
+        check_finite(per_layer, kind)
+    kinds, costs, heads = unit_layout(family, target.attention_granularity)
+    attn = _attention_units(target.attention_granularity)
+    result = allocate(scores.by_kind[attn], scores.mlp, sparsity=target.sparsity, gamma=target.gamma,
+                      n_query_per_kv=family.n_query_per_kv, head_dim=family.head_dim, round_to=target.round_to,
+                      skip_layers=target.skip_layers, mode=target.allocation, counts=counts, tp_size=target.tp_size,
+                      costs=costs, heads_per_group=heads)
+    keep = {"self_attn": [k.tolist() for k in result.attention_keep], "mlp": [k.tolist() for k in result.mlp_keep]}
+    if result.q_head_keep is not None:
+        keep["q_head"] = [k.tolist() for k in result.q_head_keep]
     plan = PruningPlan(
-        attention_keep=[k.tolist() for k in result.attention_keep],
-        mlp_keep=[k.tolist() for k in result.mlp_keep],
-        n_kv_group_before=[a for a, _ in geometry],
-        mlp_dim_before=[m for _, m in geometry],
-        n_query_per_kv=adapter.n_query_per_kv,
-        head_dim=adapter.head_dim,
-        hidden_dim=adapter.hidden_dim,
+        keep=keep,
+        width_before={name: [k[name].n_units for k in kinds] for name in keep},
+        unit_cost={name: [k[name].cost for k in kinds] for name in keep},
+        n_head_before=[family.layer_widths(layer)[1] for layer in family.layers()],
+        n_query_per_kv=family.n_query_per_kv,
+        head_dim=family.head_dim,
+        hidden_dim=family.hidden_dim,
     )
     plan.provenance = {
         **(provenance or {}),
         "sparsity": target.sparsity, "gamma": target.gamma, "round_to": target.round_to, "tp_size": target.tp_size,
-        "allocation": target.allocation,
+        "allocation": target.allocation, "attention_granularity": target.attention_granularity,
         "skip_layers": sorted(target.skip_layers), "p_attn": result.p_attn, "p_mlp": result.p_mlp,
         "n_attn_removed_requested": result.n_attn_requested, "n_mlp_removed_requested": result.n_mlp_requested,
         "realised_sparsity": plan.realised_sparsity,
-        "model_type": adapter.config.model_type,
+        "model_type": family.config.model_type,
         "model_identity": model_identity(model),
-        "model_source": getattr(adapter.config, "_name_or_path", "") or "",
+        "model_source": getattr(family.config, "_name_or_path", "") or "",
         "versions": library_versions(),
     }
     if counts is None and target.sparsity > 0 and abs(plan.realised_sparsity - target.sparsity) > 0.02:
@@ -125,7 +150,7 @@ def make_plan(
     """
     target, scoring = from_flat(target, scoring, flat, "make_plan")
     model = unwrap_model(model)
-    adapter = get_adapter(model)  # unsupported families fail here, before any work
+    family = get_family(model)  # unsupported families fail here, before any work
     if scoring.device is not None and str(scoring.device).startswith("+"):  # +N: N devices after the model's own
         home = next(model.parameters()).device
         scoring = dataclasses.replace(scoring, device=str(resolve_device(scoring.device, home, 1, key="scoring.device")))
@@ -145,12 +170,14 @@ def make_plan(
                               "masked model is compared with the dense model on them, never on the calibration")
     # Feasibility (fractions <= 1, guards, skip_layers) depends only on the geometry: check it on
     # placeholder scores now rather than after minutes of scoring.
-    geometry = [adapter.layer_geometry(layer) for layer in adapter.layers()]
+    kinds, costs, heads = unit_layout(family, target.attention_granularity)
+    attn = _attention_units(target.attention_granularity)
 
     def allocation_check(g: float) -> None:
-        allocate([torch.zeros(a) for a, _ in geometry], [torch.zeros(m) for _, m in geometry], sparsity=sparsity,
-                 gamma=g, n_query_per_kv=adapter.n_query_per_kv, head_dim=adapter.head_dim, round_to=target.round_to,
-                 skip_layers=target.skip_layers, mode=target.allocation, counts=counts, tp_size=target.tp_size)
+        allocate([torch.zeros(k[attn].n_units) for k in kinds], [torch.zeros(k["mlp"].n_units) for k in kinds],
+                 sparsity=sparsity, gamma=g, n_query_per_kv=family.n_query_per_kv, head_dim=family.head_dim,
+                 round_to=target.round_to, skip_layers=target.skip_layers, mode=target.allocation, counts=counts,
+                 tp_size=target.tp_size, costs=costs, heads_per_group=heads)
 
     if not auto:
         allocation_check(target.gamma)
@@ -176,7 +203,8 @@ def make_plan(
     activation_baseline = scoring.criterion in ("wanda_sp", "flap")
     scores = compute_unit_scores(model, batches, criterion=scoring.criterion, functional=scoring.functional,
                                  accumulate=scoring.accumulate, checkpointing=scoring.checkpointing,
-                                 seed=scoring.seed, compute_dtype=compute_dtype, compute_device=scoring.device)
+                                 seed=scoring.seed, compute_dtype=compute_dtype, compute_device=scoring.device,
+                                 granularity=target.attention_granularity, family=family)
     provenance = {
         "criterion": scoring.criterion, "functional": scoring.functional if scoring.criterion == "nirvana" else None,
         "calibration_fingerprint": fingerprint(batches) if batches else None,
@@ -191,7 +219,7 @@ def make_plan(
 
     def plan_for(g: float) -> PruningPlan:
         return plan_from_scores(model, scores, dataclasses.replace(target, gamma=g), provenance=provenance,
-                                counts=counts)
+                                counts=counts, family=family)
 
     if not auto:
         return plan_for(target.gamma)

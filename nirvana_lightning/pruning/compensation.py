@@ -18,17 +18,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapters import get_adapter, unwrap_model
 from ..errors import ConfigError
+from ..families import get_family, unwrap_model
 from .gradients import input_statistics
 from .plan import PruningPlan
-from .surgery import expand_group_index
-
-
-def _removed(n: int, keep: list[int]) -> torch.Tensor:
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[torch.as_tensor(keep, dtype=torch.long)] = False
-    return mask.nonzero().flatten()
+from .surgery import kept_inputs
 
 
 def _with_bias(linear: nn.Linear) -> None:
@@ -47,18 +41,17 @@ def bias_deltas(model: nn.Module, plan: PruningPlan, calibration: list[torch.Ten
         calibration: ``(B, T)`` token batches whose input means are used (the scoring calibration).
     """
     model = unwrap_model(model)
-    adapter = get_adapter(model)
+    family = get_family(model)
     check_family(model)
-    stats = input_statistics(model, adapter, calibration)
-    g, d = adapter.n_query_per_kv, adapter.head_dim
+    stats = input_statistics(model, family, calibration)
     out = []
     with torch.no_grad():
-        for i, layer in enumerate(adapter.layers()):
-            attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-            removed_heads = _removed(plan.n_kv_group_before[i], plan.attention_keep[i])
+        for i, layer in enumerate(family.layers()):
+            kept = kept_inputs(family, layer, plan, i)
             deltas = {}
-            for role, lin, cols in (("o", attn.o, expand_group_index(removed_heads.tolist(), g * d)),
-                                    ("down", mlp.down, _removed(plan.mlp_dim_before[i], plan.mlp_keep[i]))):
+            for role in ("o", "down"):
+                lin = family.projection(layer, role)
+                cols = (~kept[role]).nonzero().flatten() if role in kept else torch.zeros(0, dtype=torch.long)
                 w = lin.weight.detach()
                 if cols.numel() == 0:
                     deltas[role] = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
@@ -86,12 +79,12 @@ def add_biases(model: nn.Module, deltas: list[dict[str, torch.Tensor]] | None) -
     Returns ``{"max_abs_bias", "layers"}`` for the plan's provenance.
     """
     model = unwrap_model(model)
-    adapter = get_adapter(model)
+    family = get_family(model)
     check_family(model)
     largest = 0.0
     with torch.no_grad():
-        for i, layer in enumerate(adapter.layers()):
-            attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+        for i, layer in enumerate(family.layers()):
+            attn, mlp = family.attention(layer), family.mlp(layer)
             for lin in (attn.q, attn.k, attn.v, attn.o, mlp.gate, mlp.up, mlp.down):
                 _with_bias(lin)
             if deltas is None:
@@ -101,4 +94,4 @@ def add_biases(model: nn.Module, deltas: list[dict[str, torch.Tensor]] | None) -
                 largest = max(largest, float(deltas[i][role].abs().max()))
     model.config.attention_bias = True
     model.config.mlp_bias = True
-    return {"max_abs_bias": largest, "layers": len(adapter.layers())}
+    return {"max_abs_bias": largest, "layers": len(family.layers())}

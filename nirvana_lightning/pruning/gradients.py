@@ -42,16 +42,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters import get_adapter, unwrap_model
 from ..errors import ConfigError, check_choice
+from ..families import ModelFamily, get_family, unwrap_model
 from .saliency import (
     CRITERIA,
-    FLAP_ROLES,
     FUNCTIONALS,
     compute_output_functional,
     compute_weight_saliency,
     flap_saliency,
-    reduce_role_scores,
+    reduce_owned,
     wanda_saliency,
 )
 
@@ -60,10 +59,33 @@ ACCUMULATE = ("gradient", "saliency")
 
 @dataclass
 class UnitScores:
-    """Per-layer unit scores (layers may differ in width after pruning)."""
+    """Per unit kind (``self_attn``, ``mlp``, and ``q_head`` at ``query_head`` granularity), per layer, the
+    scores of that layer's units (layers may differ in width after pruning), float32."""
 
-    attention: list[torch.Tensor]  # per layer (n_kv_group_l,) float32
-    mlp: list[torch.Tensor]  # per layer (mlp_dim_l,) float32
+    attention: list[torch.Tensor]  # per layer (n_kv_group_l,): KV groups
+    mlp: list[torch.Tensor]  # per layer (mlp_dim_l,): neurons
+    q_head: list[torch.Tensor] | None = None  # per layer (n_head_l,): query heads (query_head granularity)
+
+    @property
+    def granularity(self) -> str:
+        return "group" if self.q_head is None else "query_head"
+
+    @property
+    def by_kind(self) -> dict[str, list[torch.Tensor]]:
+        out = {"self_attn": self.attention, "mlp": self.mlp}
+        return out if self.q_head is None else {**out, "q_head": self.q_head}
+
+    @classmethod
+    def from_kinds(cls, by_kind: dict[str, list[torch.Tensor]]) -> UnitScores:
+        return cls(by_kind["self_attn"], by_kind["mlp"], by_kind.get("q_head"))
+
+    def as_groups(self) -> UnitScores:
+        """The ``group`` granularity scores of the same pass: a KV group's score is its k/v part plus its heads'
+        (every saliency is a sum over weights, so the parts add up exactly; the criterion ``random`` aside)."""
+        if self.q_head is None:
+            return self
+        groups = [kv + heads.reshape(kv.numel(), -1).sum(1) for kv, heads in zip(self.attention, self.q_head)]
+        return UnitScores(groups, self.mlp)
 
 
 def as_batches(calibration: torch.Tensor | Iterable[torch.Tensor], micro_batch_size: int | None) -> list[torch.Tensor]:
@@ -145,11 +167,11 @@ def _parameters_as(module: nn.Module, make, device: torch.device) -> Iterable[No
 
 
 @contextmanager
-def _computed_in(model: nn.Module, adapter, device: torch.device, dtype: torch.dtype,
+def _computed_in(model: nn.Module, family, device: torch.device, dtype: torch.dtype,
                  sinks: dict[int, object]) -> Iterable[None]:
     """Run the model's forward on ``device`` in ``dtype`` without converting or moving it (see the module doc).
 
-    Enter it before :meth:`ModelAdapter.checkpointed_layers`, which then wraps these forwards, so
+    Enter it before :meth:`ModelFamily.checkpointed_layers`, which then wraps these forwards, so
     each layer's copies are made (and remade in backward) inside its checkpointed region. ``sinks`` maps ``id(weight)`` to the callback that
     receives that weight's gradient (on ``device``, in ``dtype``).
     """
@@ -170,7 +192,7 @@ def _computed_in(model: nn.Module, adapter, device: torch.device, dtype: torch.d
 
         module.forward = run
 
-    layers = adapter.layers()
+    layers = family.layers()
     embedding = model.get_input_embeddings()
     inside = {id(m) for layer in layers for m in layer.modules()} | {id(m) for m in embedding.modules()}
     # modules outside the layers that hold parameters (final norm, LM head), outermost only
@@ -240,7 +262,7 @@ def _chunked_head_functional(hidden: torch.Tensor, head: nn.Linear, functional: 
     finalize(top).float().mean().backward()  # increasing: the arg-max of the raw logits is the logits' own
 
 
-def input_statistics(model: nn.Module, adapter, batches: list[torch.Tensor]) -> dict[int, tuple[int, torch.Tensor, torch.Tensor]]:
+def input_statistics(model: nn.Module, family, batches: list[torch.Tensor]) -> dict[int, tuple[int, torch.Tensor, torch.Tensor]]:
     """One forward-only pass: per block linear (by ``id``), ``(tokens, sum of inputs, sum of squared inputs)``
     per input channel, accumulated in float64 (float32 on MPS) on the model's device."""
     device = next(model.parameters()).device
@@ -254,13 +276,13 @@ def input_statistics(model: nn.Module, adapter, batches: list[torch.Tensor]) -> 
         entry[1] = entry[1] + x.sum(0)
         entry[2] = entry[2] + (x * x).sum(0)
 
-    handles = [lin.register_forward_hook(hook) for _, _, lin in adapter.block_linears()]
+    handles = [lin.register_forward_hook(hook) for _, _, lin in family.block_linears()]
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
             for batch in batches:
-                adapter.body()(input_ids=batch.to(device), use_cache=False)
+                family.hidden_states(batch.to(device))
     finally:
         for h in handles:
             h.remove()
@@ -282,6 +304,8 @@ def compute_unit_scores(
     seed: int = 0,
     compute_dtype: torch.dtype | None = None,
     compute_device: torch.device | str | None = None,
+    granularity: str = "group",
+    family: ModelFamily | None = None,
 ) -> UnitScores:
     """Score every attention group and MLP neuron of ``model`` (weights are not modified).
 
@@ -303,6 +327,9 @@ def compute_unit_scores(
             casts one module at a time and never converts the model (see the module doc).
         compute_device: run the forward/backward there, one module at a time, with the model staying
             where it is (None: where the model is); e.g. a model in host memory scored on ``cuda``.
+        granularity: ``group`` scores KV groups and neurons; ``query_head`` also scores each query head (its q
+            rows and o columns), the KV group keeping its k and v rows (the family's unit kinds).
+        family: the model's family spec when the caller already holds it (``make_plan`` asks once).
 
     Returns:
         :class:`UnitScores` in float32 on the CPU.
@@ -313,28 +340,26 @@ def compute_unit_scores(
     if not lean and accumulate == "saliency":
         raise ConfigError("scoring.accumulate", accumulate, "'gradient' when lean=False (the baseline keeps every gradient)")
     model = unwrap_model(model)
-    adapter = get_adapter(model)
-    linears = list(adapter.block_linears())
-    widths = {}
-    for i, layer in enumerate(adapter.layers()):
-        widths[i] = adapter.layer_geometry(layer)
-    n_unit = {(i, r): widths[i][0] if r in ("q", "k", "v", "o") else widths[i][1] for i, r, _ in linears}
+    family = family or get_family(model)
+    linears = list(family.block_linears())
+    kinds = [family.unit_kinds(layer, granularity) for layer in family.layers()]
+    owner = {(i, o.role): (name, o) for i, layer_kinds in enumerate(kinds)
+             for name, kind in layer_kinds.items() for o in kind.owns}
     home = next(model.parameters()).device
     device = torch.device(compute_device) if compute_device is not None else home  # where the maths runs
-    attention = [torch.zeros(widths[i][0], device=device) for i in range(len(widths))]
-    mlp = [torch.zeros(widths[i][1], device=device) for i in range(len(widths))]
+    scores = {name: [torch.zeros(k[name].n_units, device=device) for k in kinds] for name in kinds[0]}
 
     def add(i: int, role: str, saliency: torch.Tensor) -> None:
-        target = attention if role in ("q", "k", "v", "o") else mlp
-        target[i] += reduce_role_scores(role, saliency, n_unit[(i, role)]).to(target[i].device)  # no sync per hook
+        name, owned = owner[(i, role)]
+        scores[name][i] += reduce_owned(saliency, owned.axis, owned.block).to(device)  # no sync per hook
 
     def result() -> UnitScores:
-        return UnitScores([a.cpu() for a in attention], [m.cpu() for m in mlp])
+        return UnitScores.from_kinds({name: [s.cpu() for s in per_layer] for name, per_layer in scores.items()})
 
     if criterion == "random":
         gen = torch.Generator().manual_seed(seed)
-        return UnitScores([torch.rand(s.numel(), generator=gen) for s in attention],
-                          [torch.rand(s.numel(), generator=gen) for s in mlp])
+        return UnitScores.from_kinds({name: [torch.rand(s.numel(), generator=gen) for s in per_layer]
+                                      for name, per_layer in scores.items()})
     if criterion == "magnitude":
         for i, role, lin in linears:
             add(i, role, compute_weight_saliency(lin.weight, None))
@@ -342,10 +367,10 @@ def compute_unit_scores(
 
     batches = as_batches(calibration, micro_batch_size)
     if criterion in ("wanda_sp", "flap"):
-        stats = input_statistics(model, adapter, batches)
+        stats = input_statistics(model, family, batches)
         for i, role, lin in linears:
             count, total, sq = stats[id(lin)]
-            if role not in FLAP_ROLES:  # both score the output projections' input channels only
+            if owner[(i, role)][1].axis != 1:  # both score the output projections' input channels only
                 continue
             if criterion == "wanda_sp":
                 add(i, role, wanda_saliency(lin.weight, sq))
@@ -386,23 +411,23 @@ def compute_unit_scores(
                         param.grad = None
                 handles.append(lin.weight.register_post_accumulate_grad_hook(hook))
         # the copies must be made inside each checkpointed region, so the casting wrapper goes on first
-        with _computed_in(model, adapter, device, compute_dtype, sinks) if upcast else nullcontext(), \
-                adapter.checkpointed_layers() if checkpointing or upcast else nullcontext():
+        with _computed_in(model, family, device, compute_dtype, sinks) if upcast else nullcontext(), \
+                family.checkpointed_layers() if checkpointing or upcast else nullcontext():
             for n, batch in enumerate(batches):
                 if n == len(batches) - 1 and lean:
                     state["active"] = True  # gradient mode: reduce only once the sum is complete
                 ids = batch.to(home)  # the embedding lookup runs where the model is
                 scale = 1.0 if functional == "sum_logits" and criterion == "nirvana" else ids.shape[0] / n_total
                 if criterion == "taylor":
-                    (model(input_ids=ids, labels=ids, use_cache=False).loss * scale).backward()
+                    (family.lm_loss(ids) * scale).backward()
                 elif head_chunk:
-                    hidden = adapter.body()(input_ids=ids, use_cache=False).last_hidden_state
+                    hidden = family.hidden_states(ids)
                     leaf = hidden.detach().requires_grad_(True)
-                    _chunked_head_functional(leaf, adapter.lm_head(), functional, head_chunk, adapter.finalize_logits)
+                    _chunked_head_functional(leaf, family.lm_head(), functional, head_chunk, family.finalize_logits)
                     hidden.backward(leaf.grad * scale)
                     del hidden, leaf
                 else:
-                    logits = model(input_ids=ids, use_cache=False).logits
+                    logits = family.logits(ids)
                     (compute_output_functional(logits, functional) * scale).backward()
                     del logits
         if not lean:

@@ -1,11 +1,13 @@
 """Pure saliency maths (docs/method.md sections 1-2): tensors in, tensors out.
 
 A weight's saliency is ``S(w) = |w * df/dw|`` in float32, where ``f`` is a scalar of the model
-output (NIRVANA) or the LM loss (``taylor``). Units aggregate S entrywise (L1):
+output (NIRVANA) or the LM loss (``taylor``). A unit's score is the entrywise (L1) sum of S over the
+slices its family declares it owns (:class:`~nirvana_lightning.families.base.Owned`), for example:
 
-* attention unit = one KV group h: q rows ``[h*g*d, (h+1)*g*d)``, k and v rows ``[h*d, (h+1)*d)``,
+* KV group h (``group`` granularity): q rows ``[h*g*d, (h+1)*g*d)``, k and v rows ``[h*d, (h+1)*d)``,
   o columns ``[h*g*d, (h+1)*g*d)``;
-* MLP unit = neuron j: gate row j + up row j + down column j.
+* query head j (``query_head``): q rows and o columns ``[j*d, (j+1)*d)``; its KV group keeps k and v rows;
+* MLP neuron j: gate row j + up row j + down column j.
 """
 
 from __future__ import annotations
@@ -67,27 +69,20 @@ def flap_saliency(weight: torch.Tensor, input_mean: torch.Tensor, input_sq_mean:
     return weight.detach().float() ** 2 * var[None, :]
 
 
-def reduce_role_scores(role: str, saliency: torch.Tensor, n_unit: int) -> torch.Tensor:
-    """Sum one projection's weight saliencies ``(out, in)`` into its ``(n_unit,)`` unit scores.
-
-    Attention roles reduce to KV groups (q/k/v rows in contiguous blocks, o columns), MLP roles
-    to neurons (gate/up rows, down columns).
-    """
-    if role in ("q", "k", "v"):
-        return saliency.reshape(n_unit, -1).sum(1).float()
-    if role == "o":
-        return saliency.reshape(saliency.shape[0], n_unit, -1).sum((0, 2)).float()
-    if role in ("gate", "up"):
-        return saliency.sum(1).float()
-    if role == "down":
-        return saliency.sum(0).float()
-    raise ValueError(f"unknown role {role!r}")
+def reduce_owned(saliency: torch.Tensor, axis: int, block: int) -> torch.Tensor:
+    """Sum one projection's weight saliencies ``(out, in)`` over the slices its units own: ``block`` consecutive
+    rows (``axis`` 0) or columns (``axis`` 1) per unit. Returns ``(n_unit,)`` float32."""
+    if axis == 0:
+        return saliency.reshape(saliency.shape[0] // block, -1).sum(1).float()
+    if axis == 1:
+        return saliency.reshape(saliency.shape[0], saliency.shape[1] // block, block).sum((0, 2)).float()
+    raise ValueError(f"axis must be 0 (rows) or 1 (columns), got {axis!r}")
 
 
 def reduce_attention_scores(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, n_kv_group: int
 ) -> torch.Tensor:
-    """Per-KV-group sums of weight saliencies.
+    """Per-KV-group sums of weight saliencies (``group`` granularity).
 
     Args:
         q: ``(n_kv_group*g*head_dim, hidden)``; k, v: ``(n_kv_group*head_dim, hidden)``;
@@ -96,13 +91,13 @@ def reduce_attention_scores(
     Returns:
         ``(n_kv_group,)`` float32.
     """
-    return sum(reduce_role_scores(r, t, n_kv_group) for r, t in (("q", q), ("k", k), ("v", v), ("o", o)))
+    return (reduce_owned(q, 0, q.shape[0] // n_kv_group) + reduce_owned(k, 0, k.shape[0] // n_kv_group)
+            + reduce_owned(v, 0, v.shape[0] // n_kv_group) + reduce_owned(o, 1, o.shape[1] // n_kv_group))
 
 
 def reduce_mlp_scores(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """Per-neuron sums: gate row + up row + down column. ``(mlp_dim, hidden) x2, (hidden, mlp_dim) -> (mlp_dim,)``."""
-    n = gate.shape[0]
-    return sum(reduce_role_scores(r, t, n) for r, t in (("gate", gate), ("up", up), ("down", down)))
+    return reduce_owned(gate, 0, 1) + reduce_owned(up, 0, 1) + reduce_owned(down, 1, 1)
 
 
 def check_finite(scores: list[torch.Tensor], kind: str) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .allocation import removal_counts
+from .allocation import UnitCosts, removal_counts
 
 SCHEDULES = ("once", "constant", "linear", "cubic")
 
@@ -58,19 +58,22 @@ class StepTarget:
 
 def step_target(kind: str, final: float, k: int, n_steps: int, *, dense_widths: list[tuple[int, int]],
                 current_widths: list[tuple[int, int]], dense_block: int, current_block: int, gamma: float,
-                n_query_per_kv: int, head_dim: int, skip_layers: Sequence[int], allocation: str) -> StepTarget:
+                n_query_per_kv: int, head_dim: int, skip_layers: Sequence[int], allocation: str,
+                costs: UnitCosts | None = None) -> StepTarget:
     """The removal of step ``k`` of an iterative schedule (pure).
 
     With global allocation the units that must be gone after step ``k`` are counted from the DENSE widths
     (the one-shot counts at ``s_k``), minus those already gone: per-step floors do not accumulate into a
-    shortfall, and the last step lands on the one-shot counts of ``final``.
+    shortfall, and the last step lands on the one-shot counts of ``final``. Widths are ``(attention units,
+    neurons)`` per layer; ``costs`` are the dense model's unit costs (default: KV groups of ``2(g+1)d``).
     """
     cumulative = cumulative_sparsity(kind, final, k, n_steps)
     sparsity = step_sparsity(cumulative, dense_block, current_block)
     counts = None
     if allocation == "global":
         want = removal_counts([a for a, _ in dense_widths], [m for _, m in dense_widths], sparsity=cumulative,
-                              gamma=gamma, n_query_per_kv=n_query_per_kv, head_dim=head_dim, skip_layers=skip_layers)
+                              gamma=gamma, n_query_per_kv=n_query_per_kv, head_dim=head_dim, skip_layers=skip_layers,
+                              costs=costs)
         gone = (sum(a for a, _ in dense_widths) - sum(a for a, _ in current_widths),
                 sum(m for _, m in dense_widths) - sum(m for _, m in current_widths))
         counts = (max(0, want[0] - gone[0]), max(0, want[1] - gone[1]))

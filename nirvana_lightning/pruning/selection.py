@@ -18,8 +18,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import unwrap_model
 from ..errors import ConfigError
+from ..families import unwrap_model
 from .api import make_plan
 from .gradients import fingerprint
 from .plan import PruningPlan

@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import ConfigError, check_choice, check_positive_int
+from ..families.base import GRANULARITIES
 from .allocation import MODES, ROUND_TO_CHOICES
 from .gamma import GAMMA_GRID
 from .gradients import ACCUMULATE
@@ -62,6 +63,10 @@ class PruningTarget:
         skip_layers: layer indices left untouched.
         allocation: ``global`` (one ranking across layers, the paper's) or ``uniform`` (the same fractions
             in every layer).
+        attention_granularity: ``group`` (whole KV groups: the paper's) or ``query_head``: single query heads
+            (their q rows and o columns) are ranked too; a layer keeps the same number of heads per KV group,
+            and a group goes whole (k/v too) when all its heads go. Saves q/o weights and attention compute,
+            not KV cache.
     """
 
     sparsity: float | None = 0.2
@@ -72,6 +77,7 @@ class PruningTarget:
     tp_size: int = 1
     skip_layers: tuple[int, ...] = ()
     allocation: str = "global"
+    attention_granularity: str = "group"
 
     def __post_init__(self) -> None:
         if (self.sparsity is None) == (self.param_budget is None):
@@ -99,6 +105,7 @@ class PruningTarget:
             check_positive_int(f"target.skip_layers[{i}]", layer, minimum=0)
         _freeze(self, "skip_layers", skip)
         check_choice("target.allocation", self.allocation, MODES)
+        check_choice("target.attention_granularity", self.attention_granularity, GRANULARITIES)
 
     @property
     def grid(self) -> tuple[float, ...]:
@@ -319,7 +326,7 @@ def check_combination(target: PruningTarget, scoring: Scoring, selection: Select
 #: the flat keyword arguments of 0.1's ``prune`` / ``make_plan`` / ``select_calibration``, and where each lives now
 FLAT_KEYWORDS: dict[str, tuple[str, str]] = {
     **{name: ("target", name) for name in ("sparsity", "param_budget", "gamma", "gamma_grid", "round_to", "tp_size",
-                                            "skip_layers", "allocation")},
+                                            "skip_layers", "allocation", "attention_granularity")},
     **{name: ("scoring", name) for name in ("criterion", "functional", "micro_batch_size", "accumulate",
                                             "checkpointing", "seed")},
     "scoring_dtype": ("scoring", "dtype"),
@@ -329,7 +336,7 @@ FLAT_KEYWORDS: dict[str, tuple[str, str]] = {
 #: 0.1's flat ``NirvanaPruningCallback`` keys and the data module's calibration keys: their new names
 RENAMED_KEYS: dict[str, str] = {
     **{f"NirvanaPruningCallback.{flat}": f"NirvanaPruningCallback.{section}.{name}"
-       for flat, (section, name) in FLAT_KEYWORDS.items() if flat != "scoring_device"},
+       for flat, (section, name) in FLAT_KEYWORDS.items() if flat not in ("scoring_device", "attention_granularity")},
     "NirvanaPruningCallback.offload_scoring": "NirvanaPruningCallback.scoring.device (+0: each rank's accelerator)",
     "NirvanaPruningCallback.calibration_samples": "NirvanaPruningCallback.calibration.samples",
     "NirvanaPruningCallback.calibration_seq_len": "NirvanaPruningCallback.calibration.seq_len",

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..adapters import get_adapter, unwrap_model
+from ..families import ModelFamily, get_family, unwrap_model
 from .plan import PruningPlan
 
 
@@ -17,10 +17,10 @@ def _describe(identity: dict) -> str:
             f"vocab {identity.get('vocab_size')}, parameter fingerprint {identity.get('fingerprint')})")
 
 
-def check_plan_matches(model: nn.Module, plan: PruningPlan) -> None:
+def check_plan_matches(model: nn.Module, plan: PruningPlan, family: ModelFamily | None = None) -> None:
     """Raise (naming the layer) unless the plan was made for the model's current shapes."""
     plan.validate()
-    adapter = get_adapter(model)
+    family = family or get_family(model)
     wanted = plan.provenance.get("model_identity")
     if wanted:  # plans written before identities were recorded carry none; their shapes are still checked
         from .api import model_identity
@@ -31,17 +31,17 @@ def check_plan_matches(model: nn.Module, plan: PruningPlan) -> None:
                 f"this plan was made for another model: {_describe(wanted)}; it is being applied to "
                 f"{_describe(have)} (a plan cuts only the model, with the same parameter names and shapes, it was "
                 "made for)")
-    layers = adapter.layers()
+    layers = family.layers()
     if len(layers) != plan.n_layer:
         raise ValueError(f"plan has {plan.n_layer} layers, the model {len(layers)}")
-    if plan.head_dim != adapter.head_dim or plan.n_query_per_kv != adapter.n_query_per_kv:
-        raise ValueError(f"plan head_dim={plan.head_dim}, g={plan.n_query_per_kv}; model head_dim={adapter.head_dim}, "
-                         f"g={adapter.n_query_per_kv}")
+    if plan.head_dim != family.head_dim:
+        raise ValueError(f"plan head_dim={plan.head_dim}; model head_dim={family.head_dim}")
     for i, layer in enumerate(layers):
-        n_kv_group, mlp_dim = adapter.layer_geometry(layer)
-        if (n_kv_group, mlp_dim) != (plan.n_kv_group_before[i], plan.mlp_dim_before[i]):
-            raise ValueError(f"plan layer {i} expects {plan.n_kv_group_before[i]} KV groups and "
-                             f"{plan.mlp_dim_before[i]} MLP neurons; the model has {n_kv_group} and {mlp_dim}")
+        have = family.layer_widths(layer)
+        want = (plan.n_kv_group_before[i], plan.n_head_before[i], plan.mlp_dim_before[i])
+        if have != want:
+            raise ValueError(f"plan layer {i} expects {want[0]} KV groups, {want[1]} query heads and {want[2]} MLP "
+                             f"neurons; the model has {have[0]}, {have[1]} and {have[2]}")
 
 
 def _slice_linear_(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
@@ -64,48 +64,65 @@ def expand_group_index(groups: list[int] | torch.Tensor, block: int) -> torch.Te
     return (groups[:, None] * block + torch.arange(block)).reshape(-1)
 
 
+def _owned_keeps(family, layer, plan: PruningPlan, i: int) -> list[tuple[str, int, torch.Tensor]]:
+    """``(role, axis, kept indices)`` for every slice the plan's unit kinds own in layer ``i`` (a kind that keeps
+    every unit is left out)."""
+    out = []
+    for name, kind in family.unit_kinds(layer, plan.granularity).items():
+        keep = plan.keep[name][i]
+        if len(keep) == kind.n_units:
+            continue
+        for owned in kind.owns:
+            out.append((owned.role, owned.axis, expand_group_index(keep, owned.block)))
+    return out
+
+
 def cut_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
     """Physically remove the units the plan does not keep (in place); returns the model.
 
+    Every slice comes from the family's unit kinds (which rows or columns of which projection a unit owns).
     Everything is checked before the first tensor changes, so a mismatched plan leaves the
     model untouched. head_dim never changes, so RoPE and per-head norms are unaffected.
     """
     model_ = unwrap_model(model)
-    check_plan_matches(model_, plan)
-    adapter = get_adapter(model_)
-    g, d = plan.n_query_per_kv, plan.head_dim
-    for i, layer in enumerate(adapter.layers()):
-        attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-        if plan.n_kv_group_after[i] != plan.n_kv_group_before[i]:
-            q_rows = expand_group_index(plan.attention_keep[i], g * d)
-            kv_rows = expand_group_index(plan.attention_keep[i], d)
-            _slice_linear_(attn.q, q_rows, 0)
-            _slice_linear_(attn.k, kv_rows, 0)
-            _slice_linear_(attn.v, kv_rows, 0)
-            _slice_linear_(attn.o, q_rows, 1)
-            adapter.set_layer_attention_shape(layer, plan.n_kv_group_after[i])
-        if plan.mlp_dim_after[i] != plan.mlp_dim_before[i]:
-            keep = torch.as_tensor(plan.mlp_keep[i], dtype=torch.long)
-            _slice_linear_(mlp.gate, keep, 0)
-            _slice_linear_(mlp.up, keep, 0)
-            _slice_linear_(mlp.down, keep, 1)
-            adapter.set_layer_mlp_shape(layer, plan.mlp_dim_after[i])
-    adapter.record_layer_widths(plan.n_kv_group_after, plan.mlp_dim_after)
+    family = get_family(model_)
+    check_plan_matches(model_, plan, family)
+    for i, (layer, widths) in enumerate(zip(family.layers(), plan.widths_after())):
+        for role, axis, index in _owned_keeps(family, layer, plan, i):
+            _slice_linear_(family.projection(layer, role), index, axis)
+        family.set_layer_widths(layer, *widths)
+    family.record_layer_widths(plan.widths_after())
     return model
+
+
+def kept_inputs(family, layer, plan: PruningPlan, i: int) -> dict[str, torch.Tensor]:
+    """Per output projection a unit kind feeds (``o``, ``down``), the boolean mask of the input columns that
+    survive layer ``i``'s cut: a column goes with any unit that owns it."""
+    masks: dict[str, torch.Tensor] = {}
+    for name, kind in family.unit_kinds(layer, plan.granularity).items():
+        owned = kind.gate
+        if owned is None:
+            continue
+        mask = masks.setdefault(owned.role, torch.ones(family.projection(layer, owned.role).in_features,
+                                                       dtype=torch.bool))
+        unit = torch.zeros(kind.n_units, dtype=torch.bool)
+        unit[torch.as_tensor(plan.keep[name][i], dtype=torch.long)] = True
+        mask &= unit.repeat_interleave(owned.block)
+    return masks
 
 
 @contextmanager
 def masked_units(model: nn.Module, plan: PruningPlan) -> Iterator[None]:
     """Make the model compute as if the plan were applied, without changing any weight.
 
-    Removing a KV group removes its g query heads; each head's attention is independent, so
-    zeroing the inputs of o_proj for those heads is exact. Removing a neuron is zeroing the
-    input of down_proj at that index. Hooks are removed on exit.
+    Each unit kind with an output projection (a KV group's or a query head's o columns, a neuron's down
+    column) is masked by zeroing that projection's inputs at the columns of removed units. Every head's
+    attention is independent, so this is exact; a KV group goes only with all its heads. Hooks are removed
+    on exit.
     """
     model_ = unwrap_model(model)
-    check_plan_matches(model_, plan)
-    adapter = get_adapter(model_)
-    g, d = plan.n_query_per_kv, plan.head_dim
+    family = get_family(model_)
+    check_plan_matches(model_, plan, family)
     handles = []
 
     def gate(mask: torch.Tensor):
@@ -115,14 +132,9 @@ def masked_units(model: nn.Module, plan: PruningPlan) -> Iterator[None]:
         return pre_hook
 
     try:
-        for i, layer in enumerate(adapter.layers()):
-            attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-            attn_mask = torch.zeros(plan.n_kv_group_before[i] * g * d)
-            attn_mask[expand_group_index(plan.attention_keep[i], g * d)] = 1
-            mlp_mask = torch.zeros(plan.mlp_dim_before[i])
-            mlp_mask[torch.as_tensor(plan.mlp_keep[i], dtype=torch.long)] = 1
-            handles.append(attn.o.register_forward_pre_hook(gate(attn_mask)))
-            handles.append(mlp.down.register_forward_pre_hook(gate(mlp_mask)))
+        for i, layer in enumerate(family.layers()):
+            for role, kept in kept_inputs(family, layer, plan, i).items():
+                handles.append(family.projection(layer, role).register_forward_pre_hook(gate(kept.float())))
         yield
     finally:
         for h in handles:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters import remote_modeling, unwrap_model
+from ..families import remote_modeling, unwrap_model
 
 
 def attach_lora(model: nn.Module, *, r: int, alpha: int, dropout: float, roles: Sequence[str]) -> nn.Module:
@@ -29,9 +29,9 @@ def attach_lora(model: nn.Module, *, r: int, alpha: int, dropout: float, roles: 
     module names by the model family); B = 0, so the function is unchanged."""
     from peft import LoraConfig, get_peft_model
 
-    from ..adapters import get_adapter
+    from ..families import get_family
 
-    targets = get_adapter(model).lora_target_modules(list(roles))
+    targets = get_family(model).lora_target_modules(list(roles))
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
@@ -149,7 +149,7 @@ def merged_model(model: nn.Module, state: dict[str, torch.Tensor] | None = None)
     """
     base = unwrap_model(model)
     config = base.config
-    cls = remote_modeling.PRUNED_CLASSES[config.model_type]
+    cls = remote_modeling.pruned_class(config.model_type)
     with torch.device("meta"):
         plain = cls(config)
     weights = merged_state_dict(model, state)

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..adapters import get_adapter
 from ..data.sft import IGNORE_INDEX
+from ..families import get_family
 
 #: positions per chunk of logits (x vocabulary x 4 bytes is the extra memory)
 DEFAULT_CHUNK = 1024
@@ -43,9 +43,9 @@ def _head_as_identity(head: nn.Module) -> Iterator[None]:
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, nn.Module]:
     """Final hidden states ``(B, T, H)`` through the model's own forward, and its LM head module."""
-    adapter = get_adapter(model)
-    head = adapter.lm_head()
-    with _head_as_identity(head), adapter.raw_logits():
+    family = get_family(model)
+    head = family.lm_head()
+    with _head_as_identity(head), family.raw_logits():
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = out.logits if hasattr(out, "logits") else out[0]
     if hidden.shape[-1] != head.in_features:
@@ -83,7 +83,7 @@ def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
 def lm_loss(model: nn.Module, batch: dict, chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, int]:
     """Mean next-token loss over labelled tokens and their number (NaN when none is labelled, as in HF)."""
     hidden, head = hidden_states(model, batch["input_ids"], batch.get("attention_mask"))
-    total, n = chunked_lm_loss(hidden, head, batch["labels"], chunk, get_adapter(model).logit_softcap)
+    total, n = chunked_lm_loss(hidden, head, batch["labels"], chunk, get_family(model).logit_softcap)
     return total / n if n else total * float("nan"), n
 
 
@@ -128,7 +128,7 @@ def distillation_loss(model: nn.Module, teacher: nn.Module, batch: dict, *, temp
     total = h.new_zeros(2, dtype=torch.float32)
     for s in range(0, h.shape[0], chunk):
         args = (h[s:s + chunk], head.weight, head.bias, t[s:s + chunk], t_weight, t_bias, y[s:s + chunk],
-                temperature, with_lm, get_adapter(model).logit_softcap, get_adapter(teacher).logit_softcap)
+                temperature, with_lm, get_family(model).logit_softcap, get_family(teacher).logit_softcap)
         total = total + (checkpoint(_kd_terms, *args, use_reentrant=False) if torch.is_grad_enabled() else _kd_terms(*args))
     n = int(h.shape[0])
     kd = total[0] / max(1, n) * temperature ** 2

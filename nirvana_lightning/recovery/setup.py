@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..adapters import ROLES
 from ..errors import check_choice
+from ..families import ROLES
 
 RECOVERY_MODES = ("lora", "full", "none")
 

@@ -70,11 +70,11 @@ def _gguf():
 # ----------------------------------------------------------------------------- structure
 def _layer_widths(model: nn.Module) -> tuple[list[int], list[int], list[int], int]:
     """Per-layer (query heads, KV heads, FFN widths) read from the tensors, and head_dim."""
-    from ..adapters import get_adapter
+    from ..families import get_family
 
-    adapter = get_adapter(model)
-    kv_heads, ffn = map(list, zip(*(adapter.layer_geometry(layer) for layer in adapter.layers())))
-    return [k * adapter.n_query_per_kv for k in kv_heads], kv_heads, ffn, adapter.head_dim
+    family = get_family(model)
+    kv_heads, heads, ffn = map(list, zip(*(family.layer_widths(layer) for layer in family.layers())))
+    return heads, kv_heads, ffn, family.head_dim
 
 
 def gguf_architecture(model: nn.Module) -> str:
@@ -208,15 +208,15 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
 # ----------------------------------------------------------------------------- tensors
 def _tensors(model: nn.Module, arch: str) -> list[tuple[str, torch.Tensor]]:
     """(GGUF name, tensor) in llama.cpp's naming, q/k permuted where the graph wants it."""
-    from ..adapters import get_adapter
+    from ..families import get_family
 
-    adapter = get_adapter(model)
-    base = adapter.body()
-    d = adapter.head_dim
+    family = get_family(model)
+    base = family.body()
+    d = family.head_dim
     permute = arch in _PERMUTED
     out: list[tuple[str, torch.Tensor]] = [("token_embd.weight", base.embed_tokens.weight)]
-    for i, layer in enumerate(adapter.layers()):
-        attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+    for i, layer in enumerate(family.layers()):
+        attn, mlp = family.attention(layer), family.mlp(layer)
         n_q, n_kv = attn.q.weight.shape[0] // d, attn.k.weight.shape[0] // d
         out.append((f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight))
         for name, lin, heads in (("attn_q", attn.q, n_q), ("attn_k", attn.k, n_kv), ("attn_v", attn.v, None),
@@ -239,7 +239,7 @@ def _tensors(model: nn.Module, arch: str) -> list[tuple[str, torch.Tensor]]:
                                   "MLPs without biases (llama.cpp's Llama-family graphs read none)")
     out.append(("output_norm.weight", base.norm.weight))
     if not getattr(model.config, "tie_word_embeddings", False):
-        out.append(("output.weight", adapter.lm_head().weight))
+        out.append(("output.weight", family.lm_head().weight))
     return out
 
 
@@ -273,7 +273,7 @@ _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8
 
 def check_gguf_support(model: nn.Module, tokenizer, tokenizer_pre: str | None = None) -> str:
     """Everything :func:`save_gguf` would refuse, checked without writing: returns the architecture."""
-    from ..adapters import unwrap_model
+    from ..families import unwrap_model
 
     model = unwrap_model(model)
     arch = gguf_architecture(model)
@@ -310,8 +310,8 @@ def save_gguf(model: nn.Module, tokenizer, path: str | Path, plan=None, dtype: s
     Raises:
         ConfigError: a family, setting or tokenizer the format cannot express, naming it and the reason.
     """
-    from ..adapters import unwrap_model
     from ..errors import check_choice
+    from ..families import unwrap_model
 
     gguf = _gguf()
     check_choice("save_gguf: dtype", dtype, GGUF_DTYPES)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from vllm.model_executor.models import llama, mistral, qwen3
 from vllm.model_executor.models.utils import extract_layer_index
 
-from ..adapters.remote_modeling import WIDTHS_KEY
+from ..families.remote_modeling import WIDTHS_KEY
 
 _WIDTH_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 

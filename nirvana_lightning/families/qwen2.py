@@ -1,7 +1,8 @@
 """Qwen2 / Qwen2.5: q, k and v carry biases, which follow their rows when groups are cut."""
 
-from .base import ModelAdapter
+from .base import ModelFamily
 
 
-class Qwen2Adapter(ModelAdapter):
+class Qwen2Family(ModelFamily):
     model_types = ("qwen2",)
+    tiny_models = {"tiny-qwen2": {"attention_bias": True}}

@@ -3,8 +3,10 @@
 The norms act on head_dim, which pruning never changes, so they are left untouched.
 """
 
-from .base import ModelAdapter
+from .base import ModelFamily
 
 
-class Qwen3Adapter(ModelAdapter):
+class Qwen3Family(ModelFamily):
     model_types = ("qwen3",)
+    # explicit head_dim different from hidden/heads, as in real Qwen3 checkpoints
+    tiny_models = {"tiny-qwen3": {"head_dim": 32}}

@@ -8,7 +8,8 @@ package, so no code from the directory is executed.
 
 A pruned config is a stock config plus ``nirvana_layer_widths``:
 ``{"num_key_value_heads": [...], "num_attention_heads": [...], "intermediate_size": [...]}`` (one
-entry per layer) and an explicit ``head_dim``. Each class builds the stock model, then replaces
+entry per layer) and an explicit ``head_dim``. Each class (``Nirvana<Stock>``, made from the stock
+transformers class of any family with the Llama layout on first use) builds the stock model, then replaces
 every layer's projections by linears of that layer's width before weights are loaded.
 """
 
@@ -48,42 +49,37 @@ def resize_layers_(model: nn.Module, config) -> None:
         mlp.down_proj = _linear(mlp.down_proj, n_mlp, hidden)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = n_mlp
+        if hasattr(attn, "num_key_value_groups"):  # repeat_kv: query heads per KV head of THIS layer
+            attn.num_key_value_groups = n_q // n_kv
 
 
-class NirvanaLlamaForCausalLM(transformers.LlamaForCausalLM):
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        resize_layers_(self, config)
+_PRUNED: dict[str, type] = {}
 
 
-class NirvanaMistralForCausalLM(transformers.MistralForCausalLM):
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        resize_layers_(self, config)
+def pruned_class_of(stock: type) -> type:
+    """``Nirvana<Stock>``: the stock transformers class, its layers resized to the config's per-layer widths."""
+    if stock.__name__ not in _PRUNED:
+        def __init__(self, config) -> None:
+            stock.__init__(self, config)
+            resize_layers_(self, config)
+
+        name = f"Nirvana{stock.__name__}"
+        _PRUNED[stock.__name__] = type(name, (stock,), {"__init__": __init__, "__module__": __name__,
+                                                        "__qualname__": name})
+    return _PRUNED[stock.__name__]
 
 
-class NirvanaQwen2ForCausalLM(transformers.Qwen2ForCausalLM):
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        resize_layers_(self, config)
+def pruned_class(model_type: str) -> type:
+    """The pruned class of a ``model_type`` (its stock causal-LM class, resized per layer)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return pruned_class_of(getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]))
 
 
-class NirvanaQwen3ForCausalLM(transformers.Qwen3ForCausalLM):
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        resize_layers_(self, config)
-
-
-class NirvanaGemma3ForCausalLM(transformers.Gemma3ForCausalLM):
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        resize_layers_(self, config)
-
-
-PRUNED_CLASSES = {
-    "llama": NirvanaLlamaForCausalLM,
-    "mistral": NirvanaMistralForCausalLM,
-    "qwen2": NirvanaQwen2ForCausalLM,
-    "qwen3": NirvanaQwen3ForCausalLM,
-    "gemma3_text": NirvanaGemma3ForCausalLM,
-}
+def __getattr__(name: str) -> type:
+    """``NirvanaLlamaForCausalLM``, ``NirvanaGemma3ForCausalLM``, ...: the names an export's ``auto_map`` gives
+    (PEP 562: built on first use from the stock class of the same name)."""
+    stock = getattr(transformers, name[len("Nirvana"):], None) if name.startswith("Nirvana") else None
+    if isinstance(stock, type) and name.endswith("ForCausalLM"):
+        return pruned_class_of(stock)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

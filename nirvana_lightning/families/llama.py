@@ -1,7 +1,8 @@
 """Llama family (Llama 2/3.x, SmolLM2, TinyLlama): no projection biases by default."""
 
-from .base import ModelAdapter
+from .base import ModelFamily
 
 
-class LlamaAdapter(ModelAdapter):
+class LlamaFamily(ModelFamily):
     model_types = ("llama",)
+    tiny_models = {"tiny-llama": {}}

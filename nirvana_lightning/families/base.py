@@ -1,0 +1,309 @@
+"""The family spec: what one architecture can prune, and the only place that knows Hugging Face attribute names.
+
+A family declares, per decoder layer, its **unit kinds** (:class:`UnitKind`): how many units of each kind the
+layer has, the weight count one unit costs, and exactly which rows (axis 0, with the bias entries) or columns
+(axis 1) of which projection a unit owns. Scoring, allocation, masking, surgery, parameter and FLOP counts and
+the plan read these declarations; they never name a module. The family also owns the scoring forward (calibration
+ids to hidden states, hidden states to the logits the functional reads) and writes new widths into the config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .remote_modeling import WIDTHS_KEY
+
+
+@dataclass(frozen=True)
+class AttentionParts:
+    """The projections of one attention block, weights stored [out, in]."""
+
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+
+
+@dataclass(frozen=True)
+class MLPParts:
+    """The projections of one gated MLP block."""
+
+    gate: nn.Linear
+    up: nn.Linear
+    down: nn.Linear
+
+
+ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+#: attention granularities: whole KV groups (the paper), or single query heads inside each group as well
+GRANULARITIES = ("group", "query_head")
+
+
+@dataclass(frozen=True)
+class Owned:
+    """A unit owns ``block`` consecutive rows (``axis`` 0, bias entries included) or columns (``axis`` 1) of the
+    weight of projection ``role``: unit j owns ``[j * block, (j + 1) * block)``."""
+
+    role: str
+    axis: int
+    block: int
+
+
+@dataclass(frozen=True)
+class UnitKind:
+    """One kind of prunable unit in one layer, as the family declares it.
+
+    Attributes:
+        name: ``self_attn`` (a KV group), ``q_head`` (one query head, at ``query_head`` granularity) or ``mlp``
+            (one neuron).
+        n_units: units of this kind the layer has now.
+        owns: the slices of the projections one unit owns; kinds of a layer own disjoint slices.
+        cost: block weights one unit owns (the sum of its rows' and columns' lengths), biases excluded.
+        parent: kind whose units contain this kind's units (``q_head`` in ``self_attn``: unit j belongs to
+            parent unit ``j // (n_units / n_parent)``); a parent unit goes exactly when all its children go,
+            and every kept parent keeps the same number of children.
+    """
+
+    name: str
+    n_units: int
+    owns: tuple[Owned, ...]
+    cost: int
+    parent: str | None = None
+
+    @property
+    def gate(self) -> Owned | None:
+        """The columns whose inputs masking zeroes (the output projection this kind feeds), if any."""
+        return next((o for o in self.owns if o.axis == 1), None)
+
+
+class ModelFamily:
+    """Maps one model family's modules to roles and keeps module, config and tensors in agreement.
+
+    Subclasses set ``model_types`` and the attribute names; everything outside ``adapters/``
+    talks in roles (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``).
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: debug models of the family: name -> config overrides of the shared tiny shape (``debug_models``)
+    tiny_models: ClassVar[dict[str, dict]] = {}
+    #: every family class with ``model_types``, registered when its module is imported (``families/__init__``
+    #: imports every module of the package): a new family is one file
+    registry: ClassVar[dict[str, type[ModelFamily]]] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for model_type in cls.model_types:
+            ModelFamily.registry[model_type] = cls
+    #: HF module attribute name for each role (used for LoRA target names and for lookup).
+    role_names: ClassVar[dict[str, str]] = {
+        "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+        "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
+    }
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+
+    # ----------------------------------------------------------------- structure
+    def layers(self) -> list[nn.Module]:
+        """The decoder layers, in order."""
+        return list(self._base_model().layers)
+
+    def attention(self, layer: nn.Module) -> AttentionParts:
+        attn = layer.self_attn
+        n = self.role_names
+        return AttentionParts(getattr(attn, n["q"]), getattr(attn, n["k"]), getattr(attn, n["v"]), getattr(attn, n["o"]))
+
+    def mlp(self, layer: nn.Module) -> MLPParts:
+        mlp = layer.mlp
+        n = self.role_names
+        return MLPParts(getattr(mlp, n["gate"]), getattr(mlp, n["up"]), getattr(mlp, n["down"]))
+
+    def _base_model(self) -> nn.Module:
+        return self.model.model
+
+    def body(self) -> nn.Module:
+        """The decoder stack without the LM head; its output has ``last_hidden_state`` (B, T, hidden)."""
+        return self._base_model()
+
+    def lm_head(self) -> nn.Linear:
+        return self.model.lm_head
+
+    # ------------------------------------------------------- hidden states -> logits
+    @property
+    def logit_softcap(self) -> float | None:
+        """Final-logit soft-capping (Gemma 2/3: ``cap * tanh(logits / cap)``), None when the family has none."""
+        return None
+
+    def finalize_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the family's forward applies to ``lm_head(hidden)``: scorers and losses that apply the head
+        themselves, chunk by chunk, call this so they see the model's own logits."""
+        cap = self.logit_softcap
+        return logits if not cap else cap * torch.tanh(logits / cap)
+
+    @contextmanager
+    def raw_logits(self) -> Iterator[None]:
+        """The forward returns ``lm_head(hidden)`` unchanged (no soft-capping) inside the block."""
+        yield
+
+    def block_linears(self) -> Iterator[tuple[int, str, nn.Linear]]:
+        """``(layer_index, role, module)`` for every prunable projection, layer-major, roles in ROLES order."""
+        for i, layer in enumerate(self.layers()):
+            attn, mlp = self.attention(layer), self.mlp(layer)
+            for role in ROLES:
+                yield i, role, getattr(attn if role in ("q", "k", "v", "o") else mlp, role)
+
+    @contextmanager
+    def checkpointed_layers(self) -> Iterator[None]:
+        """Recompute each decoder layer's activations in backward (non-reentrant), restoring after.
+
+        Independent of the HF ``gradient_checkpointing`` flag, which only acts in train mode.
+        """
+        layers = self.layers()
+        # a layer may already carry an instance-level forward (accelerate hooks): put it back after
+        saved = [layer.__dict__.get("forward") for layer in layers]
+        for layer in layers:
+            forward = layer.forward
+
+            def run(*args, _forward=forward, **kwargs):
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+            layer.forward = run
+        try:
+            yield
+        finally:
+            for layer, previous in zip(layers, saved):
+                if previous is None:
+                    del layer.forward  # the class method is visible again
+                else:
+                    layer.forward = previous
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def n_layer(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def n_head(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def n_kv_head(self) -> int:
+        return int(getattr(self.config, "num_key_value_heads", None) or self.n_head)
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width; read from the config when present, never assumed to be hidden/heads."""
+        hd = getattr(self.config, "head_dim", None)
+        return int(hd) if hd else int(self.config.hidden_size) // self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def intermediate_dim(self) -> int:
+        return int(self.config.intermediate_size)
+
+    @property
+    def n_query_per_kv(self) -> int:
+        """g: query heads per KV head of the dense config (a ``query_head`` cut changes it per layer)."""
+        return self.n_head // self.n_kv_head
+
+    def layer_geometry(self, layer: nn.Module) -> tuple[int, int]:
+        """(n_kv_group, mlp_dim) of one layer as its tensors say (layers differ after pruning)."""
+        parts = self.attention(layer)
+        return parts.k.weight.shape[0] // self.head_dim, self.mlp(layer).gate.weight.shape[0]
+
+    # ------------------------------------------------------------------- spec
+    def projection(self, layer: nn.Module, role: str) -> nn.Linear:
+        """The linear of ``role`` in ``layer``."""
+        return getattr(self.attention(layer) if role in ("q", "k", "v", "o") else self.mlp(layer), role)
+
+    def unit_kinds(self, layer: nn.Module, granularity: str = "group") -> dict[str, UnitKind]:
+        """The prunable unit kinds of ``layer`` as its tensors are now (layers differ after pruning).
+
+        ``group``: a KV group owns its g query heads (q rows, o columns) and its k/v rows; ``query_head``: a KV
+        group owns its k/v rows and each query head its own q rows and o columns (``q_head``, nested in the group).
+        An MLP neuron owns a gate row, an up row and a down column.
+        """
+        from ..errors import check_choice
+
+        check_choice("target.attention_granularity", granularity, GRANULARITIES)
+        a = self.attention(layer)
+        d = self.head_dim
+        n_kv, n_q = a.k.weight.shape[0] // d, a.q.weight.shape[0] // d
+        g = n_q // n_kv
+        hidden = a.q.weight.shape[1]
+        n_mlp = self.mlp(layer).gate.weight.shape[0]
+        mlp = UnitKind("mlp", n_mlp, (Owned("gate", 0, 1), Owned("up", 0, 1), Owned("down", 1, 1)), 3 * hidden)
+        if granularity == "group":
+            attn = UnitKind("self_attn", n_kv, (Owned("q", 0, g * d), Owned("k", 0, d), Owned("v", 0, d),
+                                                Owned("o", 1, g * d)), 2 * (g + 1) * d * hidden)
+            return {"self_attn": attn, "mlp": mlp}
+        attn = UnitKind("self_attn", n_kv, (Owned("k", 0, d), Owned("v", 0, d)), 2 * d * hidden)
+        head = UnitKind("q_head", n_q, (Owned("q", 0, d), Owned("o", 1, d)), 2 * d * hidden, parent="self_attn")
+        return {"self_attn": attn, "q_head": head, "mlp": mlp}
+
+    def set_layer_widths(self, layer: nn.Module, n_kv_group: int, n_head: int, mlp_dim: int) -> None:
+        """Update module attributes after the projections were sliced (stock attention in transformers 5.x
+        infers head counts from tensor shapes; these attributes are kept in agreement for code that reads them,
+        and ``num_key_value_groups`` drives ``repeat_kv``)."""
+        attn = layer.self_attn
+        for name, value in (("num_heads", n_head), ("num_key_value_heads", n_kv_group),
+                            ("num_key_value_groups", n_head // n_kv_group)):
+            if hasattr(attn, name):
+                setattr(attn, name, value)
+        if hasattr(layer.mlp, "intermediate_size"):
+            layer.mlp.intermediate_size = mlp_dim
+
+    def layer_widths(self, layer: nn.Module) -> tuple[int, int, int]:
+        """(KV groups, query heads, MLP neurons) of one layer as its tensors say."""
+        kinds = self.unit_kinds(layer, "query_head")
+        return kinds["self_attn"].n_units, kinds["q_head"].n_units, kinds["mlp"].n_units
+
+    # ------------------------------------------------------------ scoring forward
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Calibration ids ``(B, T)`` -> the final hidden states ``(B, T, hidden)`` the LM head reads."""
+        return self.body()(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The model's own logits ``(B, T, V)`` (soft-capping included)."""
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def lm_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Next-token loss of the windows (the ``taylor`` criterion's f)."""
+        return self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+
+    # --------------------------------------------------------------- LoRA roles
+    def lora_target_modules(self, roles: list[str] | tuple[str, ...] = ROLES) -> list[str]:
+        """HF module names for the given roles, as peft's ``target_modules`` expects."""
+        from ..errors import check_choice
+
+        return [self.role_names[check_choice("recovery.lora_targets", r, ROLES)] for r in roles]
+
+    # ------------------------------------------------------------------ surgery
+    #: config attribute carrying per-layer widths after pruning (stock configs have one global value)
+    LAYER_WIDTHS_KEY: ClassVar[str] = WIDTHS_KEY
+
+    def record_layer_widths(self, widths: list[tuple[int, int, int]]) -> None:
+        """Write per-layer ``(KV groups, query heads, MLP neurons)`` into the HF config so config and tensors agree.
+
+        ``head_dim`` is pinned explicitly (it must never be re-derived from hidden/heads). When
+        every layer has the same widths, the global fields are updated too, so a stock config
+        describes the model; otherwise the globals keep the dense values and the per-layer
+        lists in ``config.nirvana_layer_widths`` are authoritative.
+        """
+        self.config.head_dim = self.head_dim
+        n_kv, n_head, mlp = (list(x) for x in zip(*widths))
+        table = {"num_key_value_heads": n_kv, "num_attention_heads": n_head, "intermediate_size": mlp}
+        setattr(self.config, self.LAYER_WIDTHS_KEY, table)
+        if all(len(set(v)) == 1 for v in table.values()):
+            for key, values in table.items():
+                setattr(self.config, key, values[0])
