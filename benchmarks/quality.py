@@ -13,7 +13,8 @@ Protocol.
                  ``split_documents(n_doc, --val-fraction 0.1, seed=--split-seed 0)``.
     calibration  ``--n-calibration 32`` windows x ``--calibration-seq-len 128`` tokens drawn with
                  ``sample_windows(seed=--seed 0)`` from the TRAIN documents (tokenised without
-                 special tokens, joined by EOS); the same windows for every criterion.
+                 special tokens, joined by EOS; a tokenizer whose encoding starts with BOS, as Gemma's,
+                 gets BOS as every window's first token); the same windows for every criterion.
     scoring      ``compute_unit_scores`` once per criterion (library defaults: lean, checkpointed,
                  chunked head; fp32), then ``plan_from_scores`` for every sparsity. These are the
                  two steps of ``make_plan``; scoring once per criterion instead of once per
@@ -53,7 +54,14 @@ import torch
 from torch import nn
 
 from nirvana_lightning import apply_plan, compute_unit_scores, count_parameters, load_model, masked_units
-from nirvana_lightning.data import pack_documents, read_records, sample_windows, split_documents
+from nirvana_lightning.data import (
+    leading_bos,
+    pack_documents,
+    read_records,
+    sample_windows,
+    split_documents,
+    start_with_bos,
+)
 from nirvana_lightning.errors import ConfigError
 from nirvana_lightning.eval import compute_perplexity
 from nirvana_lightning.families.base import GRANULARITIES
@@ -106,8 +114,9 @@ def build_data(tokenizer, args: argparse.Namespace) -> tuple[torch.Tensor, list[
     ids = tokenizer([d["text"] for d in docs], add_special_tokens=False, verbose=False)["input_ids"]
     eos = tokenizer.eos_token_id
     stream = torch.tensor([t for i in train_idx for t in (*ids[i], eos)], dtype=torch.long)
-    calibration = sample_windows(stream, args.n_calibration, args.calibration_seq_len, args.seed)
-    probe = pack_documents([ids[i] for i in val_idx], args.eval_seq_len, eos)
+    bos = leading_bos(tokenizer)  # Gemma: every window starts with BOS, as the model was trained (SmolLM2: none)
+    calibration = start_with_bos(sample_windows(stream, args.n_calibration, args.calibration_seq_len, args.seed), bos)
+    probe = start_with_bos(pack_documents([ids[i] for i in val_idx], args.eval_seq_len, eos), bos)
     n_available = probe.shape[0]
     probe = probe[: args.eval_windows]
     batches = [{"input_ids": w, "labels": w.clone()} for w in probe.split(args.eval_batch_size)]

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from nirvana_lightning import apply_plan, compute_unit_scores, load_model
-from nirvana_lightning.data import read_records, sample_windows, split_documents
+from nirvana_lightning.data import leading_bos, read_records, sample_windows, split_documents, start_with_bos
 from nirvana_lightning.eval.speed import count_parameters_detailed, flops_per_token, measure_throughput
 from nirvana_lightning.loading import DTYPES
 from nirvana_lightning.pruning import CRITERIA, PruningPlan, plan_from_scores
@@ -75,7 +75,8 @@ def build_calibration(tokenizer, args: argparse.Namespace) -> torch.Tensor:
     ids = tokenizer([docs[i]["text"] for i in train_idx], add_special_tokens=False, verbose=False)["input_ids"]
     eos = tokenizer.eos_token_id
     stream = torch.tensor([t for doc in ids for t in (*doc, eos)], dtype=torch.long)
-    return sample_windows(stream, args.n_calibration, args.calibration_seq_len, args.seed)
+    return start_with_bos(sample_windows(stream, args.n_calibration, args.calibration_seq_len, args.seed),
+                          leading_bos(tokenizer))
 
 
 def build_plans(model: nn.Module, tokenizer, args: argparse.Namespace) -> list[PruningPlan]:

@@ -124,3 +124,34 @@ def test_bad_values_fail_in_init_naming_the_key(kwargs, key, monkeypatch):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_loading)
     with pytest.raises(ConfigError, match=key):
         NirvanaDataModule(**kwargs)
+
+
+def test_windows_start_with_bos_when_the_tokenizer_does():
+    """Gemma's encoding starts with BOS and the model is far off without it: every window built for it starts with
+    BOS (the first token replaced, shapes kept); SmolLM2's does not, and its windows are unchanged."""
+    from nirvana_lightning import load_tokenizer
+    from nirvana_lightning.data import leading_bos, start_with_bos
+    from nirvana_lightning.eval.perplexity import build_text_windows
+
+    assert leading_bos(load_tokenizer("smollm2-135m")) is None
+    gemma = load_tokenizer("gemma3-270m")
+    assert leading_bos(gemma) == gemma.bos_token_id == 2
+    windows = torch.arange(12).view(3, 4) + 10
+    assert torch.equal(start_with_bos(windows, None), windows)
+    started = start_with_bos(windows, 2)
+    assert started[:, 0].tolist() == [2, 2, 2] and torch.equal(started[:, 1:], windows[:, 1:])
+    assert windows[0, 0] == 10  # not modified in place
+    text = build_text_windows(list(range(10, 30)), seq_len=8, stride=4, bos=2)
+    assert all(w["input_ids"][0, 0] == 2 for w in text)
+    assert [w["labels"][0].tolist() for w in text] == [w["labels"][0].tolist() for w in build_text_windows(
+        list(range(10, 30)), seq_len=8, stride=4)]  # the same tokens scored
+
+
+def test_datamodule_windows_start_with_bos_for_gemma():
+    data = NirvanaDataModule(tokenizer="gemma3-270m", seq_len=32, max_train_windows=8, max_val_windows=4,
+                             batch_size=2)
+    data.setup("fit")
+    assert data.bos == 2
+    assert all(int(w[0]) == 2 for w in data.train_set.rows) and all(int(w[0]) == 2 for w in data.val_set.rows)
+    assert (data.calibration_windows(4, 16, 0)[:, 0] == 2).all()
+    assert (data.probe_windows(4, 16, 0)[0][:, 0] == 2).all()

@@ -15,7 +15,7 @@ from ..loading import load_tokenizer, validate_source
 from .calibration import check_window_count, sample_window_starts, sample_windows
 from .sft import build_sft_example, collate_sft, format_prompt
 from .sources import read_records, validate_source_spec
-from .text import pack_documents, split_documents
+from .text import leading_bos, pack_documents, split_documents, start_with_bos
 
 TASKS = ("lm", "sft")
 
@@ -132,6 +132,7 @@ class NirvanaDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         self.tokenizer = load_tokenizer(self.tokenizer_source, self.cache_dir)
+        self.bos = leading_bos(self.tokenizer)  # every window starts with BOS when the tokenizer's encoding does
         records = [r for i, s in enumerate(self.sources) for r in self._read("data.sources", i, s)]
         train_idx, val_idx = split_documents(len(records), self.val_fraction, self.split_seed)
         if self.task == "lm":
@@ -139,6 +140,7 @@ class NirvanaDataModule(L.LightningDataModule):
             train = pack_documents([docs[i] for i in train_idx], self.seq_len, self.tokenizer.eos_token_id)
             val = pack_documents([docs[i] for i in val_idx], self.seq_len, self.tokenizer.eos_token_id)
             train, val = train[: self.max_train_windows], val[: self.max_val_windows]
+            train, val = start_with_bos(train, self.bos), start_with_bos(val, self.bos)
             if len(train) == 0:
                 raise ConfigError("data.seq_len", self.seq_len, "a window no longer than the training text")
             self.train_set, self.val_set = _Rows(list(train)), _Rows(list(val))
@@ -217,7 +219,7 @@ class NirvanaDataModule(L.LightningDataModule):
         """Seeded calibration windows ``(N, T)`` from the training side of the split (or ``sources``)."""
         stream, _ = self.calibration_text(sources)
         check_window_count("calibration.samples", n_window, seq_len, stream.numel(), _what(sources))
-        return sample_windows(stream, n_window, seq_len, seed)
+        return start_with_bos(sample_windows(stream, n_window, seq_len, seed), self.bos)
 
     def calibration_candidates(self, n_candidate: int, n_window: int, seq_len: int, seed: int,
                                mode: str = "random", sources: tuple[str, ...] | None = None):
@@ -244,7 +246,7 @@ class NirvanaDataModule(L.LightningDataModule):
             starts = [list(range(usable[j][0], usable[j][1] - t + 1, t))[:n] for j in order.tolist()]
         else:
             raise ConfigError("selection.candidate_mode", mode, ("random", "document"))
-        candidates = [torch.stack([stream[s:s + t] for s in st]) for st in starts]
+        candidates = [start_with_bos(torch.stack([stream[s:s + t] for s in st]), self.bos) for st in starts]
         return candidates, [[("calibration", s, t) for s in st] for st in starts]
 
     def probe_windows(self, n_window: int = 128, seq_len: int = 64, seed: int = 0):
@@ -261,7 +263,7 @@ class NirvanaDataModule(L.LightningDataModule):
         check_window_count("selection.probe_samples", n_window, seq_len, self._probe_stream.numel(),
                            "held-out text (validation side of the split)")
         starts = sample_window_starts(self._probe_stream.numel(), n_window, seq_len, seed)
-        probe = torch.stack([self._probe_stream[s:s + seq_len] for s in starts])
+        probe = start_with_bos(torch.stack([self._probe_stream[s:s + seq_len] for s in starts]), self.bos)
         return probe, [("probe", s, seq_len) for s in starts]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .text import leading_bos
+
 IGNORE_INDEX = -100
 
 ALPACA_TEMPLATE = {
@@ -37,8 +39,9 @@ def build_sft_example(record: dict, tokenizer, max_len: int) -> dict[str, list[i
         if field not in record:
             raise ValueError(f"Alpaca record lacks {field!r}: {sorted(record)}")
     prompt = tokenizer(format_prompt(record), add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        prompt = [tokenizer.bos_token_id, *prompt]
+    bos = leading_bos(tokenizer)
+    if bos is not None:
+        prompt = [bos, *prompt]
     response = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     response = response[:max_len - 1]
     prompt = prompt[-(max_len - len(response)):]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..data.sft import IGNORE_INDEX
+from ..data.text import leading_bos
 from ..recovery.objectives import lm_loss
 
 
@@ -36,7 +37,8 @@ def compute_perplexity(model: nn.Module, batches: Iterable[dict], device: torch.
     return math.exp(total / count)
 
 
-def build_text_windows(token_ids: list[int] | torch.Tensor, seq_len: int, stride: int | None = None) -> list[dict]:
+def build_text_windows(token_ids: list[int] | torch.Tensor, seq_len: int, stride: int | None = None,
+                       bos: int | None = None) -> list[dict]:
     """Windows over one token stream for sliding-window perplexity.
 
     Each window holds ``seq_len`` tokens starting at a multiple of ``stride`` (default
@@ -45,6 +47,8 @@ def build_text_windows(token_ids: list[int] | torch.Tensor, seq_len: int, stride
     scored token sees at least ``seq_len - stride`` tokens of left context. A window's first
     token is context only (as in HF's sliding-window recipe), so disjoint windows score
     ``seq_len - 1`` tokens each; ``stride = seq_len - 1`` scores every token after the first.
+    With ``bos`` (:func:`~nirvana_lightning.data.text.leading_bos`), that context-only first token is
+    replaced by BOS.
 
     Returns:
         list of ``{"input_ids": (1, t), "labels": (1, t)}`` with ``t <= seq_len``.
@@ -58,8 +62,10 @@ def build_text_windows(token_ids: list[int] | torch.Tensor, seq_len: int, stride
         end = min(begin + seq_len, ids.numel())
         if end <= scored_until:
             continue
-        x = ids[begin:end]
+        x = ids[begin:end].clone()
         labels = x.clone()
+        if bos is not None:
+            x[0] = bos
         # HF shifts labels: label at position j is the target predicted from position j-1
         n_old = max(0, scored_until - begin)
         labels[: max(1, n_old)] = IGNORE_INDEX
@@ -98,4 +104,4 @@ def compute_text_perplexity(
         ids = ids[:max_tokens]
     if len(ids) < 2:
         raise ValueError("need at least two tokens of text to compute perplexity")
-    return compute_perplexity(model, build_text_windows(ids, seq_len, stride), device=device)
+    return compute_perplexity(model, build_text_windows(ids, seq_len, stride, leading_bos(tokenizer)), device=device)
