@@ -29,14 +29,14 @@ Protocol.
     perplexity   ``nirvana_lightning.eval.compute_perplexity`` (next-token NLL over T-1 positions
                  per window), dense and under ``masked_units(model, plan)``.
     KL           mean over every probe token (all T positions) of KL(P_dense || Q_pruned) over the
-                 vocabulary, in fp32. The logits are taken from the same forward passes as the
-                 perplexity (a forward hook on the model); the dense log-probs are computed once.
+                 vocabulary, in fp32 (``pruning.selection.mean_token_kl``, the function KL selection uses;
+                 the dense log-probs are computed once by ``compute_dense_logprobs``).
     params       block linear weights kept (``plan.block_params_after``) and total parameters
                  after = total - (block before - block after); embeddings, norms and the head stay.
 
-A sanity check (``--no-sanity-check`` skips it) slices a deep copy of the model with the first
+A sanity check (``--no-sanity-check`` skips it) slices a float64 deep copy of the model with the first
 criterion's plan at the largest sparsity and compares its logits and parameter count with the
-masked evaluation.
+masked copy's.
 """
 
 from __future__ import annotations
@@ -47,13 +47,11 @@ import math
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from nirvana_lightning import apply_plan, compute_unit_scores, count_parameters, load_model, masked_units
+from nirvana_lightning import compute_unit_scores, count_parameters, cut, load_model, masked_units
 from nirvana_lightning.data import (
     leading_bos,
     pack_documents,
@@ -67,6 +65,7 @@ from nirvana_lightning.eval import compute_perplexity
 from nirvana_lightning.families.base import GRANULARITIES
 from nirvana_lightning.pruning import CRITERIA, PruningPlan, plan_from_scores
 from nirvana_lightning.pruning.gradients import fingerprint
+from nirvana_lightning.pruning.selection import compute_dense_logprobs, mean_token_kl
 
 START = time.perf_counter()
 
@@ -74,37 +73,6 @@ START = time.perf_counter()
 def log(message: str) -> None:
     """Progress on stderr (the tables go to stdout)."""
     print(f"[quality {time.perf_counter() - START:6.0f} s] {message}", file=sys.stderr, flush=True)
-
-
-@contextmanager
-def tap_logits(model: nn.Module, sink: Callable[[torch.Tensor], None]) -> Iterator[None]:
-    """Hand every forward pass's logits ``(B, T, V)`` to ``sink`` (one pass gives perplexity and KL)."""
-    handle = model.register_forward_hook(lambda _module, _args, output: sink(output.logits))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-class KLAccumulator:
-    """Mean per-token KL(P_dense || Q) over batches seen in the order the dense log-probs were stored."""
-
-    def __init__(self, dense_logprobs: list[torch.Tensor]) -> None:
-        self.dense = dense_logprobs  # per batch (B, T, V) float32
-        self.index, self.total, self.count = 0, 0.0, 0
-
-    def __call__(self, logits: torch.Tensor) -> None:
-        log_p = self.dense[self.index]
-        log_q = torch.log_softmax(logits.float(), dim=-1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, T)
-        self.total += float(kl.double().sum())
-        self.count += kl.numel()
-        self.index += 1
-
-    @property
-    def mean(self) -> float:
-        assert self.index == len(self.dense), f"saw {self.index} batches, stored {len(self.dense)} dense ones"
-        return self.total / self.count
 
 
 def build_data(tokenizer, args: argparse.Namespace) -> tuple[torch.Tensor, list[dict], dict]:
@@ -126,21 +94,22 @@ def build_data(tokenizer, args: argparse.Namespace) -> tuple[torch.Tensor, list[
 
 
 def check_masked_equals_sliced(model: nn.Module, plan: PruningPlan, batch: dict, total_after: int) -> str:
-    """Slice a deep copy by ``plan``; compare its logits and parameter count with masked evaluation."""
+    """Slice a float64 copy by ``plan``; compare its logits with the masked copy's and its parameter count with
+    the plan's (float64: in float32 a deep model's summation order alone moves logits by ~1e-4 of their scale)."""
     with torch.no_grad():
-        with masked_units(model, plan):
-            masked = model(input_ids=batch["input_ids"]).logits
-        pruned = copy.deepcopy(model)
-        apply_plan(pruned, plan)
+        pruned = copy.deepcopy(model).double()
+        with masked_units(pruned, plan):
+            masked = pruned(input_ids=batch["input_ids"]).logits
+        cut(pruned, plan)
         sliced = pruned(input_ids=batch["input_ids"]).logits
     n_after = count_parameters(pruned)["total"]
     del pruned
     diff = float((masked - sliced).abs().max())
     scale = float(masked.abs().max())
-    ok = diff <= 1e-4 * scale and n_after == total_after
-    return (f"sanity check ({plan.provenance['criterion']}, s={plan.provenance['sparsity']}): masked vs sliced logits "
-            f"max |diff| {diff:.2e} (max |logit| {scale:.1f}); sliced model has {n_after:,} params, "
-            f"expected {total_after:,}: {'OK' if ok else 'MISMATCH'}")
+    ok = diff <= 1e-9 * scale and n_after == total_after
+    return (f"sanity check ({plan.provenance['criterion']}, s={plan.provenance['sparsity']}, "
+            f"{plan.granularity}): masked vs sliced float64 logits max |diff| {diff:.2e} (max |logit| {scale:.1f}); "
+            f"sliced model has {n_after:,} params, expected {total_after:,}: {'OK' if ok else 'MISMATCH'}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,9 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     counts = count_parameters(model)
     log(f"data: {info}; calibration {tuple(calibration.shape)} fingerprint {fingerprint([calibration])}")
 
-    dense_logprobs: list[torch.Tensor] = []
-    with tap_logits(model, lambda logits: dense_logprobs.append(torch.log_softmax(logits.float(), dim=-1))):
-        ppl_dense = compute_perplexity(model, batches)
+    probe = torch.cat([b["input_ids"] for b in batches])
+    with torch.no_grad():
+        dense_logprobs = compute_dense_logprobs(model, probe, args.eval_batch_size)
+    ppl_dense = compute_perplexity(model, batches)
     log(f"dense perplexity {ppl_dense:.3f}")
 
     rows, plans = [], []
@@ -205,14 +175,14 @@ def main(argv: list[str] | None = None) -> None:
                         rows.append({**setting, "refused": str(err).splitlines()[0]})
                         log(f"{setting}: refused: {err}")
                         continue
-                    kl = KLAccumulator(dense_logprobs)
-                    with masked_units(model, plan), tap_logits(model, kl):
+                    with masked_units(model, plan):
                         ppl = compute_perplexity(model, batches)
+                        kl, _ = mean_token_kl(model, probe, dense_logprobs, args.eval_batch_size)
                     removed = plan.block_params_before - plan.block_params_after
-                    rows.append({**setting, "plan": plan, "ppl": ppl, "kl": kl.mean,
+                    rows.append({**setting, "plan": plan, "ppl": ppl, "kl": kl,
                                  "total_after": counts["total"] - removed})
                     plans.append(plan)
-                    log(f"{setting}: perplexity {ppl:.3f}, KL {kl.mean:.4f}")
+                    log(f"{setting}: perplexity {ppl:.3f}, KL {kl:.4f}")
 
     sanity = None
     if not args.no_sanity_check and rows:

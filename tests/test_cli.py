@@ -52,6 +52,22 @@ def test_tiny_fit_prunes_writes_plan_and_logs(tmp_path):
     assert "dense (before pruning)" in out and "after recovery" in out and "run summary" in out
 
 
+def test_tiny_gemma3_config_prunes_query_heads_end_to_end(tmp_path):
+    """configs/debug/tiny_gemma3.yaml as written: query heads pruned inside KV groups, plan v2 with q_head, full
+    fine-tuning, the report and the run summary; the plan's widths are the model's."""
+    config = str(REPO / "configs" / "debug" / "tiny_gemma3.yaml")
+    r = run("fit", "--config", config, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    log_dir = tmp_path / "lightning_logs" / "version_0"
+    plan = json.loads((log_dir / "plan.json").read_text())
+    assert plan["format"] == "nirvana-lightning/plan/v2" and set(plan["keep"]) == {"self_attn", "q_head", "mlp"}
+    assert plan["provenance"]["attention_granularity"] == "query_head"
+    assert "query heads kept" in (log_dir / "plan.md").read_text()
+    summary = json.loads((log_dir / "summary.json").read_text())
+    assert summary["rows"]["params (total)"]["pruned"] == float(plan["provenance"]["params_after"])
+    assert (log_dir / "allocation.json").is_file() and (log_dir / "summary.md").is_file()
+
+
 def test_validate_and_print_config(tmp_path):
     r = run("validate", "--config", TINY, f"--trainer.default_root_dir={tmp_path}")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -99,11 +99,12 @@ def test_smollm2_round_trip_bf16_and_tied_embeddings(smollm2, tmp_path):
     assert (tmp_path / "smol" / "tokenizer.json").is_file() and (tmp_path / "smol" / "README.md").is_file()
 
 
+@pytest.mark.parametrize("name,granularity", [("tiny-llama", "group"), ("tiny-gemma3", "query_head")])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
-def test_lora_merged_export_equals_unmerged(tmp_path, dtype, tol):
+def test_lora_merged_export_equals_unmerged(tmp_path, dtype, tol, name, granularity):
     torch.manual_seed(0)
-    model = build_tiny_model("tiny-llama").to(dtype)
-    plan = prune(model, IDS, sparsity=0.4, gamma=1.5)
+    model = build_tiny_model(name).to(dtype)
+    plan = prune(model, IDS, sparsity=0.4, gamma=1.5, attention_granularity=granularity)
     peft_model = apply_recovery(model, "lora", lora_r=4, lora_alpha=8, lora_dropout=0.0)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
@@ -121,8 +122,8 @@ def test_lora_merged_export_equals_unmerged(tmp_path, dtype, tol):
     # weights of std 0.2, 10x a real init, so their logits are large)
     assert (merged - unmerged).abs().max().item() <= tol * max(1.0, unmerged.abs().max().item())
     assert any("lora_" in n for n, _ in peft_model.named_parameters())  # merging worked on a copy
-    save_pruned(peft_model, None, tmp_path / "adapter", plan, adapter_only=True, base_model="tiny-llama")
-    rebuilt, _ = load_pruned_adapter(tmp_path / "adapter", base_model=build_tiny_model("tiny-llama").to(dtype))
+    save_pruned(peft_model, None, tmp_path / "adapter", plan, adapter_only=True, base_model=name)
+    rebuilt, _ = load_pruned_adapter(tmp_path / "adapter", base_model=build_tiny_model(name).to(dtype))
     with torch.no_grad():
         assert torch.equal(rebuilt(input_ids=IDS).logits, unmerged)
 

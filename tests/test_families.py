@@ -98,3 +98,19 @@ def test_a_llama_like_family_is_one_file(tmp_path, granularity):
             assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
     finally:
         del ModelFamily.registry["smollm3"]
+
+
+def test_prune_asks_the_family_spec_once(monkeypatch, granularity):
+    """From the calibration to the cut (scoring, allocation, plan, surgery, counts), prune() builds the family spec
+    once and every step reads that one."""
+    from nirvana_lightning import prune
+    from nirvana_lightning.debug_models import build_tiny_model
+    from nirvana_lightning.families.base import ModelFamily
+
+    model = build_tiny_model("tiny-gemma3")
+    built = []
+    original = ModelFamily.__init__
+    monkeypatch.setattr(ModelFamily, "__init__", lambda self, m: (built.append(type(self)), original(self, m))[1])
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    plan = prune(model, ids, sparsity=0.3, gamma=1.5, attention_granularity=granularity)
+    assert plan.realised_sparsity > 0.1 and len(built) == 1, built

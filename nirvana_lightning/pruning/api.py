@@ -22,11 +22,11 @@ from .settings import PruningTarget, Scoring, from_flat
 from .surgery import cut_model
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
+def count_parameters(model: nn.Module, family: ModelFamily | None = None) -> dict[str, int]:
     """Total parameters, block linear weights and the rest (embeddings, norms, head, biases)."""
     model = unwrap_model(model)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    block = sum(lin.weight.numel() for _, _, lin in get_family(model).block_linears())
+    block = sum(lin.weight.numel() for _, _, lin in (family or get_family(model)).block_linears())
     return {"total": total, "block": block, "other": total - block}
 
 
@@ -139,9 +139,11 @@ def make_plan(
     *,
     probe: torch.Tensor | None = None,
     counts: tuple[int, int] | None = None,
+    family: ModelFamily | None = None,
     **flat,
 ) -> PruningPlan:
-    """Score and allocate without cutting (see :func:`prune` for the arguments).
+    """Score and allocate without cutting (see :func:`prune` for the arguments; ``family``: the model's family
+    spec when the caller holds it, so one call of :func:`prune` asks for it once).
 
     Scoring runs where the model is (move it first to score on an accelerator), or on
     ``scoring.device`` one layer at a time with the model left where it is. ``counts``
@@ -150,13 +152,13 @@ def make_plan(
     """
     target, scoring = from_flat(target, scoring, flat, "make_plan")
     model = unwrap_model(model)
-    family = get_family(model)  # unsupported families fail here, before any work
+    family = family or get_family(model)  # unsupported families fail here, before any work
     if scoring.device is not None and str(scoring.device).startswith("+"):  # +N: N devices after the model's own
         home = next(model.parameters()).device
         scoring = dataclasses.replace(scoring, device=str(resolve_device(scoring.device, home, 1, key="scoring.device")))
     sparsity = target.sparsity
     if target.param_budget is not None:
-        n_param = count_parameters(model)
+        n_param = count_parameters(model, family)
         sparsity = sparsity_for_param_budget(n_param["total"], n_param["block"], target.param_budget)
         target = dataclasses.replace(target, sparsity=sparsity, param_budget=None)
     auto = target.gamma == "auto"
@@ -263,9 +265,10 @@ def prune(
         The applied :class:`PruningPlan`. On any error the model is untouched.
     """
     target, scoring = from_flat(target, scoring, flat, "prune")
-    plan = make_plan(model, calibration, target, scoring, probe=probe)
+    family = get_family(model)  # the one family spec scoring, allocation and the cut read
+    plan = make_plan(model, calibration, target, scoring, probe=probe, family=family)
     if not bias_compensation:
-        return cut(model, plan)
+        return cut(model, plan, family)
     if calibration is None:
         raise ConfigError("calibration", None, "token ids for bias_compensation (the removed units' input means)")
     from .compensation import add_biases, bias_deltas
@@ -276,11 +279,12 @@ def prune(
     return plan
 
 
-def cut(model: nn.Module, plan: PruningPlan) -> PruningPlan:
+def cut(model: nn.Module, plan: PruningPlan, family: ModelFamily | None = None) -> PruningPlan:
     """Apply ``plan`` and record the parameter counts before and after in its provenance."""
-    before = count_parameters(model)["total"]
-    cut_model(model, plan)
-    after = count_parameters(model)["total"]
+    family = family or get_family(model)
+    before = count_parameters(model, family)["total"]
+    cut_model(model, plan, family)
+    after = count_parameters(model, family)["total"]
     plan.provenance.update({"params_before": before, "params_after": after})
     p = plan.provenance
     rank_zero_info(f"pruned ({p.get('criterion', 'saved plan')}, s={p.get('sparsity')}, gamma={p.get('gamma')}): "

@@ -77,7 +77,7 @@ def _owned_keeps(family, layer, plan: PruningPlan, i: int) -> list[tuple[str, in
     return out
 
 
-def cut_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
+def cut_model(model: nn.Module, plan: PruningPlan, family: ModelFamily | None = None) -> nn.Module:
     """Physically remove the units the plan does not keep (in place); returns the model.
 
     Every slice comes from the family's unit kinds (which rows or columns of which projection a unit owns).
@@ -85,7 +85,7 @@ def cut_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
     model untouched. head_dim never changes, so RoPE and per-head norms are unaffected.
     """
     model_ = unwrap_model(model)
-    family = get_family(model_)
+    family = family or get_family(model_)
     check_plan_matches(model_, plan, family)
     for i, (layer, widths) in enumerate(zip(family.layers(), plan.widths_after())):
         for role, axis, index in _owned_keeps(family, layer, plan, i):
