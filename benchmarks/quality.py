@@ -95,7 +95,8 @@ def build_data(tokenizer, args: argparse.Namespace) -> tuple[torch.Tensor, list[
 
 def check_masked_equals_sliced(model: nn.Module, plan: PruningPlan, batch: dict, total_after: int) -> str:
     """Slice a float64 copy by ``plan``; compare its logits with the masked copy's and its parameter count with
-    the plan's (float64: in float32 a deep model's summation order alone moves logits by ~1e-4 of their scale)."""
+    the plan's (float64: in float32 a deep model's summation order alone moves logits by ~1e-4 of their scale;
+    transformers' RMSNorm still computes in float32 inside a float64 model, hence a 1e-6 relative bound)."""
     with torch.no_grad():
         pruned = copy.deepcopy(model).double()
         with masked_units(pruned, plan):
@@ -106,7 +107,7 @@ def check_masked_equals_sliced(model: nn.Module, plan: PruningPlan, batch: dict,
     del pruned
     diff = float((masked - sliced).abs().max())
     scale = float(masked.abs().max())
-    ok = diff <= 1e-9 * scale and n_after == total_after
+    ok = diff <= 1e-6 * scale and n_after == total_after
     return (f"sanity check ({plan.provenance['criterion']}, s={plan.provenance['sparsity']}, "
             f"{plan.granularity}): masked vs sliced float64 logits max |diff| {diff:.2e} (max |logit| {scale:.1f}); "
             f"sliced model has {n_after:,} params, expected {total_after:,}: {'OK' if ok else 'MISMATCH'}")
