@@ -229,12 +229,47 @@ def test_query_heads_never_empty_a_layer_and_honour_tp_size():
                  heads_per_group=[2, 2], counts=(16, 0))
 
 
-def test_query_head_fractions_count_the_heads_own_weights():
-    """The formula at query_head granularity: p_attn = s * total / (q/o weights of prunable heads + gamma * MLP),
-    where total includes the k/v rows no head owns."""
+def test_query_head_costs_share_the_group_k_v_among_its_heads():
+    """A head costs its q rows and o columns plus 1/g of its group's k/v rows: removing every head of a group
+    frees exactly the group, and for plain multi-head attention (g = 1) a head's cost is exact."""
     from nirvana_lightning.pruning.allocation import UnitCosts
 
-    costs = UnitCosts([4] * 2, [3] * 2, fixed=2 * 4 * 2)  # 4 heads (cost 4), 2 groups of k/v (4) per layer
+    costs = UnitCosts.of_query_heads([4, 4], [4, 4], [2, 1], [3, 3])
+    assert costs.attention == [6, 8] and costs.fixed == 0
     p_attn, p_mlp = costs.fractions(0.25, 2.0, [4, 4], [8, 8], set())
-    total = 2 * 4 * 4 + 2 * 8 * 3 + 16
-    assert p_attn == Fraction(1, 4) * total / (2 * 4 * 4 + 2 * 2 * 8 * 3) and p_mlp == 2 * p_attn
+    total = 4 * 6 + 4 * 8 + 2 * 8 * 3
+    assert p_attn == Fraction(1, 4) * total / (4 * 6 + 4 * 8 + 2 * 2 * 8 * 3) and p_mlp == 2 * p_attn
+
+
+def test_query_head_layout_removes_what_was_selected_across_layers():
+    """Equal heads per group forces each layer to lose heads in multiples of its group count; the remainder is
+    carried to the next layer, so the model loses the selected number of heads up to one layer's rounding
+    (Llama-3.1-8B's shape: 32 layers x 8 groups x 4 heads, random scores)."""
+    from nirvana_lightning.pruning.allocation import UnitCosts
+
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.rand(32, generator=gen) for _ in range(32)]
+    costs = UnitCosts.of_query_heads([2] * 32, [2] * 32, [4] * 32, [3] * 32)
+    for n in (53, 212, 500):
+        a = allocate(scores, [torch.ones(16)] * 32, sparsity=0.0, n_query_per_kv=4, head_dim=1, round_to=1,
+                     costs=costs, heads_per_group=[4] * 32, counts=(n, 0))
+        removed = 32 * 32 - sum(len(k) for k in a.q_head_keep)
+        assert abs(removed - n) < 8, (n, removed)
+
+
+@pytest.mark.parametrize("heads, kv", [(16, 16), (16, 8)])
+def test_query_head_plans_reach_the_target(heads, kv):
+    """Realised block sparsity at query_head granularity is the target up to rounding, for plain multi-head
+    attention (every removed head takes its k/v) and for GQA; also for a group step after a query-head step,
+    when layers have different heads per group and so different group costs."""
+    from nirvana_lightning import cut, make_plan
+    from nirvana_lightning.debug_models import build_tiny_model
+
+    model = build_tiny_model("tiny-llama", num_hidden_layers=6, num_attention_heads=heads, num_key_value_heads=kv,
+                             head_dim=8)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    first = make_plan(model, ids, sparsity=0.4, criterion="taylor", round_to=1, attention_granularity="query_head")
+    assert abs(first.realised_sparsity - 0.4) < 0.03, first.realised_sparsity
+    cut(model, first)
+    second = make_plan(model, ids, sparsity=0.3, criterion="taylor", round_to=1)
+    assert abs(second.realised_sparsity - 0.3) < 0.03, second.realised_sparsity

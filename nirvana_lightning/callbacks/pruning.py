@@ -211,9 +211,12 @@ class NirvanaPruningCallback(L.Callback):
         first = self.history[0] if self.history else None
         if first is not None:
             first = as_query_heads(first) if granularity == "query_head" else first
-            costs = UnitCosts(first.unit_cost[attn], first.unit_cost["mlp"],
-                              fixed=sum(n * c for n, c in zip(first.width_before["self_attn"],
-                                                              first.unit_cost["self_attn"])) if attn == "q_head" else 0)
+            if attn == "q_head":
+                per_group = [h // n for h, n in zip(first.width_before["q_head"], first.width_before["self_attn"])]
+                costs = UnitCosts.of_query_heads(first.unit_cost["q_head"], first.unit_cost["self_attn"], per_group,
+                                                 first.unit_cost["mlp"])
+            else:
+                costs = UnitCosts(first.unit_cost["self_attn"], first.unit_cost["mlp"])
         dense = list(zip(first.width_before[attn], first.mlp_dim_before)) if first else now
         current_block = count_parameters(model)["block"]
         return step_target(self.schedule.kind, self.target.sparsity, k, self.schedule.n_steps, dense_widths=dense,

@@ -99,9 +99,17 @@ class UnitCosts:
     """Block weights per attention unit and per neuron, per layer, and the block weights no unit owns directly
     (the k/v rows of KV groups when query heads are the attention units; they go with a group's last head)."""
 
-    attention: list[int]
-    mlp: list[int]
+    attention: list  # int or Fraction per layer
+    mlp: list
     fixed: int = 0
+
+    @classmethod
+    def of_query_heads(cls, head_costs: Sequence[int], group_costs: Sequence[int], heads_per_group: Sequence[int],
+                       mlp_costs: Sequence[int]) -> UnitCosts:
+        """Query heads as the attention units: a head's own q rows and o columns plus its share of its group's k/v
+        rows (``group_cost / g``), which go with the group's last head; exact when whole groups go (and for plain
+        multi-head attention), an overestimate of 1/g per head removed from a group that stays."""
+        return cls([h + Fraction(c, g) for h, c, g in zip(head_costs, group_costs, heads_per_group)], list(mlp_costs))
 
     @classmethod
     def of_groups(cls, n_layer: int, n_query_per_kv: int, head_dim: int) -> UnitCosts:
@@ -204,12 +212,15 @@ def _protect_best_heads(scores: torch.Tensor, g: int, n_group: int) -> torch.Ten
     return mask
 
 
-def _layout_heads(scores: torch.Tensor, remove: torch.Tensor, g: int, tp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn a layer's selected query heads into a layout stock kernels run: ``(kept groups, kept heads)``.
+def _layout_heads(scores: torch.Tensor, remove: torch.Tensor, g: int, tp_size: int,
+                  carry: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Turn a layer's selected query heads into a layout stock kernels run: ``(kept groups, kept heads, carry)``.
 
-    A KV group all of whose heads were selected goes whole (its k/v rows too). The other groups keep the same
-    number of heads each, ``h = g - round(removed among them / their count)`` (at least 1), their best ``h``. The
-    kept group count is rounded up to a multiple of ``tp_size`` (sparing the best-scoring removed groups).
+    A KV group all of whose heads were selected goes whole (its k/v rows too); the kept group count is rounded
+    up to a multiple of ``tp_size`` (sparing the best-scoring removed groups). The kept groups lose the same
+    number of heads each, ``k = floor((selected + carry - g * groups gone) / groups kept)`` (at most ``g - 1``),
+    each keeping its best ``g - k``. ``carry`` is what earlier layers removed short of (or beyond) their
+    selection, so the model as a whole loses as many heads as were selected, give or take one layer's rounding.
     """
     per_group = scores.double().reshape(-1, g)
     selected = remove.reshape(-1, g)
@@ -217,12 +228,23 @@ def _layout_heads(scores: torch.Tensor, remove: torch.Tensor, g: int, tp_size: i
     n_group = per_group.shape[0]
     n_keep = min(n_group, math.ceil(int((~gone).sum()) / tp_size) * tp_size)
     kept = _protect_top(torch.where(gone, per_group.sum(1), math.inf), n_keep)
-    alive = ~gone
-    h = g - math.floor(Fraction(int(selected[alive].sum()), max(1, int(alive.sum()))) + Fraction(1, 2))
-    h = max(1, min(g, h))
+    want = int(selected.sum()) + carry
+    k = max(0, min(g - 1, (want - g * (n_group - n_keep)) // n_keep))
     groups = kept.nonzero().squeeze(1)
-    heads = torch.cat([_protect_top(per_group[grp], h).nonzero().squeeze(1) + grp * g for grp in groups.tolist()])
-    return groups, heads
+    heads = torch.cat([_protect_top(per_group[grp], g - k).nonzero().squeeze(1) + grp * g
+                       for grp in groups.tolist()])
+    return groups, heads, want - g * (n_group - n_keep) - k * n_keep
+
+
+def _count_by_weight(scores: list[torch.Tensor], protected: list[torch.Tensor], costs: Sequence,
+                     target: Fraction) -> int:
+    """How many of the lowest-scored unprotected units (the order :func:`_select_lowest` removes them in) fit in
+    ``target`` block weights when units of different layers cost different amounts."""
+    flat = torch.cat([s.double() for s in scores])
+    unit_cost = torch.cat([torch.full((s.numel(),), float(c), dtype=torch.float64) for s, c in zip(scores, costs)])
+    candidates = (~torch.cat(protected)).nonzero().squeeze(1)
+    order = candidates[_stable_order(flat[candidates])]
+    return int((unit_cost[order].cumsum(0) <= float(target) * (1 + 1e-12)).sum())
 
 
 def allocate(
@@ -311,6 +333,11 @@ def allocate(
     if mode == "global":
         n_attn_remove = math.floor(n_attn_prunable * p_attn)
         n_mlp_remove = math.floor(n_mlp_prunable * p_mlp)
+        attn_costs = [c for i, c in enumerate(costs.attention) if i not in skip]
+        if counts is None and len(set(attn_costs)) > 1:  # layers differ in unit cost: count removed weight
+            prunable_weight = sum(s.numel() * c for i, (s, c) in enumerate(zip(attention_scores, costs.attention))
+                                  if i not in skip)
+            n_attn_remove = _count_by_weight(attention_scores, attn_protect, costs.attention, p_attn * prunable_weight)
         if counts is not None:
             n_attn_remove, n_mlp_remove = (int(c) for c in counts)
             if n_attn_remove < 0 or n_mlp_remove < 0:
@@ -331,9 +358,17 @@ def allocate(
             n_attn_remove, n_mlp_remove = n_attn_remove + na, n_mlp_remove + nm
     mlp_keep = [_round_up_keep(s, r, mlp_round) for s, r in zip(mlp_scores, mlp_remove)]
     if heads:
-        layouts = [_layout_heads(s, r, g, tp_size) for s, r, g in zip(attention_scores, attn_remove, heads)]
-        return Allocation([grp for grp, _ in layouts], mlp_keep, float(p_attn), float(p_mlp), n_attn_remove,
-                          n_mlp_remove, q_head_keep=[h for _, h in layouts])
+        groups, kept_heads, carry = [], [], 0
+        for i, (s, r, g) in enumerate(zip(attention_scores, attn_remove, heads)):
+            if i in skip:
+                groups.append(torch.arange(s.numel() // g))
+                kept_heads.append(torch.arange(s.numel()))
+                continue
+            grp, head, carry = _layout_heads(s, r, g, tp_size, carry)
+            groups.append(grp)
+            kept_heads.append(head)
+        return Allocation(groups, mlp_keep, float(p_attn), float(p_mlp), n_attn_remove, n_mlp_remove,
+                          q_head_keep=kept_heads)
     attention_keep = [_round_up_keep(s, r, tp_size) for s, r in zip(attention_scores, attn_remove)]
     return Allocation(attention_keep, mlp_keep, float(p_attn), float(p_mlp), n_attn_remove, n_mlp_remove)
 

@@ -36,9 +36,10 @@ def unit_layout(family: ModelFamily, granularity: str = "group") -> tuple[list[d
     kinds = [family.unit_kinds(layer, granularity) for layer in family.layers()]
     if granularity == "group":
         return kinds, UnitCosts([k["self_attn"].cost for k in kinds], [k["mlp"].cost for k in kinds]), None
-    costs = UnitCosts([k["q_head"].cost for k in kinds], [k["mlp"].cost for k in kinds],
-                      fixed=sum(k["self_attn"].n_units * k["self_attn"].cost for k in kinds))
-    return kinds, costs, [k["q_head"].n_units // k["self_attn"].n_units for k in kinds]
+    heads = [k["q_head"].n_units // k["self_attn"].n_units for k in kinds]
+    costs = UnitCosts.of_query_heads([k["q_head"].cost for k in kinds], [k["self_attn"].cost for k in kinds], heads,
+                                     [k["mlp"].cost for k in kinds])
+    return kinds, costs, heads
 
 
 def _attention_units(granularity: str) -> str:
