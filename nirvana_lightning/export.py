@@ -259,12 +259,13 @@ def _check_plan_against_config(plan: PruningPlan, config) -> None:
     for i in range(max(plan.n_layer, len(widths["intermediate_size"]))):
         if i >= plan.n_layer or i >= len(widths["intermediate_size"]):
             raise ValueError(f"plan.json has {plan.n_layer} layers, config.json {len(widths['intermediate_size'])}")
-        if (plan.n_kv_group_after[i], plan.mlp_dim_after[i]) != (widths["num_key_value_heads"][i],
-                                                                   widths["intermediate_size"][i]):
+        plan_widths = (plan.n_kv_group_after[i], plan.n_head_after[i], plan.mlp_dim_after[i])
+        config_widths = tuple(widths[k][i] for k in ("num_key_value_heads", "num_attention_heads", "intermediate_size"))
+        if plan_widths != config_widths:
             raise ValueError(
-                f"plan.json and config.json disagree at layer {i}: plan keeps {plan.n_kv_group_after[i]} KV groups "
-                f"and {plan.mlp_dim_after[i]} neurons, config says {widths['num_key_value_heads'][i]} and "
-                f"{widths['intermediate_size'][i]}"
+                f"plan.json and config.json disagree at layer {i}: plan keeps {plan_widths[0]} KV groups, "
+                f"{plan_widths[1]} query heads and {plan_widths[2]} neurons, config says {config_widths[0]}, "
+                f"{config_widths[1]} and {config_widths[2]}"
             )
 
 

@@ -219,3 +219,15 @@ def test_best_checkpoint_export_with_adapters_only_checkpoints(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=IDS).logits, best.model(input_ids=IDS).logits,
                                    rtol=1e-4, atol=1e-4)  # merged vs unmerged: fp32 rounding
+
+
+def test_a_plan_whose_query_heads_disagree_with_the_config_is_refused(tmp_path):
+    """A query-head plan.json edited to keep other head counts than config.json says is refused, naming the layer."""
+    model = build_tiny_model("tiny-llama")
+    plan = prune(model, IDS, sparsity=0.0, attention_granularity="query_head")
+    save_pruned(model, None, tmp_path / "m", plan)
+    data = json.loads((tmp_path / "m" / "plan.json").read_text())
+    data["keep"]["q_head"][0] = [0, 2]  # one head in each of the two groups: a valid plan, not this model
+    (tmp_path / "m" / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="disagree at layer 0: plan keeps 2 KV groups, 2 query heads"):
+        load_pruned(tmp_path / "m", verify=False)
