@@ -223,20 +223,20 @@ SERVED = sorted(n for n in TINY_CONFIGS if TINY_CONFIGS[n]["model_type"] in VLLM
 
 
 @pytest.mark.serving
-@pytest.mark.parametrize("family", [*SERVED, "tiny-llama tied", "tiny-mistral query_head"])
+@pytest.mark.parametrize("family", [*SERVED, "tiny-llama tied query_head"])
 def test_engines_serve_pruned_models_like_transformers(family, tokenizer, tmp_path):
     """Non-uniform pruned model of each family: vLLM (plugin) and llama.cpp (f32 GGUF) reproduce transformers.
 
     Qwen3 with per-layer widths gets the GGUF refusal; its uniform plan goes through llama.cpp's qwen3 graph.
-    ``tiny-llama tied``: tied embeddings (no ``output.weight`` in the GGUF, vLLM ties the head).
-    ``tiny-mistral query_head``: query heads pruned inside KV groups (layers with their own heads per group).
+    ``tiny-llama tied query_head``: tied embeddings (no ``output.weight`` in the GGUF, vLLM ties the head) and
+    query heads pruned inside KV groups (layers with their own heads per group), in one run.
     """
     _serve_env()
-    family, _, variant = family.partition(" ")
-    tied = variant == "tied"
+    family, *variant = family.split(" ")
+    tied = "tied" in variant
     model, plan = _tiny_pruned(family, tokenizer=tokenizer, tie_word_embeddings=tied,
-                               granularity="query_head" if variant == "query_head" else "group")
-    if variant == "query_head":
+                               granularity="query_head" if "query_head" in variant else "group")
+    if "query_head" in variant:
         assert len(set(plan.n_head_after)) > 1 or plan.n_head_after[0] != 2 * plan.n_kv_group_after[0]
     export = save_pruned(model, tokenizer, tmp_path / family, plan)
     reference = reference_greedy(model, PROMPTS, MAX_TOKENS)
