@@ -15,7 +15,7 @@ from ..families import get_family
 from ..io import write_text_atomic
 from ..pruning import PruningPlan, make_plan
 from ..pruning.allocation import UnitCosts
-from ..pruning.api import count_parameters, cut, unit_layout
+from ..pruning.api import attention_unit_kind, count_parameters, cut, unit_layout
 from ..pruning.plan import as_query_heads
 from ..pruning.schedule import cumulative_sparsity, reachable_steps, step_target
 from ..pruning.selection import select_calibration
@@ -205,7 +205,7 @@ class NirvanaPruningCallback(L.Callback):
         attention units of the target's granularity (KV groups, or query heads)."""
         family = get_family(model)
         granularity = self.target.attention_granularity
-        attn = "q_head" if granularity == "query_head" else "self_attn"
+        attn = attention_unit_kind(granularity)
         kinds, costs, _ = unit_layout(family, granularity)
         now = [(k_[attn].n_units, k_["mlp"].n_units) for k_ in kinds]
         first = self.history[0] if self.history else None

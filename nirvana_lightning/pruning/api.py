@@ -42,7 +42,8 @@ def unit_layout(family: ModelFamily, granularity: str = "group") -> tuple[list[d
     return kinds, costs, heads
 
 
-def _attention_units(granularity: str) -> str:
+def attention_unit_kind(granularity: str) -> str:
+    """The unit kind allocation ranks as attention: KV groups (`self_attn`) or query heads (`q_head`)."""
     return "q_head" if granularity == "query_head" else "self_attn"
 
 
@@ -88,7 +89,7 @@ def plan_from_scores(
     for kind, per_layer in scores.by_kind.items():
         check_finite(per_layer, kind)
     kinds, costs, heads = unit_layout(family, target.attention_granularity)
-    attn = _attention_units(target.attention_granularity)
+    attn = attention_unit_kind(target.attention_granularity)
     result = allocate(scores.by_kind[attn], scores.mlp, sparsity=target.sparsity, gamma=target.gamma,
                       n_query_per_kv=family.n_query_per_kv, head_dim=family.head_dim, round_to=target.round_to,
                       skip_layers=target.skip_layers, mode=target.allocation, counts=counts, tp_size=target.tp_size,
@@ -174,7 +175,7 @@ def make_plan(
     # Feasibility (fractions <= 1, guards, skip_layers) depends only on the geometry: check it on
     # placeholder scores now rather than after minutes of scoring.
     kinds, costs, heads = unit_layout(family, target.attention_granularity)
-    attn = _attention_units(target.attention_granularity)
+    attn = attention_unit_kind(target.attention_granularity)
 
     def allocation_check(g: float) -> None:
         allocate([torch.zeros(k[attn].n_units) for k in kinds], [torch.zeros(k["mlp"].n_units) for k in kinds],
