@@ -16,31 +16,41 @@ def _tiny_configs() -> dict[str, dict[str, Any]]:
 TINY_CONFIGS: dict[str, dict[str, Any]] = _tiny_configs()
 
 
+def _causal(spec: dict[str, Any]) -> bool:
+    from .families import FAMILIES
+
+    return not FAMILIES[spec["model_type"]].is_encoder_decoder
+
+
+#: the decoder-only debug models (the serving engines and GGUF export take these) and the encoder-decoders (T5)
+CAUSAL_TINY: list[str] = sorted(n for n, spec in TINY_CONFIGS.items() if _causal(spec))
+SEQ2SEQ_TINY: list[str] = sorted(n for n, spec in TINY_CONFIGS.items() if not _causal(spec))
+
+
 def build_tiny_config(name: str, vocab_size: int = 256, **overrides: Any):
     """A transformers config for a tiny random model: 2 layers, hidden 64, 4 heads over 2 KV heads."""
     from transformers import AutoConfig
 
+    from .families import FAMILIES
+
     spec = dict(TINY_CONFIGS[name] if name in TINY_CONFIGS else _tiny_configs()[name])  # a family added later
     model_type = spec.pop("model_type")
-    kwargs: dict[str, Any] = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=False, head_dim=16,
-    )
+    kwargs: dict[str, Any] = {"vocab_size": vocab_size, **FAMILIES[model_type].tiny_shape}
     kwargs.update(spec)
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 
 
 def build_tiny_model(name: str, vocab_size: int = 256, seed: int = 0, **overrides: Any):
-    """A tiny random causal LM in float32 eval mode; the same seed gives the same weights."""
+    """A tiny random causal LM (or T5) in float32 eval mode; the same seed gives the same weights."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from .families import auto_model_class
 
     config = build_tiny_config(name, vocab_size, **overrides)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto_model_class(config).from_config(config, dtype=torch.float32)
         # transformers initialises with std 0.02; widen it so units differ meaningfully in tests
         for pname, p in model.named_parameters():
             if p.dim() == 2:

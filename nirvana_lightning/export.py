@@ -172,7 +172,8 @@ def save_pruned(
             cls_name = remote_modeling.pruned_class(config.model_type).__name__
             # transformers with trust_remote_code follows auto_map; vLLM (with our plugin installed) follows
             # architectures, which names the class the plugin registers (the same name as ours here).
-            config.auto_map = {"AutoModelForCausalLM": f"modeling_nirvana.{cls_name}"}
+            auto = "AutoModelForSeq2SeqLM" if config.is_encoder_decoder else "AutoModelForCausalLM"
+            config.auto_map = {auto: f"modeling_nirvana.{cls_name}"}
             try:
                 if quantize is None:
                     merged.save_pretrained(tmp, safe_serialization=True)
@@ -189,8 +190,9 @@ def save_pruned(
             serving = None
             if quantize is None:
                 shutil.copyfile(remote_modeling.__file__, tmp / REMOTE_FILE)
-                serving = _serving_report(merged)
-                (tmp / SERVING_FILE).write_text(json.dumps(serving, indent=1) + "\n")
+                if not config.is_encoder_decoder:  # no serving engine path for encoder-decoders (transformers only)
+                    serving = _serving_report(merged)
+                    (tmp / SERVING_FILE).write_text(json.dumps(serving, indent=1) + "\n")
             else:  # torchao weights: neither remote code nor vLLM reads them, so do not point there
                 written.pop("auto_map", None)
             (tmp / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
@@ -256,6 +258,9 @@ def _check_plan_against_config(plan: PruningPlan, config) -> None:
     widths = getattr(config, remote_modeling.WIDTHS_KEY, None)
     if widths is None:
         return
+    if getattr(config, "is_encoder_decoder", False):
+        _check_seq2seq_plan(plan, widths)
+        return
     for i in range(max(plan.n_layer, len(widths["intermediate_size"]))):
         if i >= plan.n_layer or i >= len(widths["intermediate_size"]):
             raise ValueError(f"plan.json has {plan.n_layer} layers, config.json {len(widths['intermediate_size'])}")
@@ -267,6 +272,25 @@ def _check_plan_against_config(plan: PruningPlan, config) -> None:
                 f"{plan_widths[1]} query heads and {plan_widths[2]} neurons, config says {config_widths[0]}, "
                 f"{config_widths[1]} and {config_widths[2]}"
             )
+
+
+def _check_seq2seq_plan(plan: PruningPlan, widths: dict) -> None:
+    """T5: the plan's kept heads and neurons per block against ``config.json``'s per-stack table."""
+    try:
+        rows = [("encoder", i, widths["encoder"]["num_heads"][i], 0, widths["encoder"]["d_ff"][i])
+                for i in range(len(widths["encoder"]["num_heads"]))]
+        rows += [("decoder", i, widths["decoder"]["num_heads"][i], widths["decoder"]["cross_num_heads"][i],
+                  widths["decoder"]["d_ff"][i]) for i in range(len(widths["decoder"]["num_heads"]))]
+    except (KeyError, TypeError, IndexError) as err:
+        raise ValueError(f"config.json {remote_modeling.WIDTHS_KEY} is not a T5 table: {err!r}") from None
+    if len(rows) != plan.n_layer or "cross_attn" not in plan.keep:
+        raise ValueError(f"plan.json has {plan.n_layer} layers ({sorted(plan.keep)}), config.json {len(rows)} T5 blocks")
+    for i, (stack, block, heads, cross, ffn) in enumerate(rows):
+        have = (len(plan.keep["self_attn"][i]), len(plan.keep["cross_attn"][i]), len(plan.mlp_keep[i]))
+        if have != (heads, cross, ffn):
+            raise ValueError(f"plan.json and config.json disagree at {stack} block {block}: plan keeps {have[0]} "
+                             f"self-attention heads, {have[1]} cross-attention heads and {have[2]} neurons, config "
+                             f"says {heads}, {cross} and {ffn}")
 
 
 def load_pruned(path: str | Path, dtype: str | None = None, *, verify: bool = True):

@@ -186,7 +186,7 @@ def load_tokenizer(source: str, cache_dir: str | Path | None = None):
 
 def load_model(source: str, dtype: str = "float32", *, cache_dir: str | Path | None = None,
                device: str | None = None):
-    """Load a causal LM and its tokenizer.
+    """Load a causal LM (or a T5 encoder-decoder) and its tokenizer.
 
     Args:
         source: an embedded name (``smollm2-135m``), a local Hugging Face directory or a hub id.
@@ -200,13 +200,15 @@ def load_model(source: str, dtype: str = "float32", *, cache_dir: str | Path | N
     Returns:
         ``(model, tokenizer)``; the model is in eval mode on ``device`` (default the CPU).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .families import auto_model_class
 
     check_choice("model.dtype", dtype, DTYPES)
     path = resolve_source(source, cache_dir)
+    config = None if is_pruned_export(path) else AutoConfig.from_pretrained(path)
+    auto = auto_model_class(config) if config is not None else None  # T5: AutoModelForSeq2SeqLM
     if device is not None and torch.device(device).type == "meta":  # shapes only: the weights come from elsewhere
-        from transformers import AutoConfig
-
         config = AutoConfig.from_pretrained(path)
         with torch.device("meta"):
             if is_pruned_export(path):
@@ -214,7 +216,7 @@ def load_model(source: str, dtype: str = "float32", *, cache_dir: str | Path | N
 
                 model = remote_modeling.pruned_class(config.model_type)(config).to(DTYPES[dtype])
             else:
-                model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+                model = auto_model_class(config).from_config(config, dtype=DTYPES[dtype])
     elif is_pruned_export(path):  # a save_pruned directory: per-layer widths, our classes (no remote code)
         from .export import load_pruned
 
@@ -222,9 +224,9 @@ def load_model(source: str, dtype: str = "float32", *, cache_dir: str | Path | N
         if device is not None:
             model.to(device)
     elif device is not None and torch.device(device).type != "cpu":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], device_map={"": str(device)})
+        model = auto.from_pretrained(path, dtype=DTYPES[dtype], device_map={"": str(device)})
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        model = auto.from_pretrained(path, dtype=DTYPES[dtype])
     if source in EMBEDDED_MODELS or source in TINY_CONFIGS:
         # plans, model cards and exports record the source as the user named it, not a path in their cache
         model.config._name_or_path = source

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nirvana_lightning import prune
-from nirvana_lightning.debug_models import TINY_CONFIGS, build_tiny_model
+from nirvana_lightning.debug_models import CAUSAL_TINY, build_tiny_model
 from nirvana_lightning.export import load_pruned, load_pruned_adapter, save_pruned
 from nirvana_lightning.recovery import apply_recovery
 
@@ -66,7 +66,7 @@ def _reference(model, ids=IDS):
 def test_fresh_process_round_trip_every_family(tmp_path):
     """Every family at both attention granularities (query_head: layers with their own query heads per KV head)."""
     dirs, refs = [], {}
-    for name in sorted(TINY_CONFIGS):
+    for name in CAUSAL_TINY:
         for granularity in ("group", "query_head"):
             model = build_tiny_model(name)
             plan = prune(model, IDS, sparsity=0.45, gamma=1.5, attention_granularity=granularity)

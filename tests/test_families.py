@@ -63,7 +63,7 @@ def test_unknown_family_lists_supported():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(ConfigError, match="model_type='gpt2'.*'llama'.*'mistral'.*'qwen2'.*'qwen3'"):
         get_family(model)
-    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
+    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "t5"}
     assert all(name.startswith("tiny-") for cls in FAMILIES.values() for name in cls.tiny_models)
 
 

@@ -206,8 +206,9 @@ class NirvanaPruningCallback(L.Callback):
         family = get_family(model)
         granularity = self.target.attention_granularity
         attn = attention_unit_kind(granularity)
-        kinds, costs, _ = unit_layout(family, granularity)
-        now = [(k_[attn].n_units, k_["mlp"].n_units) for k_ in kinds]
+        layout = unit_layout(family, granularity)
+        costs = layout.costs
+        now = list(zip(layout.attention_widths(), (k_["mlp"].n_units for k_ in layout.kinds)))
         first = self.history[0] if self.history else None
         if first is not None:
             first = as_query_heads(first) if granularity == "query_head" else first
@@ -217,7 +218,7 @@ class NirvanaPruningCallback(L.Callback):
                                                  first.unit_cost["mlp"])
             else:
                 costs = UnitCosts(first.unit_cost["self_attn"], first.unit_cost["mlp"])
-        dense = list(zip(first.width_before[attn], first.mlp_dim_before)) if first else now
+        dense = list(zip(first.attention_width_before(attn), first.mlp_dim_before)) if first else now
         current_block = count_parameters(model)["block"]
         return step_target(self.schedule.kind, self.target.sparsity, k, self.schedule.n_steps, dense_widths=dense,
                            current_widths=now, dense_block=first.block_params_before if first else current_block,

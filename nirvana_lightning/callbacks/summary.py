@@ -10,9 +10,9 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from ..contract import SummarySource, prunable
-from ..errors import check_positive
+from ..errors import ConfigError, check_positive
 from ..eval.speed import count_parameters_detailed, flops_per_token, measure_throughput
-from ..families import unwrap_model
+from ..families import get_family, unwrap_model
 from ..io import write_text_atomic
 from ..recovery.lora import adapter_parameter_count, without_adapter_layers
 from .staged import SUMMARY_STAGES, StagedEvaluation
@@ -79,6 +79,9 @@ class RunSummaryCallback(StagedEvaluation):
                f"GFLOPs/token (prefill, {self.seq_len} tokens)": flops_per_token(base, self.seq_len)["total"] / 1e9}
         if n_adapter:
             row["LoRA adapter params (merged at export)"] = n_adapter
+        if self.speed and get_family(base).is_encoder_decoder:
+            raise ConfigError("RunSummaryCallback.speed", True, "false for an encoder-decoder model (T5): throughput "
+                              "is measured for decoder-only models (parameters and FLOPs are still reported)")
         if self.speed:
             loaded = machine_load()
             if loaded is not None:

@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..data.sft import IGNORE_INDEX
+from ..families import get_family
 
 
 def token_kl(
@@ -96,14 +97,14 @@ def compute_kl(
     reference.eval()
     total, count = 0.0, 0
     try:
+        family = get_family(model)
         for batch in batches:
-            input_ids = batch["input_ids"]
-            attention_mask = batch.get("attention_mask")
-            ref_logits = reference(input_ids=input_ids.to(reference_device), use_cache=False,
-                                   attention_mask=None if attention_mask is None else attention_mask.to(reference_device)).logits
-            logits = model(input_ids=input_ids.to(device), use_cache=False,
-                           attention_mask=None if attention_mask is None else attention_mask.to(device)).logits
-            kl, n = token_kl(ref_logits, logits, target_mask(batch), token_chunk=token_chunk)
+            # the family's view: a causal LM's next-token positions, or T5's decoder positions of its pairs
+            kwargs, labels = family.model_inputs(batch["input_ids"], batch.get("attention_mask"),
+                                                 batch.get("labels", batch["input_ids"]))
+            ref_logits = reference(**{k: v.to(reference_device) for k, v in kwargs.items()}, use_cache=False).logits
+            logits = model(**{k: v.to(device) for k, v in kwargs.items()}, use_cache=False).logits
+            kl, n = token_kl(ref_logits, logits, labels != IGNORE_INDEX, token_chunk=token_chunk)
             total += float(kl)
             count += n
             del ref_logits, logits

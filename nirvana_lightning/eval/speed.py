@@ -88,9 +88,9 @@ def flops_per_token(model: nn.Module, seq_len: int) -> dict[str, float]:
     family = get_family(model)
     linear = 2 * sum(lin.weight.numel() for _, _, lin in family.block_linears())
     attention = 0.0
-    for layer in family.layers():
-        q_rows = family.attention(layer).q.weight.shape[0]  # n_head_l * head_dim
-        attention += 2 * 2 * q_rows * ctx
+    for _, role, lin in family.block_linears():
+        if role in ("q", "cross_q"):  # every attention block (T5's decoder: cross-attention over ctx keys too)
+            attention += 2 * 2 * lin.weight.shape[0] * ctx  # n_head_l * head_dim query rows
     head = model.get_output_embeddings()
     lm_head = 2 * head.weight.numel() if head is not None else 0
     return {"linear": float(linear), "attention": attention, "lm_head": float(lm_head),
@@ -107,9 +107,9 @@ def kv_cache_bytes(model: nn.Module, batch_size: int, n_token: int) -> int:
     """
     family = get_family(model)
     total = 0
-    for layer in family.layers():
-        k = family.attention(layer).k.weight
-        total += k.shape[0] * k.element_size()
+    for _, role, lin in family.block_linears():
+        if role == "k":  # self-attention keys (T5's cross-attention cache holds the encoder's length instead)
+            total += lin.weight.shape[0] * lin.weight.element_size()
     return 2 * batch_size * n_token * total
 
 

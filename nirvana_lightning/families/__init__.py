@@ -28,6 +28,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def auto_model_class(config) -> type:
+    """``AutoModelForSeq2SeqLM`` for encoder-decoder configs (T5), ``AutoModelForCausalLM`` otherwise."""
+    import transformers
+
+    return transformers.AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) \
+        else transformers.AutoModelForCausalLM
+
+
 def get_family(model: nn.Module) -> ModelFamily:
     """The family spec of ``model.config.model_type``; unknown types raise listing the supported ones."""
     model = unwrap_model(model)
@@ -37,5 +45,5 @@ def get_family(model: nn.Module) -> ModelFamily:
     return FAMILIES[model_type](model)
 
 
-__all__ = ["FAMILIES", "GRANULARITIES", "ROLES", "AttentionParts", "MLPParts", "ModelFamily", "Owned", "UnitKind",
+__all__ = ["FAMILIES", "auto_model_class", "GRANULARITIES", "ROLES", "AttentionParts", "MLPParts", "ModelFamily", "Owned", "UnitKind",
            "get_family", "unwrap_model"]

@@ -90,6 +90,12 @@ class ModelFamily:
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: encoder-decoder families (T5) score and train on prefix -> continuation pairs (:meth:`model_inputs`)
+    is_encoder_decoder: ClassVar[bool] = False
+    #: the shared shape of the family's debug models (``debug_models``), before each model's overrides
+    tiny_shape: ClassVar[dict] = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+                                  "tie_word_embeddings": False, "head_dim": 16}
     #: debug models of the family: name -> config overrides of the shared tiny shape (``debug_models``)
     tiny_models: ClassVar[dict[str, dict]] = {}
     #: every family class with ``model_types``, registered when its module is imported (``families/__init__``
@@ -251,6 +257,10 @@ class ModelFamily:
         head = UnitKind("q_head", n_q, (Owned("q", 0, d), Owned("o", 1, d)), 2 * d * hidden, parent="self_attn")
         return {"self_attn": attn, "q_head": head, "mlp": mlp}
 
+    def after_cut(self, layer: nn.Module, keep: dict[str, list[int]]) -> None:
+        """Called by the cut after a layer's projections were sliced, with the kept units per kind (families whose
+        modules must know which units they kept, e.g. T5's relative-bias columns)."""
+
     def set_layer_widths(self, layer: nn.Module, n_kv_group: int, n_head: int, mlp_dim: int) -> None:
         """Update module attributes after the projections were sliced (stock attention in transformers 5.x
         infers head counts from tensor shapes; these attributes are kept in agreement for code that reads them,
@@ -269,6 +279,19 @@ class ModelFamily:
         return kinds["self_attn"].n_units, kinds["q_head"].n_units, kinds["mlp"].n_units
 
     # ------------------------------------------------------------ scoring forward
+    def model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     labels: torch.Tensor | None = None) -> tuple[dict, torch.Tensor | None]:
+        """The model's keyword arguments for ``(B, T)`` windows, and the labels aligned with its logits:
+        ``logits[:, t]`` predicts ``aligned[:, t]`` (``-100`` where nothing is predicted). A causal LM predicts
+        the next token (``labels`` shifted left, the last position unlabelled); an encoder-decoder family builds
+        its pairs here. Losses, perplexity and KL read every family through this one view."""
+        kwargs = {"input_ids": input_ids}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if labels is None:
+            return kwargs, None
+        return kwargs, torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Calibration ids ``(B, T)`` -> the final hidden states ``(B, T, hidden)`` the LM head reads."""
         return self.body()(input_ids=input_ids, use_cache=False).last_hidden_state

@@ -11,6 +11,12 @@ A pruned config is a stock config plus ``nirvana_layer_widths``:
 entry per layer) and an explicit ``head_dim``. Each class (``Nirvana<Stock>``, made from the stock
 transformers class of any family with the Llama layout on first use) builds the stock model, then replaces
 every layer's projections by linears of that layer's width before weights are loaded.
+
+T5 (``NirvanaT5ForConditionalGeneration``): ``nirvana_layer_widths`` holds, per stack (``encoder``, ``decoder``)
+and block, ``num_heads``, ``head_index`` (the original indices of the kept self-attention heads), ``d_ff`` and, in
+the decoder, ``cross_num_heads``. What changes in the stock class: every ``T5Attention`` becomes
+:class:`NirvanaT5Attention` (the stock forward, called with its own heads' bias columns), every projection gets
+its block's width; the relative-position bias table of block 0 keeps all of the dense model's heads.
 """
 
 from __future__ import annotations
@@ -26,10 +32,88 @@ def _linear(template: nn.Linear, in_features: int, out_features: int) -> nn.Line
                      device=template.weight.device, dtype=template.weight.dtype)
 
 
+_T5_ATTENTION: dict[str, type] = {}
+
+
+def _t5_attention_class() -> type:
+    """:class:`NirvanaT5Attention`, made from transformers' ``T5Attention`` on first use."""
+    if "cls" not in _T5_ATTENTION:
+        from transformers.models.t5.modeling_t5 import T5Attention
+
+        class NirvanaT5Attention(T5Attention):
+            """A ``T5Attention`` holding a subset of the dense model's heads (``nirvana_head_index``: their original
+            indices, a list; the config carries it, so it is no buffer a checkpoint would have to hold).
+
+            Changes to the stock forward, nothing else: self-attention receives (or, in block 0, computes from the
+            full relative-bias table) the bias of ALL the dense model's heads, runs the stock forward with the
+            columns of its own heads, and passes the full bias on to the next block, so every block reads its
+            original heads' columns whatever block 0 kept. Cross-attention has no learned bias: it runs the stock
+            forward without one (zeros of its own head count) and passes none on.
+            """
+
+            def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, cache=None,
+                        **kwargs):
+                if key_value_states is not None:
+                    out, _, weights = super().forward(hidden_states, mask=mask, key_value_states=key_value_states,
+                                                      position_bias=None, cache=cache, **kwargs)
+                    return out, None, weights
+                full = position_bias
+                if full is None and self.has_relative_attention_bias:
+                    past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+                    length = hidden_states.shape[1]
+                    full = self.compute_bias(length, length + past, device=hidden_states.device,
+                                             past_seen_tokens=past)
+                own = None if full is None else full[:, self.nirvana_head_index]  # the heads' own bias columns
+                out, _, weights = super().forward(hidden_states, mask=mask, position_bias=own, cache=cache, **kwargs)
+                return out, full, weights
+
+        _T5_ATTENTION["cls"] = NirvanaT5Attention
+    return _T5_ATTENTION["cls"]
+
+
+def head_selecting(attn: nn.Module, head_index: list[int]) -> None:
+    """Make a ``T5Attention`` (projections already of ``len(head_index)`` heads) compute with those heads."""
+    attn.__class__ = _t5_attention_class()
+    attn.nirvana_head_index = [int(j) for j in head_index]
+    attn.n_heads = len(head_index)
+    attn.inner_dim = attn.n_heads * attn.key_value_proj_dim
+
+
+def _resize_t5_(model: nn.Module, widths: dict) -> None:
+    for stack_name in ("encoder", "decoder"):
+        blocks, entry = getattr(model, stack_name).block, widths[stack_name]
+        keys = ("num_heads", "head_index", "d_ff") + (("cross_num_heads",) if stack_name == "decoder" else ())
+        for key in keys:
+            if len(entry[key]) != len(blocks):
+                raise ValueError(f"{WIDTHS_KEY}[{stack_name!r}][{key!r}] has {len(entry[key])} entries for "
+                                 f"{len(blocks)} blocks")
+        for i, block in enumerate(blocks):
+            attentions = [(block.layer[0].SelfAttention, entry["head_index"][i])]
+            if stack_name == "decoder":
+                attentions.append((block.layer[1].EncDecAttention, list(range(entry["cross_num_heads"][i]))))
+            if len(entry["head_index"][i]) != entry["num_heads"][i]:
+                raise ValueError(f"{WIDTHS_KEY}[{stack_name!r}] block {i}: {len(entry['head_index'][i])} head "
+                                 f"indices for {entry['num_heads'][i]} heads")
+            for attn, index in attentions:
+                inner, hidden = len(index) * attn.key_value_proj_dim, attn.q.in_features
+                for name in ("q", "k", "v"):
+                    setattr(attn, name, _linear(getattr(attn, name), hidden, inner))
+                attn.o = _linear(attn.o, inner, hidden)
+                head_selecting(attn, index)
+            ffn = block.layer[-1].DenseReluDense
+            for name in ("wi", "wi_0", "wi_1"):
+                if hasattr(ffn, name):
+                    setattr(ffn, name, _linear(getattr(ffn, name), ffn.wo.out_features, entry["d_ff"][i]))
+            ffn.wo = _linear(ffn.wo, entry["d_ff"][i], ffn.wo.out_features)
+
+
 def resize_layers_(model: nn.Module, config) -> None:
     """Give every decoder layer the widths recorded in ``config.nirvana_layer_widths`` (in place)."""
     widths = getattr(config, WIDTHS_KEY, None)
     if not widths:
+        return
+    if getattr(config, "model_type", None) == "t5":
+        _resize_t5_(model, widths)
         return
     layers = model.model.layers
     for key in ("num_key_value_heads", "num_attention_heads", "intermediate_size"):
@@ -70,16 +154,22 @@ def pruned_class_of(stock: type) -> type:
 
 
 def pruned_class(model_type: str) -> type:
-    """The pruned class of a ``model_type`` (its stock causal-LM class, resized per layer)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """The pruned class of a ``model_type`` (its stock causal-LM class, or seq2seq-LM class for T5, resized per
+    layer)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
 
-    return pruned_class_of(getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]))
+    names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES \
+        else MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    return pruned_class_of(getattr(transformers, names[model_type]))
 
 
 def __getattr__(name: str) -> type:
     """``NirvanaLlamaForCausalLM``, ``NirvanaGemma3ForCausalLM``, ...: the names an export's ``auto_map`` gives
     (PEP 562: built on first use from the stock class of the same name)."""
     stock = getattr(transformers, name[len("Nirvana"):], None) if name.startswith("Nirvana") else None
-    if isinstance(stock, type) and name.endswith("ForCausalLM"):
+    if isinstance(stock, type) and name.endswith(("ForCausalLM", "ForConditionalGeneration")):
         return pruned_class_of(stock)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -262,6 +262,7 @@ def allocate(
     tp_size: int = 1,
     costs: UnitCosts | None = None,
     heads_per_group: Sequence[int] | None = None,
+    attention_layers: Sequence[int] | None = None,
 ) -> Allocation:
     """Choose which units stay.
 
@@ -290,6 +291,10 @@ def allocate(
             (``costs`` must then be the heads' own q/o weights, with the k/v rows as ``fixed``); each layer is
             then laid out by :func:`_layout_heads`: a group all of whose heads were selected goes whole, the
             others keep the same number of heads each. ``Allocation.q_head_keep`` holds the kept heads.
+        attention_layers: the layer of each entry of ``attention_scores`` when a layer has several attention
+            blocks (T5's decoder: self- and cross-attention heads): every entry is a block of its own (guards and
+            keep indices per block), ranked with all the others; ``costs.attention`` stays per layer (the blocks of
+            a layer cost the same per unit). Default: one block per layer.
 
     Returns:
         :class:`Allocation` with sorted keep indices per layer.
@@ -297,13 +302,16 @@ def allocate(
     validate_targets(sparsity, gamma, round_to, mode)
     if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
         raise ConfigError("target.tp_size", tp_size, "a tensor-parallel degree >= 1")
-    n_layer = len(attention_scores)
-    if len(mlp_scores) != n_layer:
-        raise ValueError(f"{n_layer} layers of attention scores but {len(mlp_scores)} of MLP scores")
+    n_layer = len(mlp_scores)
+    layer_of = list(range(len(attention_scores))) if attention_layers is None else list(attention_layers)
+    if len(layer_of) != len(attention_scores) or any(not 0 <= i < n_layer for i in layer_of):
+        raise ValueError(f"{len(attention_scores)} attention score segments for layers {layer_of} of {n_layer} "
+                         "layers of MLP scores")
     skip = set(skip_layers)
     for i in skip:
         if not 0 <= i < n_layer:
             raise ConfigError("target.skip_layers", i, f"layer indices in [0, {n_layer})")
+    attn_skip = {s for s, i in enumerate(layer_of) if i in skip}  # attention segments of skipped layers
     attention_scores = [s.detach().cpu().double() for s in attention_scores]
     mlp_scores = [s.detach().cpu().double() for s in mlp_scores]
     heads = list(heads_per_group) if heads_per_group is not None else None
@@ -311,56 +319,62 @@ def allocate(
         [s.numel() for s in attention_scores]
     mlp_round = math.lcm(round_to, tp_size)
     if tp_size > 1:
-        for i, (a, m) in enumerate(zip(n_groups, mlp_scores)):
-            if a % tp_size or m.numel() % tp_size:
-                raise ConfigError("target.tp_size", tp_size, f"a degree dividing every layer's KV groups and MLP width "
-                                                      f"(layer {i} has {a} groups, {m.numel()} neurons)")
-    # Guards: the best `tp_size` attention groups of every layer (with query heads: the best head of each) and the
-    # best `round_to` neurons stay; so do skipped layers.
-    attn_protect = [torch.ones(s.numel(), dtype=torch.bool) if i in skip else
+        for what, widths in (("KV groups", zip(layer_of, n_groups)), ("neurons", enumerate(s.numel() for s in mlp_scores))):
+            for i, n in widths:
+                if n % tp_size:
+                    raise ConfigError("target.tp_size", tp_size, f"a degree dividing every layer's KV groups and MLP "
+                                                                 f"width (layer {i} has {n} {what})")
+    # Guards: the best `tp_size` attention groups of every attention block (with query heads: the best head of each)
+    # and the best `round_to` neurons stay; so do skipped layers.
+    attn_protect = [torch.ones(s.numel(), dtype=torch.bool) if i in attn_skip else
                     _protect_best_heads(s, heads[i], tp_size) if heads else _protect_top(s, tp_size)
                     for i, s in enumerate(attention_scores)]
     mlp_protect = [torch.ones(s.numel(), dtype=torch.bool) if i in skip else _protect_top(s, min(mlp_round, s.numel()))
                    for i, s in enumerate(mlp_scores)]
-    n_attn_prunable = sum(s.numel() for i, s in enumerate(attention_scores) if i not in skip)
+    n_attn_prunable = sum(s.numel() for i, s in enumerate(attention_scores) if i not in attn_skip)
     n_mlp_prunable = sum(s.numel() for i, s in enumerate(mlp_scores) if i not in skip)
     costs = costs or UnitCosts.of_groups(n_layer, n_query_per_kv, head_dim)
-    p_attn, p_mlp = costs.fractions(sparsity, gamma, [s.numel() for s in attention_scores],
-                                    [s.numel() for s in mlp_scores], skip)
+    n_attn_per_layer = [0] * n_layer
+    for s, i in zip(attention_scores, layer_of):
+        n_attn_per_layer[i] += s.numel()
+    p_attn, p_mlp = costs.fractions(sparsity, gamma, n_attn_per_layer, [s.numel() for s in mlp_scores], skip)
+    segment_costs = [costs.attention[i] for i in layer_of]
     kind = "query heads" if heads else "attention groups"
     if counts is not None and mode != "global":
         raise ConfigError("target.allocation", mode, "'global' when explicit removal counts are given (iterative schedules)")
     if mode == "global":
         n_attn_remove = math.floor(n_attn_prunable * p_attn)
         n_mlp_remove = math.floor(n_mlp_prunable * p_mlp)
-        attn_costs = [c for i, c in enumerate(costs.attention) if i not in skip]
+        attn_costs = [c for i, c in enumerate(segment_costs) if i not in attn_skip]
         if counts is None and len(set(attn_costs)) > 1:  # layers differ in unit cost: count removed weight
-            prunable_weight = sum(s.numel() * c for i, (s, c) in enumerate(zip(attention_scores, costs.attention))
-                                  if i not in skip)
-            n_attn_remove = _count_by_weight(attention_scores, attn_protect, costs.attention, p_attn * prunable_weight)
+            prunable_weight = sum(s.numel() * c for i, (s, c) in enumerate(zip(attention_scores, segment_costs))
+                                  if i not in attn_skip)
+            n_attn_remove = _count_by_weight(attention_scores, attn_protect, segment_costs, p_attn * prunable_weight)
         if counts is not None:
             n_attn_remove, n_mlp_remove = (int(c) for c in counts)
             if n_attn_remove < 0 or n_mlp_remove < 0:
                 raise ValueError(f"removal counts must be >= 0, got {counts}")
             p_attn = Fraction(n_attn_remove, max(1, n_attn_prunable))
             p_mlp = Fraction(n_mlp_remove, max(1, n_mlp_prunable))
-        _blame_guard(n_attn_remove, attn_protect, attention_scores, skip, "target.tp_size", tp_size, kind)
+        _blame_guard(n_attn_remove, attn_protect, attention_scores, attn_skip, "target.tp_size", tp_size, kind)
         _blame_guard(n_mlp_remove, mlp_protect, mlp_scores, skip, "target.round_to", round_to, "MLP neurons")
         attn_remove = _select_lowest(attention_scores, attn_protect, n_attn_remove, kind)
         mlp_remove = _select_lowest(mlp_scores, mlp_protect, n_mlp_remove, "MLP neurons")
     else:
         attn_remove, mlp_remove, n_attn_remove, n_mlp_remove = [], [], 0, 0
+        for s, i in enumerate(layer_of):
+            na = 0 if s in attn_skip else math.floor(attention_scores[s].numel() * p_attn)
+            attn_remove += _select_lowest([attention_scores[s]], [attn_protect[s]], na, f"{kind} in layer {i}")
+            n_attn_remove += na
         for i in range(n_layer):
-            na = 0 if i in skip else math.floor(attention_scores[i].numel() * p_attn)
             nm = 0 if i in skip else math.floor(mlp_scores[i].numel() * p_mlp)
-            attn_remove += _select_lowest([attention_scores[i]], [attn_protect[i]], na, f"{kind} in layer {i}")
             mlp_remove += _select_lowest([mlp_scores[i]], [mlp_protect[i]], nm, f"MLP neurons in layer {i}")
-            n_attn_remove, n_mlp_remove = n_attn_remove + na, n_mlp_remove + nm
+            n_mlp_remove += nm
     mlp_keep = [_round_up_keep(s, r, mlp_round) for s, r in zip(mlp_scores, mlp_remove)]
     if heads:
         groups, kept_heads, carry = [], [], 0
         for i, (s, r, g) in enumerate(zip(attention_scores, attn_remove, heads)):
-            if i in skip:
+            if i in attn_skip:
                 groups.append(torch.arange(s.numel() // g))
                 kept_heads.append(torch.arange(s.numel()))
                 continue

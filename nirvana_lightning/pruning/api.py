@@ -30,22 +30,55 @@ def count_parameters(model: nn.Module, family: ModelFamily | None = None) -> dic
     return {"total": total, "block": block, "other": total - block}
 
 
-def unit_layout(family: ModelFamily, granularity: str = "group") -> tuple[list[dict], UnitCosts, list[int] | None]:
-    """What the family declares for allocation: per layer its unit kinds, the unit costs (weights) the formula
-    reads, and at ``query_head`` granularity the query heads per KV group of each layer."""
+#: attention unit kinds a layer may have at ``group`` granularity, in plan order (T5's decoder has both)
+ATTENTION_KINDS = ("self_attn", "cross_attn")
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitLayout:
+    """What the family declares for allocation: per layer its unit kinds; the unit costs (weights) the formula
+    reads; at ``query_head`` granularity the query heads per KV group of each layer; and the attention blocks
+    allocation ranks together, as ``(layer, unit kind)`` (one per layer, two in a T5 decoder layer)."""
+
+    kinds: list[dict]
+    costs: UnitCosts
+    heads: list[int] | None
+    segments: list[tuple[int, str]]
+
+    def attention_widths(self) -> list[int]:
+        """Attention units per layer (every attention block of the layer)."""
+        out = [0] * len(self.kinds)
+        for i, kind in self.segments:
+            out[i] += self.kinds[i][kind].n_units
+        return out
+
+    def allocation_args(self) -> dict:
+        return {"costs": self.costs, "heads_per_group": self.heads,
+                "attention_layers": [i for i, _ in self.segments]}
+
+
+def unit_layout(family: ModelFamily, granularity: str = "group") -> UnitLayout:
+    """The family's declaration, read once for allocation (see :class:`UnitLayout`)."""
     kinds = [family.unit_kinds(layer, granularity) for layer in family.layers()]
     if granularity == "group":
-        return kinds, UnitCosts([k["self_attn"].cost for k in kinds], [k["mlp"].cost for k in kinds]), None
+        segments = [(i, name) for i, k in enumerate(kinds) for name in ATTENTION_KINDS if name in k]
+        attn_cost = []
+        for i, k in enumerate(kinds):
+            costs = {k[name].cost for name in ATTENTION_KINDS if name in k}
+            if len(costs) != 1:
+                raise ValueError(f"layer {i}: attention blocks with different unit costs {sorted(costs)} cannot share "
+                                 "one per-layer cost")
+            attn_cost.append(costs.pop())
+        return UnitLayout(kinds, UnitCosts(attn_cost, [k["mlp"].cost for k in kinds]), None, segments)
     heads = [k["q_head"].n_units // k["self_attn"].n_units for k in kinds]
     costs = UnitCosts.of_query_heads([k["q_head"].cost for k in kinds], [k["self_attn"].cost for k in kinds], heads,
                                      [k["mlp"].cost for k in kinds])
-    return kinds, costs, heads
+    return UnitLayout(kinds, costs, heads, [(i, "q_head") for i in range(len(kinds))])
 
 
 def attention_unit_kind(granularity: str) -> str:
     """The unit kind allocation ranks as attention: KV groups (`self_attn`) or query heads (`q_head`)."""
     return "q_head" if granularity == "query_head" else "self_attn"
-
 
 
 def model_identity(model: nn.Module) -> dict:
@@ -88,19 +121,26 @@ def plan_from_scores(
     family = family or get_family(model)
     for kind, per_layer in scores.by_kind.items():
         check_finite(per_layer, kind)
-    kinds, costs, heads = unit_layout(family, target.attention_granularity)
-    attn = attention_unit_kind(target.attention_granularity)
-    result = allocate(scores.by_kind[attn], scores.mlp, sparsity=target.sparsity, gamma=target.gamma,
-                      n_query_per_kv=family.n_query_per_kv, head_dim=family.head_dim, round_to=target.round_to,
-                      skip_layers=target.skip_layers, mode=target.allocation, counts=counts, tp_size=target.tp_size,
-                      costs=costs, heads_per_group=heads)
-    keep = {"self_attn": [k.tolist() for k in result.attention_keep], "mlp": [k.tolist() for k in result.mlp_keep]}
+    layout = unit_layout(family, target.attention_granularity)
+    kinds = layout.kinds
+    result = allocate([scores.by_kind[name][i] for i, name in layout.segments], scores.mlp, sparsity=target.sparsity,
+                      gamma=target.gamma, n_query_per_kv=family.n_query_per_kv, head_dim=family.head_dim,
+                      round_to=target.round_to, skip_layers=target.skip_layers, mode=target.allocation, counts=counts,
+                      tp_size=target.tp_size, **layout.allocation_args())
+    keep: dict[str, list[list[int]]] = {}
     if result.q_head_keep is not None:
+        keep["self_attn"] = [k.tolist() for k in result.attention_keep]
         keep["q_head"] = [k.tolist() for k in result.q_head_keep]
+    else:  # one entry per attention block: scattered back to (kind, layer); a kind a layer lacks keeps nothing
+        for name in dict.fromkeys(name for _, name in layout.segments):
+            keep[name] = [[] for _ in kinds]
+        for (i, name), kept in zip(layout.segments, result.attention_keep):
+            keep[name][i] = kept.tolist()
+    keep["mlp"] = [k.tolist() for k in result.mlp_keep]
     plan = PruningPlan(
         keep=keep,
-        width_before={name: [k[name].n_units for k in kinds] for name in keep},
-        unit_cost={name: [k[name].cost for k in kinds] for name in keep},
+        width_before={name: [k[name].n_units if name in k else 0 for k in kinds] for name in keep},
+        unit_cost={name: [k[name].cost if name in k else 0 for k in kinds] for name in keep},
         n_head_before=[family.layer_widths(layer)[1] for layer in family.layers()],
         n_query_per_kv=family.n_query_per_kv,
         head_dim=family.head_dim,
@@ -174,14 +214,14 @@ def make_plan(
                               "masked model is compared with the dense model on them, never on the calibration")
     # Feasibility (fractions <= 1, guards, skip_layers) depends only on the geometry: check it on
     # placeholder scores now rather than after minutes of scoring.
-    kinds, costs, heads = unit_layout(family, target.attention_granularity)
-    attn = attention_unit_kind(target.attention_granularity)
+    layout = unit_layout(family, target.attention_granularity)
 
     def allocation_check(g: float) -> None:
-        allocate([torch.zeros(k[attn].n_units) for k in kinds], [torch.zeros(k["mlp"].n_units) for k in kinds],
+        allocate([torch.zeros(layout.kinds[i][name].n_units) for i, name in layout.segments],
+                 [torch.zeros(k["mlp"].n_units) for k in layout.kinds],
                  sparsity=sparsity, gamma=g, n_query_per_kv=family.n_query_per_kv, head_dim=family.head_dim,
                  round_to=target.round_to, skip_layers=target.skip_layers, mode=target.allocation, counts=counts,
-                 tp_size=target.tp_size, costs=costs, heads_per_group=heads)
+                 tp_size=target.tp_size, **layout.allocation_args())
 
     if not auto:
         allocation_check(target.gamma)

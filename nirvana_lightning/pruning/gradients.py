@@ -65,6 +65,7 @@ class UnitScores:
     attention: list[torch.Tensor]  # per layer (n_kv_group_l,): KV groups
     mlp: list[torch.Tensor]  # per layer (mlp_dim_l,): neurons
     q_head: list[torch.Tensor] | None = None  # per layer (n_head_l,): query heads (query_head granularity)
+    cross_attn: list[torch.Tensor] | None = None  # per layer: T5 cross-attention heads (empty in encoder layers)
 
     @property
     def granularity(self) -> str:
@@ -73,11 +74,14 @@ class UnitScores:
     @property
     def by_kind(self) -> dict[str, list[torch.Tensor]]:
         out = {"self_attn": self.attention, "mlp": self.mlp}
-        return out if self.q_head is None else {**out, "q_head": self.q_head}
+        for name in ("q_head", "cross_attn"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
 
     @classmethod
     def from_kinds(cls, by_kind: dict[str, list[torch.Tensor]]) -> UnitScores:
-        return cls(by_kind["self_attn"], by_kind["mlp"], by_kind.get("q_head"))
+        return cls(by_kind["self_attn"], by_kind["mlp"], by_kind.get("q_head"), by_kind.get("cross_attn"))
 
     def as_groups(self) -> UnitScores:
         """The ``group`` granularity scores of the same pass: a KV group's score is its k/v part plus its heads'
@@ -347,7 +351,9 @@ def compute_unit_scores(
              for name, kind in layer_kinds.items() for o in kind.owns}
     home = next(model.parameters()).device
     device = torch.device(compute_device) if compute_device is not None else home  # where the maths runs
-    scores = {name: [torch.zeros(k[name].n_units, device=device) for k in kinds] for name in kinds[0]}
+    names = list(dict.fromkeys(name for k in kinds for name in k))  # a kind some layers lack scores 0 units there
+    scores = {name: [torch.zeros(k[name].n_units if name in k else 0, device=device) for k in kinds]
+              for name in names}
 
     def add(i: int, role: str, saliency: torch.Tensor) -> None:
         name, owned = owner[(i, role)]

@@ -34,8 +34,8 @@ class PruningPlan:
 
     Attributes:
         keep: per unit kind (``self_attn``: KV groups; ``mlp``: neurons; ``q_head``: query heads at
-            ``query_head`` granularity), per layer, the sorted indices kept (into the layer as it was before
-            this plan).
+            ``query_head`` granularity; ``cross_attn``: T5 decoder cross-attention heads, width 0 and ``[]`` in
+            encoder layers), per layer, the sorted indices kept (into the layer as it was before this plan).
         width_before: per unit kind, per layer, the units the plan was made for.
         unit_cost: per unit kind, per layer, the block weights one unit owns (the family's declaration), so
             parameter counts need no model.
@@ -105,6 +105,13 @@ class PruningPlan:
         return [[j * (h // n) + r for j in k for r in range(h // n)]
                 for k, h, n in zip(self.attention_keep, self.n_head_before, self.n_kv_group_before)]
 
+    def attention_width_before(self, kind: str = "self_attn") -> list[int]:
+        """Attention units per layer before the plan: query heads (``q_head``), or every attention block's heads
+        or groups (``self_attn``, plus T5's ``cross_attn``)."""
+        if kind == "q_head":
+            return list(self.width_before["q_head"])
+        return [sum(w) for w in zip(*(self.width_before[k] for k in ("self_attn", "cross_attn") if k in self.keep))]
+
     def widths_after(self) -> list[tuple[int, int, int]]:
         """Per layer ``(KV groups, query heads, MLP neurons)`` after the plan."""
         return list(zip(self.n_kv_group_after, self.n_head_after, self.mlp_dim_after))
@@ -134,10 +141,9 @@ class PruningPlan:
             if not _is_int(value) or value < 1:
                 raise ValueError(f"plan {name} is {value!r}, not a positive integer")
         for name, table in (("keep", self.keep), ("width_before", self.width_before), ("unit_cost", self.unit_cost)):
-            if not isinstance(table, dict) or set(table) not in (set(UNIT_KINDS["group"]),
-                                                                 set(UNIT_KINDS["query_head"])):
+            if not isinstance(table, dict) or set(table) not in [set(k) for k in UNIT_KINDS.values()]:
                 raise ValueError(f"plan {name} has unit kinds {sorted(table) if isinstance(table, dict) else table!r}; "
-                                 f"expected {list(UNIT_KINDS['group'])} or {list(UNIT_KINDS['query_head'])}")
+                                 f"expected one of {[list(k) for k in UNIT_KINDS.values()]}")
         if not set(self.keep) == set(self.width_before) == set(self.unit_cost):
             raise ValueError("plan keep, width_before and unit_cost name different unit kinds")
         for kind, rows in self.keep.items():
@@ -148,7 +154,8 @@ class PruningPlan:
         for name, table in (("width_before", self.width_before), ("unit_cost", self.unit_cost),
                             ("n_head_before", {"": self.n_head_before})):
             for kind, seq in table.items():
-                bad = [x for x in seq if not _is_int(x) or x < 1]
+                # a kind some layers lack (T5's cross-attention in encoder blocks) has width and cost 0 there
+                bad = [x for x in seq if not _is_int(x) or x < (0 if kind in OPTIONAL_KINDS else 1)]
                 if bad:
                     raise ValueError(f"plan {name}{f'[{kind!r}]' if kind else ''} holds {bad[0]!r}, not a "
                                      "positive integer")
@@ -163,6 +170,11 @@ class PruningPlan:
         for i in range(n):
             for kind in self.keep:
                 keep, width = self.keep[kind][i], self.width_before[kind][i]
+                if kind in OPTIONAL_KINDS and width == 0:
+                    if keep or self.unit_cost[kind][i]:
+                        raise ValueError(f"plan layer {i}: {kind} has no unit before the plan but keeps {keep} at "
+                                         f"unit cost {self.unit_cost[kind][i]}")
+                    continue
                 if not keep:
                     raise ValueError(f"plan layer {i}: {kind} keeps no unit")
                 if list(keep) != sorted(set(keep)):
@@ -229,13 +241,17 @@ class PruningPlan:
         import hashlib
 
         core = [self.attention_keep, self.mlp_keep, self.n_kv_group_before, self.mlp_dim_before]
-        if "q_head" in self.keep:
-            core.append(self.keep["q_head"])
+        for kind in ("q_head", "cross_attn"):
+            if kind in self.keep:
+                core.append(self.keep[kind])
         return hashlib.sha256(json.dumps(core).encode()).hexdigest()[:16]
 
 
-#: unit kinds a plan holds, per attention granularity
-UNIT_KINDS = {"group": ("self_attn", "mlp"), "query_head": ("self_attn", "q_head", "mlp")}
+#: unit kinds a plan holds: per attention granularity, and for encoder-decoders (T5: cross-attention heads too)
+UNIT_KINDS = {"group": ("self_attn", "mlp"), "query_head": ("self_attn", "q_head", "mlp"),
+              "encoder_decoder": ("self_attn", "cross_attn", "mlp")}
+#: kinds that some layers do not have (width 0 there: T5's encoder blocks have no cross-attention)
+OPTIONAL_KINDS = ("cross_attn",)
 
 
 def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
@@ -272,14 +288,19 @@ def as_query_heads(plan: PruningPlan) -> PruningPlan:
 
 def allocation_rows(plan: PruningPlan) -> list[dict]:
     """Per layer: kept / original KV groups, query heads and MLP neurons, and the kept fractions (attention:
-    of the query heads, which carry the q/o weights and the attention compute)."""
-    return [
+    of the query heads, which carry the q/o weights and the attention compute); with cross-attention (T5's
+    decoder) its kept / original heads too."""
+    rows = [
         {"layer": i, "kv_groups_kept": a, "kv_groups": ab, "query_heads_kept": h, "query_heads": hb,
          "mlp_neurons_kept": m, "mlp_neurons": mb, "attention_kept": h / hb, "mlp_kept": m / mb}
         for i, (a, ab, h, hb, m, mb) in enumerate(zip(plan.n_kv_group_after, plan.n_kv_group_before,
                                                       plan.n_head_after, plan.n_head_before,
                                                       plan.mlp_dim_after, plan.mlp_dim_before))
     ]
+    if "cross_attn" in plan.keep:
+        for row, kept, width in zip(rows, plan.keep["cross_attn"], plan.width_before["cross_attn"]):
+            row.update({"cross_heads_kept": len(kept), "cross_heads": width})
+    return rows
 
 
 def compose_plans(first: PruningPlan, second: PruningPlan) -> PruningPlan:
@@ -297,7 +318,9 @@ def compose_plans(first: PruningPlan, second: PruningPlan) -> PruningPlan:
     second.validate()
     if "q_head" in first.keep or "q_head" in second.keep:
         first, second = as_query_heads(first), as_query_heads(second)
-    if (second.n_kv_group_before != first.n_kv_group_after or second.mlp_dim_before != first.mlp_dim_after
+    if (set(first.keep) != set(second.keep)
+            or any(second.width_before[kind] != [len(k) for k in first.keep[kind]] for kind in first.keep)
+            or second.n_kv_group_before != first.n_kv_group_after or second.mlp_dim_before != first.mlp_dim_after
             or second.n_head_before != first.n_head_after
             or (second.head_dim, second.hidden_dim) != (first.head_dim, first.hidden_dim)):
         raise ValueError("the second plan was not made for the widths the first one leaves")

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..families import unwrap_model
+from ..families import get_family, unwrap_model
 from .api import make_plan
 from .gradients import fingerprint
 from .plan import PruningPlan
@@ -118,9 +118,11 @@ def compute_dense_logprobs(model: nn.Module, probe: torch.Tensor, batch_size: in
         list of ``(b, T, V)`` tensors; computed once and reused for every candidate.
     """
     device = next(model.parameters()).device
+    family = get_family(model)
     out = []
     for batch in probe.split(batch_size):
-        logits = model(input_ids=batch.to(device), use_cache=False).logits
+        kwargs, _ = family.model_inputs(batch.to(device))  # T5: the decoder's logits on the family's pairs
+        logits = model(**kwargs, use_cache=False).logits
         out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
         del logits
     return out
@@ -136,8 +138,10 @@ def mean_token_kl(model: nn.Module, probe: torch.Tensor, dense_logprobs: list[to
     """
     device = next(model.parameters()).device
     kl_sum, nll_sum, n_kl, n_nll = 0.0, 0.0, 0, 0
+    family = get_family(model)
     for batch, dense in zip(probe.split(batch_size), dense_logprobs):
-        logits = model(input_ids=batch.to(device), use_cache=False).logits  # (b, T, V)
+        kwargs, aligned = family.model_inputs(batch.to(device), labels=batch.to(device))
+        logits = model(**kwargs, use_cache=False).logits  # (b, T, V)
         flat_logits = logits.reshape(-1, logits.shape[-1])
         flat_dense = dense.reshape(-1, dense.shape[-1])
         for s in range(0, flat_logits.shape[0], token_chunk):
@@ -145,9 +149,9 @@ def mean_token_kl(model: nn.Module, probe: torch.Tensor, dense_logprobs: list[to
             p = flat_dense[s:s + token_chunk].to(q.device)
             kl_sum += float((p.exp() * (p - q)).sum())
             n_kl += q.shape[0]
-        targets = batch[:, 1:].to(device)
-        nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                          reduction="sum")
+        scored = aligned != -100  # the positions that predict a token (all but the last of a causal window)
+        targets = aligned[scored]
+        nll = nn.functional.cross_entropy(logits[scored].float(), targets, reduction="sum")
         nll_sum += float(nll)
         n_nll += targets.numel()
         del logits

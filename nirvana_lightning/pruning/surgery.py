@@ -37,6 +37,14 @@ def check_plan_matches(model: nn.Module, plan: PruningPlan, family: ModelFamily 
     if plan.head_dim != family.head_dim:
         raise ValueError(f"plan head_dim={plan.head_dim}; model head_dim={family.head_dim}")
     for i, layer in enumerate(layers):
+        kinds = family.unit_kinds(layer, plan.granularity)
+        if family.is_encoder_decoder:
+            have = {name: kinds[name].n_units if name in kinds else 0 for name in plan.keep}
+            want = {name: plan.width_before[name][i] for name in plan.keep}
+            if have != want or set(kinds) - set(plan.keep):
+                raise ValueError(f"plan layer {i} expects units {want}; the model has "
+                                 f"{ {name: kind.n_units for name, kind in kinds.items()} }")
+            continue
         have = family.layer_widths(layer)
         want = (plan.n_kv_group_before[i], plan.n_head_before[i], plan.mlp_dim_before[i])
         if have != want:
@@ -90,6 +98,7 @@ def cut_model(model: nn.Module, plan: PruningPlan, family: ModelFamily | None = 
     for i, (layer, widths) in enumerate(zip(family.layers(), plan.widths_after())):
         for role, axis, index in _owned_keeps(family, layer, plan, i):
             _slice_linear_(family.projection(layer, role), index, axis)
+        family.after_cut(layer, {name: plan.keep[name][i] for name in family.unit_kinds(layer, plan.granularity)})
         family.set_layer_widths(layer, *widths)
     family.record_layer_widths(plan.widths_after())
     return model

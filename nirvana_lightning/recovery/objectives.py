@@ -42,11 +42,14 @@ def _head_as_identity(head: nn.Module) -> Iterator[None]:
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, nn.Module]:
-    """Final hidden states ``(B, T, H)`` through the model's own forward, and its LM head module."""
+    """Final hidden states through the model's own forward, and its LM head module: ``(B, T, H)`` for a causal
+    LM; for an encoder-decoder (T5) the decoder's, one per predicted token of the family's pairs
+    (:meth:`~nirvana_lightning.families.base.ModelFamily.model_inputs`)."""
     family = get_family(model)
     head = family.lm_head()
+    kwargs, _ = family.model_inputs(input_ids, attention_mask)
     with _head_as_identity(head), family.raw_logits():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out = model(**kwargs, use_cache=False)
     hidden = out.logits if hasattr(out, "logits") else out[0]
     if hidden.shape[-1] != head.in_features:
         raise RuntimeError(f"{type(model).__name__} applies something after its LM head; the chunked loss "
@@ -67,10 +70,13 @@ def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
-                    chunk: int = DEFAULT_CHUNK, cap: float | None = None) -> tuple[torch.Tensor, int]:
-    """``(sum of next-token NLL, number of labelled tokens)`` from hidden states, ``chunk`` positions at a time."""
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    y = labels[:, 1:].reshape(-1).to(h.device)
+                    chunk: int = DEFAULT_CHUNK, cap: float | None = None, *, shift: bool = True
+                    ) -> tuple[torch.Tensor, int]:
+    """``(sum of NLL, number of labelled tokens)`` from hidden states, ``chunk`` positions at a time: next-token
+    (``hidden[:, t]`` predicts ``labels[:, t + 1]``) or, with ``shift=False``, labels already aligned with the
+    positions (``ModelFamily.model_inputs``)."""
+    h = (hidden[:, :-1] if shift else hidden).reshape(-1, hidden.shape[-1])
+    y = (labels[:, 1:] if shift else labels).reshape(-1).to(h.device)
     keep = y != IGNORE_INDEX
     h, y = h[keep], y[keep]
     total = h.new_zeros((), dtype=torch.float32)
@@ -82,8 +88,10 @@ def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
 
 def lm_loss(model: nn.Module, batch: dict, chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, int]:
     """Mean next-token loss over labelled tokens and their number (NaN when none is labelled, as in HF)."""
+    family = get_family(model)
     hidden, head = hidden_states(model, batch["input_ids"], batch.get("attention_mask"))
-    total, n = chunked_lm_loss(hidden, head, batch["labels"], chunk, get_family(model).logit_softcap)
+    _, labels = family.model_inputs(batch["input_ids"], batch.get("attention_mask"), batch["labels"])
+    total, n = chunked_lm_loss(hidden, head, labels, chunk, family.logit_softcap, shift=False)
     return total / n if n else total * float("nan"), n
 
 
@@ -115,10 +123,11 @@ def distillation_loss(model: nn.Module, teacher: nn.Module, batch: dict, *, temp
     teacher_device = next(teacher.parameters()).device
     with torch.no_grad():
         t_hidden, t_head = hidden_states(teacher, ids.to(teacher_device), None if mask is None else mask.to(teacher_device))
-    y = batch["labels"][:, 1:].reshape(-1).to(hidden.device)
+    _, labels = get_family(model).model_inputs(ids, mask, batch["labels"])  # aligned with the positions
+    y = labels.reshape(-1).to(hidden.device)
     keep = y != IGNORE_INDEX
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
-    t = t_hidden[:, :-1].reshape(-1, t_hidden.shape[-1])[keep.to(teacher_device)]
+    h = hidden.reshape(-1, hidden.shape[-1])[keep]
+    t = t_hidden.reshape(-1, t_hidden.shape[-1])[keep.to(teacher_device)]
     y = y[keep]
     with_lm = alpha < 1
     t_weight, t_bias = t_head.weight, t_head.bias
