@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,3 +286,32 @@ def test_lora_targets_name_modules_of_both_stacks(name):
     modules = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     assert set(names) <= modules
     assert names == (["q", "k", "v", "o", "wi_0", "wi_1", "wo"] if name == "tiny-t5" else ["q", "k", "v", "o", "wi", "wo"])
+
+
+def test_lm_eval_runs_the_seq2seq_backend_in_memory(smollm2_tokenizer):
+    from nirvana_lightning.eval.lm_eval import run_lm_eval
+
+    model = build_tiny_model("tiny-t5", vocab_size=len(smollm2_tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    metrics = run_lm_eval(model, smollm2_tokenizer, ["nirvana_brown_cloze"], limit=8, batch_size=8)["nirvana_brown_cloze"]
+    assert 0.0 <= metrics["acc"] <= 1.0 and 0.0 <= metrics["acc_norm"] <= 1.0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_debug_config_prunes_recovers_evaluates_and_exports(tmp_path):
+    """``python -m nirvana_lightning fit --config configs/debug/tiny_t5.yaml``: plan, report, summary and an export
+    that reloads (the LoRA-merged pruned model)."""
+    run = subprocess.run([sys.executable, "-m", "nirvana_lightning", "fit", "--config",
+                          str(Path(__file__).resolve().parents[1] / "configs/debug/tiny_t5.yaml"), f"--trainer.default_root_dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log_dir = tmp_path / "lightning_logs" / "version_0"
+    for name in ("plan.json", "plan.md", "allocation.json", "summary.json", "summary.md", "export/config.json"):
+        assert (log_dir / name).is_file(), name
+    plan = PruningPlan.from_json((log_dir / "plan.json").read_text())
+    assert plan.provenance["criterion"] == "nirvana" and "cross_attn" in plan.keep
+    summary = json.loads((log_dir / "summary.json").read_text())
+    assert {"validation perplexity", "KL to dense (nats/token)", "params (total)"} <= set(summary["rows"])
+    assert any(k.startswith("nirvana_brown_cloze") for k in summary["rows"])
+    model, _ = load_pruned(log_dir / "export")
+    assert count_parameters(model)["block"] == plan.block_params_after

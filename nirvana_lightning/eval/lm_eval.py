@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..errors import ConfigError, check_positive_int
+from ..families import get_family
 
 _TASK_DIR = Path(__file__).resolve().parent / "tasks"
 
@@ -175,7 +176,7 @@ def run_lm_eval(
     device: str | torch.device | None = None,
     seed: int = 1234,
 ) -> dict[str, dict[str, float]]:
-    """Evaluate an in-memory causal LM with lm-evaluation-harness.
+    """Evaluate an in-memory causal LM (or T5, with lm-eval's seq2seq backend) with lm-evaluation-harness.
 
     The model is wrapped as ``HFLM(pretrained=model)``; nothing is written to or read from disk
     except the task data (offline tasks read the JSONL shipped in the package; standard tasks go
@@ -220,7 +221,11 @@ def run_lm_eval(
         with _preserved_rng(), _quiet_in_memory_warnings():
             # log-probs in float32 whatever the model's dtype: a bf16 log-softmax over a large vocabulary
             # rounds every choice's score and flips close multiple-choice answers
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32)
+            # an encoder-decoder (T5) runs lm-eval's seq2seq backend: the context goes to the encoder, each
+            # choice is scored by the decoder
+            backend = "seq2seq" if get_family(model).is_encoder_decoder else "causal"
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32,
+                      backend=backend)
             out = lm_eval.simple_evaluate(
                 model=lm, tasks=specs, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
                 log_samples=False, bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,

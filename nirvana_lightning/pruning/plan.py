@@ -199,11 +199,13 @@ class PruningPlan:
     # ------------------------------------------------------------- summary
     def table(self) -> str:
         """A per-layer markdown table."""
-        rows = ["| layer | KV groups kept | query heads kept | attention kept | MLP neurons kept | MLP kept |",
-                "|---|---|---|---|---|---|"]
+        cross = "cross_attn" in self.keep  # T5: layers 0..L-1 are encoder blocks, then decoder blocks
+        rows = ["| layer | KV groups kept | query heads kept | attention kept | " + ("cross heads kept | " if cross else "")
+                + "MLP neurons kept | MLP kept |", "|---|---|---|---|---|---|" + ("---|" if cross else "")]
         for r in allocation_rows(self):
+            extra = (f"{r['cross_heads_kept']}/{r['cross_heads']} | " if r["cross_heads"] else "- | ") if cross else ""
             rows.append(f"| {r['layer']} | {r['kv_groups_kept']}/{r['kv_groups']} | "
-                        f"{r['query_heads_kept']}/{r['query_heads']} | {r['attention_kept']:.0%} | "
+                        f"{r['query_heads_kept']}/{r['query_heads']} | {r['attention_kept']:.0%} | {extra}"
                         f"{r['mlp_neurons_kept']}/{r['mlp_neurons']} | {r['mlp_kept']:.0%} |")
         rows.append(f"\nblock weights {self.block_params_before:,} -> {self.block_params_after:,} "
                     f"(sparsity {self.realised_sparsity:.4f})")
