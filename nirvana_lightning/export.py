@@ -50,12 +50,19 @@ def _model_card(model: nn.Module, plan: PruningPlan | None, extra: dict[str, Any
     lines = [
         "---", "library_name: transformers", "tags: [pruned, nirvana-lightning, structured-pruning]", "---", "",
         "# Structurally pruned model (nirvana-lightning)", "",
-        "Pruned with NIRVANA-style structured pruning: whole GQA attention groups and MLP neurons removed.",
+        "Pruned with NIRVANA-style structured pruning: " + (
+            "attention heads (encoder and decoder self-attention, decoder cross-attention) and FFN neurons removed."
+            if model.config.is_encoder_decoder else "whole GQA attention groups and MLP neurons removed."),
     ]
     if extra.get("quantize"):
         lines += [f"Weights quantised with torchao ({extra['quantize']}, `model_int8.pt`): load with "
                   "`nirvana_lightning.load_pruned(path)` (executes no code from this directory); vLLM and "
                   "`trust_remote_code` read the float export only.", ""]
+    elif model.config.is_encoder_decoder:
+        lines += [
+            "Reload without nirvana-lightning: `AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=True)`;",
+            "with it: `nirvana_lightning.load_pruned(path)` (executes no code from this directory).",
+            "No serving engine path (vLLM plugin, GGUF) exists for encoder-decoders here: serve it with transformers.", ""]
     else:
         lines += [
             "Reload without nirvana-lightning: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`;",

@@ -315,3 +315,17 @@ def test_debug_config_prunes_recovers_evaluates_and_exports(tmp_path):
     assert any(k.startswith("nirvana_brown_cloze") for k in summary["rows"])
     model, _ = load_pruned(log_dir / "export")
     assert count_parameters(model)["block"] == plan.block_params_after
+
+
+def test_distillation_reads_the_decoder_outputs_of_the_same_pairs():
+    from nirvana_lightning.recovery.objectives import distillation_loss
+
+    teacher = build_tiny_model("tiny-t5")
+    student = copy.deepcopy(teacher)
+    batch = {"input_ids": IDS, "labels": IDS}
+    same = distillation_loss(student, teacher, batch, alpha=0.5)
+    assert same["n_token"] == IDS.shape[0] * 8 and abs(float(same["kd"])) < 1e-6
+    cut(student, _hand_plan(student))
+    pruned = distillation_loss(student, teacher, batch, alpha=0.5)
+    assert float(pruned["kd"]) > 0.01
+    assert torch.allclose(pruned["lm"], lm_loss(student, batch)[0], rtol=1e-5)
