@@ -262,10 +262,10 @@ def test_iterative_steps_compose_into_the_one_shot_cut(name):
         == composed.keep["self_attn"]
 
 
-def test_kl_selection_runs_and_leaves_the_model_untouched():
+def test_kl_selection_runs_and_leaves_the_model_untouched(name):
     from nirvana_lightning import select_calibration
 
-    model = build_tiny_model("tiny-t5")
+    model = build_tiny_model(name)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(5)
     candidates = [torch.randint(0, 256, (4, 16), generator=gen) for _ in range(2)]
