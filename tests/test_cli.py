@@ -76,14 +76,18 @@ def test_validate_and_print_config(tmp_path):
 
 
 def test_bad_values_fail_fast_naming_the_key(tmp_path):
-    for arg, needle in (("--model.source=nope", "model.source='nope'"),
-                        ("--data.seq_len=-1", "data.seq_len=-1"),
-                        ("--data.sources=[/missing.txt]", "data.sources[0]='/missing.txt'"),
-                        ("--model.recovery=qlora", "qlora")):
-        r = run("fit", "--config", TINY, arg, f"--trainer.default_root_dir={tmp_path / 'x'}", timeout=120)
-        assert r.returncode != 0, arg
-        assert needle in r.stderr, (arg, r.stderr[-2000:])
-        assert not (tmp_path / "x" / "lightning_logs").exists() or not any((tmp_path / "x").rglob("plan.json"))
+    cases = (("--model.source=nope", "model.source='nope'"), ("--data.seq_len=-1", "data.seq_len=-1"),
+             ("--data.sources=[/missing.txt]", "data.sources[0]='/missing.txt'"), ("--model.recovery=qlora", "qlora"))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen([sys.executable, "-m", "nirvana_lightning", "fit", "--config", TINY, arg,
+                               f"--trainer.default_root_dir={tmp_path / str(i)}"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, (arg, _) in enumerate(cases)]  # independent: all at once (most of each is start-up)
+    for i, ((arg, needle), proc) in enumerate(zip(cases, procs)):
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode != 0, arg
+        assert needle in stderr, (arg, stderr[-2000:])
+        assert not (tmp_path / str(i) / "lightning_logs").exists() or not any((tmp_path / str(i)).rglob("plan.json"))
 
 
 def test_resume_from_pruned_checkpoint_does_not_prune_again(tmp_path):

@@ -6,7 +6,7 @@ import signal
 from pathlib import Path
 
 import yaml
-from fit_process import REPO, run_fit
+from fit_process import REPO, run_fit, run_fits
 
 N = 8  # steps; 16 windows / batch 4 = 4 steps per epoch, so the checkpoint after epoch 0 is at N/2
 
@@ -42,9 +42,8 @@ def _losses(metrics: Path) -> dict[int, float]:
 
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
-    straight = run_fit(_config(tmp_path, "straight", kill=False))
+    straight, killed = run_fits((_config(tmp_path, "straight", kill=False),), (_config(tmp_path, "killed", kill=True),))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = run_fit(_config(tmp_path, "killed", kill=True))
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-3000:])
     ckpts = sorted((tmp_path / "killed").rglob("*.ckpt"))
     assert [c.name for c in ckpts] == [f"epoch=0-step={N // 2}.ckpt"]
@@ -68,9 +67,9 @@ def _iterative_config(tmp_path: Path, name: str, kill: bool) -> Path:
 
 
 def test_resume_mid_schedule_continues_the_schedule(tmp_path):
-    straight = run_fit(_iterative_config(tmp_path, "straight", kill=False))
+    straight, killed = run_fits((_iterative_config(tmp_path, "straight", kill=False),),
+                                (_iterative_config(tmp_path, "killed", kill=True),))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = run_fit(_iterative_config(tmp_path, "killed", kill=True))
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-3000:])
     ckpt = next((tmp_path / "killed").rglob("*step=3.ckpt"))
     run_dir = ckpt.parents[1]  # .../version_0/checkpoints/x.ckpt
@@ -95,9 +94,9 @@ def test_lora_checkpoint_holds_adapters_only_and_resumes_exactly(tmp_path):
     import torch
 
     lora = {"recovery": "lora", "lora_dropout": 0.0, "lora_r": 4}
-    straight = run_fit(_config(tmp_path, "straight", kill=False, model=lora))
+    straight, killed = run_fits((_config(tmp_path, "straight", kill=False, model=lora),),
+                                (_config(tmp_path, "killed", kill=True, model=lora),))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = run_fit(_config(tmp_path, "killed", kill=True, model=lora))
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-3000:])
     ckpt = next((tmp_path / "killed").rglob("*.ckpt"))
     saved = torch.load(ckpt, weights_only=True)

@@ -204,16 +204,27 @@ def _serve_env():
         pytest.skip(f"no serving environment at {SERVE_PYTHON} (bash scripts/setup_serving.sh)")
 
 
-def run_engine(engine: str, model: Path, requests: dict, tmp_path: Path) -> dict:
+def start_engine(engine: str, model: Path, requests: dict, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """The engine on ``model`` in the serving environment, started; :func:`finish_engine` collects its report."""
     req, out = tmp_path / f"{engine}-{model.name}.req.json", tmp_path / f"{engine}-{model.name}.out.json"
     req.write_text(json.dumps(requests))
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # vLLM binds its own core
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    proc = subprocess.run([str(SERVE_PYTHON), "-m", "nirvana_lightning.serving.engines", engine, "--model", str(model),
-                           "--requests", str(req), "--out", str(out)], capture_output=True, text=True, env=env,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = subprocess.Popen([str(SERVE_PYTHON), "-m", "nirvana_lightning.serving.engines", engine, "--model",
+                             str(model), "--requests", str(req), "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    return proc, out
+
+
+def finish_engine(started: tuple[subprocess.Popen, Path]) -> dict:
+    proc, out = started
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
     return json.loads(out.read_text())
+
+
+def run_engine(engine: str, model: Path, requests: dict, tmp_path: Path) -> dict:
+    return finish_engine(start_engine(engine, model, requests, tmp_path))
 
 
 EOG = {0, 2}  # <|endoftext|>, <|im_end|>: llama.cpp stops there, like any client of it
@@ -240,25 +251,27 @@ def test_engines_serve_pruned_models_like_transformers(family, tokenizer, tmp_pa
         assert len(set(plan.n_head_after)) > 1 or plan.n_head_after[0] != 2 * plan.n_kv_group_after[0]
     export = save_pruned(model, tokenizer, tmp_path / family, plan)
     reference = reference_greedy(model, PROMPTS, MAX_TOKENS)
-    vllm = run_engine("vllm", export, {"prompts": PROMPTS, "max_tokens": MAX_TOKENS}, tmp_path)
-    got = compare(reference, vllm)
-    assert got["n_compared"] >= len(PROMPTS) * MAX_TOKENS
-    assert all(got["tokens_equal"]), (got, [r["tokens"] for r in vllm["results"]])
-    assert got["max_prompt_logprob_diff"] < 1e-3 and got["max_token_logprob_diff"] < 1e-3, got
-
     if family != "tiny-qwen3":
         assert gguf_architecture(model) == "deci"
-        gguf_model, gguf_plan = model, plan
+        gguf_model, gguf_plan, gguf_reference = model, plan, reference
     else:
         with pytest.raises(ConfigError, match="q/k norms"):
             save_gguf(model, tokenizer, tmp_path / "refused.gguf", plan)
         gguf_model, gguf_plan = _tiny_pruned(family, uniform=True, tokenizer=tokenizer)
         assert gguf_architecture(gguf_model) == "qwen3"
-        reference = reference_greedy(gguf_model, PROMPTS, MAX_TOKENS)
+        gguf_reference = reference_greedy(gguf_model, PROMPTS, MAX_TOKENS)
     gguf = save_gguf(gguf_model, tokenizer, tmp_path / f"{family}-f32.gguf", gguf_plan, dtype="f32")
     assert ("output.weight" in {t.name for t in _read_gguf(gguf)[0].tensors}) != bool(tied)
-    llama = run_engine("llama", gguf, {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "texts": TEXTS}, tmp_path)
-    got = compare(reference, llama, EOG)
+    # the two engines are independent processes: llama.cpp runs on the core vLLM leaves free
+    llama_run = start_engine("llama", gguf, {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "texts": TEXTS}, tmp_path)
+    vllm = run_engine("vllm", export, {"prompts": PROMPTS, "max_tokens": MAX_TOKENS}, tmp_path)
+    llama = finish_engine(llama_run)
+    got = compare(reference, vllm)
+    assert got["n_compared"] >= len(PROMPTS) * MAX_TOKENS
+    assert all(got["tokens_equal"]), (got, [r["tokens"] for r in vllm["results"]])
+    assert got["max_prompt_logprob_diff"] < 1e-3 and got["max_token_logprob_diff"] < 1e-3, got
+
+    got = compare(gguf_reference, llama, EOG)
     assert got["n_compared"] >= sum(len(p) - 1 for p in PROMPTS)
     assert all(got["tokens_equal"]), (got, [r["tokens"] for r in llama["results"]])
     assert got["max_prompt_logprob_diff"] < 1e-3 and got["max_token_logprob_diff"] < 1e-3, got
