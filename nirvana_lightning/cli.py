@@ -48,7 +48,22 @@ class NirvanaCLI(LightningCLI):
             self.model.resume_from(ckpt_path)
 
     def before_fit(self) -> None:
+        self._refuse_sft_for_encoder_decoders()
         self._remember_checkpoint()
+
+    def _refuse_sft_for_encoder_decoders(self) -> None:
+        """Instruction data for T5 fails here, before any model is loaded or pruned (the family refuses it too)."""
+        if getattr(self.datamodule, "task", None) != "sft":
+            return
+        from transformers import AutoConfig
+
+        from .loading import resolve_source
+
+        source = self.model.hparams.source
+        if getattr(AutoConfig.from_pretrained(resolve_source(source)), "is_encoder_decoder", False):
+            raise ConfigError("data.task", "sft", f"'lm' for model.source={source!r}, an encoder-decoder: its pairs "
+                              "split packed windows at a fixed fraction (prefix -> continuation); instruction "
+                              "examples would need a split at each response (not implemented)")
 
     def before_validate(self) -> None:
         self._remember_checkpoint()

@@ -329,3 +329,38 @@ def test_distillation_reads_the_decoder_outputs_of_the_same_pairs():
     pruned = distillation_loss(student, teacher, batch, alpha=0.5)
     assert float(pruned["kd"]) > 0.01
     assert torch.allclose(pruned["lm"], lm_loss(student, batch)[0], rtol=1e-5)
+
+
+def test_static_cache_generation_and_pickling_of_a_cut_model():
+    """Block 0's bias follows the stock key length (a static cache asks for its full length), and a cut model
+    pickles (the head-selecting attention class is importable by name)."""
+    model = build_tiny_model("tiny-t5")
+    plan = _hand_plan(model)
+    kwargs, _ = get_family(model).model_inputs(IDS)
+    generate = lambda m, **kw: m.generate(input_ids=kwargs["input_ids"][:2], max_new_tokens=6,  # noqa: E731
+                                          do_sample=False, **kw)
+    with torch.no_grad(), masked_units(model, plan):
+        want = generate(model)
+    cut(model, plan)
+    with torch.no_grad():
+        assert torch.equal(generate(model, cache_implementation="static"), want)
+    import pickle
+
+    again = pickle.loads(pickle.dumps(model))  # what a spawned process or copy.deepcopy-by-pickle needs
+    assert torch.equal(_outputs(again)[0], _outputs(model)[0])
+
+
+def test_instruction_data_is_refused_before_any_work(tmp_path):
+    """SFT examples (prompt masked with -100) have no place in fixed-fraction pairs: the CLI refuses them before the
+    model loads, the family whenever such labels reach it."""
+    model = build_tiny_model("tiny-t5")
+    labels = IDS.clone()
+    labels[:, :10] = -100
+    with pytest.raises(ConfigError, match="data.task='sft'"):
+        lm_loss(model, {"input_ids": IDS, "labels": labels})
+    run = subprocess.run([sys.executable, "-m", "nirvana_lightning", "fit", "--config",
+                          str(Path(__file__).resolve().parents[1] / "configs/debug/tiny_t5.yaml"), "--data.task=sft",
+                          f"--trainer.default_root_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "data.task='sft'" in run.stderr.strip().splitlines()[-1], run.stderr[-2000:]
+    assert not list(tmp_path.rglob("plan.json"))

@@ -33,10 +33,13 @@ def _linear(template: nn.Linear, in_features: int, out_features: int) -> nn.Line
 
 
 _T5_ATTENTION: dict[str, type] = {}
+#: encoder-decoder model types whose ``Nirvana<Stock>ForConditionalGeneration`` this file builds
+SEQ2SEQ_TYPES = ("t5",)
 
 
 def _t5_attention_class() -> type:
-    """:class:`NirvanaT5Attention`, made from transformers' ``T5Attention`` on first use."""
+    """:class:`NirvanaT5Attention`, made from transformers' ``T5Attention`` on first use (importable by name from
+    this module, so a cut model pickles)."""
     if "cls" not in _T5_ATTENTION:
         from transformers.models.t5.modeling_t5 import T5Attention
 
@@ -44,12 +47,20 @@ def _t5_attention_class() -> type:
             """A ``T5Attention`` holding a subset of the dense model's heads (``nirvana_head_index``: their original
             indices, a list; the config carries it, so it is no buffer a checkpoint would have to hold).
 
-            Changes to the stock forward, nothing else: self-attention receives (or, in block 0, computes from the
-            full relative-bias table) the bias of ALL the dense model's heads, runs the stock forward with the
-            columns of its own heads, and passes the full bias on to the next block, so every block reads its
-            original heads' columns whatever block 0 kept. Cross-attention has no learned bias: it runs the stock
-            forward without one (zeros of its own head count) and passes none on.
+            Changes to the stock class, nothing else: in block 0, ``compute_bias`` computes the bias of ALL the
+            dense model's heads from the full relative-bias table (whatever key length the stock forward asks
+            for: dynamic or static cache) and hands the stock forward its own heads' columns; every
+            self-attention passes the FULL bias on to the next block, and a later block adds the columns of its
+            own original heads, so every block reads its heads' columns whatever block 0 kept. Cross-attention
+            has no learned bias: it runs the stock forward without one (zeros of its own head count) and passes
+            none on.
             """
+
+            def compute_bias(self, query_length, key_length, device=None, past_seen_tokens=0):
+                full = super().compute_bias(query_length, key_length, device=device,
+                                            past_seen_tokens=past_seen_tokens)
+                object.__setattr__(self, "_nirvana_full_bias", full)  # passed on by forward
+                return full[:, self.nirvana_head_index]
 
             def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, cache=None,
                         **kwargs):
@@ -57,16 +68,17 @@ def _t5_attention_class() -> type:
                     out, _, weights = super().forward(hidden_states, mask=mask, key_value_states=key_value_states,
                                                       position_bias=None, cache=cache, **kwargs)
                     return out, None, weights
-                full = position_bias
-                if full is None and self.has_relative_attention_bias:
-                    past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-                    length = hidden_states.shape[1]
-                    full = self.compute_bias(length, length + past, device=hidden_states.device,
-                                             past_seen_tokens=past)
-                own = None if full is None else full[:, self.nirvana_head_index]  # the heads' own bias columns
-                out, _, weights = super().forward(hidden_states, mask=mask, position_bias=own, cache=cache, **kwargs)
-                return out, full, weights
+                if position_bias is not None:  # the full bias block 0 passed on: this block's own columns
+                    out, _, weights = super().forward(hidden_states, mask=mask,
+                                                      position_bias=position_bias[:, self.nirvana_head_index],
+                                                      cache=cache, **kwargs)
+                    return out, position_bias, weights
+                out, _, weights = super().forward(hidden_states, mask=mask, position_bias=None, cache=cache, **kwargs)
+                # block 0: the full bias compute_bias made; a block without a table passes none (zeros otherwise)
+                return out, self.__dict__.pop("_nirvana_full_bias", None), weights
 
+        NirvanaT5Attention.__module__ = __name__
+        NirvanaT5Attention.__qualname__ = "NirvanaT5Attention"
         _T5_ATTENTION["cls"] = NirvanaT5Attention
     return _T5_ATTENTION["cls"]
 
@@ -79,7 +91,7 @@ def head_selecting(attn: nn.Module, head_index: list[int]) -> None:
     attn.inner_dim = attn.n_heads * attn.key_value_proj_dim
 
 
-def _resize_t5_(model: nn.Module, widths: dict) -> None:
+def _resize_t5_(model: nn.Module, widths: dict, config) -> None:
     for stack_name in ("encoder", "decoder"):
         blocks, entry = getattr(model, stack_name).block, widths[stack_name]
         keys = ("num_heads", "head_index", "d_ff") + (("cross_num_heads",) if stack_name == "decoder" else ())
@@ -91,9 +103,12 @@ def _resize_t5_(model: nn.Module, widths: dict) -> None:
             attentions = [(block.layer[0].SelfAttention, entry["head_index"][i])]
             if stack_name == "decoder":
                 attentions.append((block.layer[1].EncDecAttention, list(range(entry["cross_num_heads"][i]))))
-            if len(entry["head_index"][i]) != entry["num_heads"][i]:
-                raise ValueError(f"{WIDTHS_KEY}[{stack_name!r}] block {i}: {len(entry['head_index'][i])} head "
-                                 f"indices for {entry['num_heads'][i]} heads")
+            index = entry["head_index"][i]
+            if len(index) != entry["num_heads"][i] or not index or list(index) != sorted(set(index)) \
+                    or index[0] < 0 or index[-1] >= config.num_heads:
+                raise ValueError(f"{WIDTHS_KEY}[{stack_name!r}] block {i}: head_index {index} is not "
+                                 f"{entry['num_heads'][i]} sorted, distinct heads of the dense model's "
+                                 f"{config.num_heads}")
             for attn, index in attentions:
                 inner, hidden = len(index) * attn.key_value_proj_dim, attn.q.in_features
                 for name in ("q", "k", "v"):
@@ -113,7 +128,7 @@ def resize_layers_(model: nn.Module, config) -> None:
     if not widths:
         return
     if getattr(config, "model_type", None) == "t5":
-        _resize_t5_(model, widths)
+        _resize_t5_(model, widths, config)
         return
     layers = model.model.layers
     for key in ("num_key_value_heads", "num_attention_heads", "intermediate_size"):
@@ -169,7 +184,11 @@ def pruned_class(model_type: str) -> type:
 def __getattr__(name: str) -> type:
     """``NirvanaLlamaForCausalLM``, ``NirvanaGemma3ForCausalLM``, ...: the names an export's ``auto_map`` gives
     (PEP 562: built on first use from the stock class of the same name)."""
+    if name == "NirvanaT5Attention":
+        return _t5_attention_class()
     stock = getattr(transformers, name[len("Nirvana"):], None) if name.startswith("Nirvana") else None
-    if isinstance(stock, type) and name.endswith(("ForCausalLM", "ForConditionalGeneration")):
+    seq2seq = isinstance(stock, type) and name.endswith("ForConditionalGeneration") and \
+        getattr(getattr(stock, "config_class", None), "model_type", None) in SEQ2SEQ_TYPES
+    if isinstance(stock, type) and (name.endswith("ForCausalLM") or seq2seq):
         return pruned_class_of(stock)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -187,6 +187,10 @@ class T5Family(ModelFamily):
                      labels: torch.Tensor | None = None) -> tuple[dict, torch.Tensor | None]:
         """Prefix -> continuation: the encoder reads ``input_ids[:, :P]``, the decoder reads the continuation
         shifted right after the decoder start token and predicts it; the aligned labels are ``labels[:, P:]``."""
+        if labels is not None and bool((labels == -100).any()):
+            raise ConfigError("data.task", "sft", "'lm' for an encoder-decoder (t5): its pairs split packed windows "
+                              "at a fixed fraction, and instruction examples (prompt masked with -100) would need a "
+                              "split at each response instead (not implemented)")
         p = self.split(input_ids.shape[1])
         target = input_ids[:, p:]
         start = torch.full_like(target[:, :1], int(self.config.decoder_start_token_id))

@@ -146,12 +146,13 @@ def _select_lowest(scores: list[torch.Tensor], protected: list[torch.Tensor], n_
 
 
 def _blame_guard(n_remove: int, protected: list[torch.Tensor], scores: list[torch.Tensor], skip: set[int],
-                 key: str, value: int, kind: str) -> None:
-    """When a guard setting (round_to, tp_size), not the sparsity, makes the target unreachable, name that setting."""
+                 key: str, value: int, kind: str, layer_of: Sequence[int] | None = None) -> None:
+    """When a guard setting (round_to, tp_size), not the sparsity, makes the target unreachable, name that setting.
+    ``layer_of``: the layer of each entry of ``scores`` (several attention blocks per layer), default the index."""
     removable = sum(int((~p).sum()) for p in protected)
     without_guard = sum(s.numel() - 1 for i, s in enumerate(scores) if i not in skip)
     if removable < n_remove <= without_guard:
-        narrow = min((s.numel(), i) for i, s in enumerate(scores) if i not in skip)
+        narrow = min((s.numel(), layer_of[i] if layer_of else i) for i, s in enumerate(scores) if i not in skip)
         raise ConfigError(key, value, f"a smaller value: it keeps at least {value} {kind} in every layer (the "
                                       f"narrowest has {narrow[0]}, layer {narrow[1]}), leaving {removable} removable "
                                       f"where the sparsity target needs {n_remove}")
@@ -303,6 +304,8 @@ def allocate(
     if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
         raise ConfigError("target.tp_size", tp_size, "a tensor-parallel degree >= 1")
     n_layer = len(mlp_scores)
+    if attention_layers is None and len(attention_scores) != n_layer:
+        raise ValueError(f"{len(attention_scores)} layers of attention scores but {n_layer} of MLP scores")
     layer_of = list(range(len(attention_scores))) if attention_layers is None else list(attention_layers)
     if len(layer_of) != len(attention_scores) or any(not 0 <= i < n_layer for i in layer_of):
         raise ValueError(f"{len(attention_scores)} attention score segments for layers {layer_of} of {n_layer} "
@@ -356,7 +359,7 @@ def allocate(
                 raise ValueError(f"removal counts must be >= 0, got {counts}")
             p_attn = Fraction(n_attn_remove, max(1, n_attn_prunable))
             p_mlp = Fraction(n_mlp_remove, max(1, n_mlp_prunable))
-        _blame_guard(n_attn_remove, attn_protect, attention_scores, attn_skip, "target.tp_size", tp_size, kind)
+        _blame_guard(n_attn_remove, attn_protect, attention_scores, attn_skip, "target.tp_size", tp_size, kind, layer_of)
         _blame_guard(n_mlp_remove, mlp_protect, mlp_scores, skip, "target.round_to", round_to, "MLP neurons")
         attn_remove = _select_lowest(attention_scores, attn_protect, n_attn_remove, kind)
         mlp_remove = _select_lowest(mlp_scores, mlp_protect, n_mlp_remove, "MLP neurons")

@@ -45,6 +45,8 @@ def check_plan_matches(model: nn.Module, plan: PruningPlan, family: ModelFamily 
                 raise ValueError(f"plan layer {i} expects units {want}; the model has "
                                  f"{ {name: kind.n_units for name, kind in kinds.items()} }")
             continue
+        if set(kinds) != set(plan.keep):
+            raise ValueError(f"plan layer {i} has unit kinds {sorted(plan.keep)}; the model's are {sorted(kinds)}")
         have = family.layer_widths(layer)
         want = (plan.n_kv_group_before[i], plan.n_head_before[i], plan.mlp_dim_before[i])
         if have != want:
