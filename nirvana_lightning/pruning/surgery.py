@@ -36,22 +36,26 @@ def check_plan_matches(model: nn.Module, plan: PruningPlan, family: ModelFamily 
         raise ValueError(f"plan has {plan.n_layer} layers, the model {len(layers)}")
     if plan.head_dim != family.head_dim:
         raise ValueError(f"plan head_dim={plan.head_dim}; model head_dim={family.head_dim}")
-    for i, layer in enumerate(layers):
-        kinds = family.unit_kinds(layer, plan.granularity)
-        if family.is_encoder_decoder:
-            have = {name: kinds[name].n_units if name in kinds else 0 for name in plan.keep}
-            want = {name: plan.width_before[name][i] for name in plan.keep}
-            if have != want or set(kinds) - set(plan.keep):
-                raise ValueError(f"plan layer {i} expects units {want}; the model has "
-                                 f"{ {name: kind.n_units for name, kind in kinds.items()} }")
-            continue
-        if set(kinds) != set(plan.keep):
-            raise ValueError(f"plan layer {i} has unit kinds {sorted(plan.keep)}; the model's are {sorted(kinds)}")
-        have = family.layer_widths(layer)
-        want = (plan.n_kv_group_before[i], plan.n_head_before[i], plan.mlp_dim_before[i])
-        if have != want:
-            raise ValueError(f"plan layer {i} expects {want[0]} KV groups, {want[1]} query heads and {want[2]} MLP "
-                             f"neurons; the model has {have[0]}, {have[1]} and {have[2]}")
+    per_layer = [family.unit_kinds(layer, plan.granularity) for layer in layers]
+    model_kinds = {name for kinds in per_layer for name in kinds}  # a kind some layers lack: width 0 there
+    if set(plan.keep) != model_kinds:
+        raise ValueError(f"plan has unit kinds {sorted(plan.keep)}; the model's are {sorted(model_kinds)}")
+
+    def units(widths: dict[str, int], heads: int) -> str:
+        return ", ".join(f"{n} {_UNIT_NAMES.get(k, k)}" for k, n in widths.items()) + f", {heads} query heads"
+
+    for i, (layer, kinds) in enumerate(zip(layers, per_layer)):
+        have = {name: kinds[name].n_units if name in kinds else 0 for name in plan.keep}
+        want = {name: plan.width_before[name][i] for name in plan.keep}
+        heads = family.layer_widths(layer)[1]
+        if have != want or heads != plan.n_head_before[i]:
+            raise ValueError(f"plan layer {i} expects {units(want, plan.n_head_before[i])}; the model has "
+                             f"{units(have, heads)}")
+
+
+#: how errors name the unit kinds
+_UNIT_NAMES = {"self_attn": "self-attention KV groups", "q_head": "query-head units", "cross_attn": "cross-attention heads",
+               "mlp": "MLP neurons"}
 
 
 def _slice_linear_(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
