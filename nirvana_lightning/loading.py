@@ -206,27 +206,28 @@ def load_model(source: str, dtype: str = "float32", *, cache_dir: str | Path | N
 
     check_choice("model.dtype", dtype, DTYPES)
     path = resolve_source(source, cache_dir)
-    config = None if is_pruned_export(path) else AutoConfig.from_pretrained(path)
-    auto = auto_model_class(config) if config is not None else None  # T5: AutoModelForSeq2SeqLM
+    pruned = is_pruned_export(path)  # a save_pruned directory: per-layer widths, our classes (no remote code)
     if device is not None and torch.device(device).type == "meta":  # shapes only: the weights come from elsewhere
         config = AutoConfig.from_pretrained(path)
         with torch.device("meta"):
-            if is_pruned_export(path):
+            if pruned:
                 from .families import remote_modeling
 
                 model = remote_modeling.pruned_class(config.model_type)(config).to(DTYPES[dtype])
             else:
                 model = auto_model_class(config).from_config(config, dtype=DTYPES[dtype])
-    elif is_pruned_export(path):  # a save_pruned directory: per-layer widths, our classes (no remote code)
+    elif pruned:
         from .export import load_pruned
 
         model, _ = load_pruned(path, dtype=dtype)
         if device is not None:
             model.to(device)
-    elif device is not None and torch.device(device).type != "cpu":
-        model = auto.from_pretrained(path, dtype=DTYPES[dtype], device_map={"": str(device)})
     else:
-        model = auto.from_pretrained(path, dtype=DTYPES[dtype])
+        config = AutoConfig.from_pretrained(path)
+        placement = {"device_map": {"": str(device)}} if device is not None and torch.device(device).type != "cpu" \
+            else {}
+        # T5: AutoModelForSeq2SeqLM; the config read once is handed over
+        model = auto_model_class(config).from_pretrained(path, config=config, dtype=DTYPES[dtype], **placement)
     if source in EMBEDDED_MODELS or source in TINY_CONFIGS:
         # plans, model cards and exports record the source as the user named it, not a path in their cache
         model.config._name_or_path = source

@@ -290,6 +290,7 @@ class ModelFamily:
             kwargs["attention_mask"] = attention_mask
         if labels is None:
             return kwargs, None
+        # -100: data.sft.IGNORE_INDEX, the label losses skip (families stay importable without Lightning)
         return kwargs, torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -306,10 +307,11 @@ class ModelFamily:
 
     # --------------------------------------------------------------- LoRA roles
     def lora_target_modules(self, roles: list[str] | tuple[str, ...] = ROLES) -> list[str]:
-        """HF module names for the given roles, as peft's ``target_modules`` expects."""
+        """HF module names for the given roles, as peft's ``target_modules`` expects (each name once: T5 v1.0's
+        gate and up are the same module)."""
         from ..errors import check_choice
 
-        return [self.role_names[check_choice("recovery.lora_targets", r, ROLES)] for r in roles]
+        return list(dict.fromkeys(self.role_names[check_choice("recovery.lora_targets", r, ROLES)] for r in roles))
 
     # ------------------------------------------------------------------ surgery
     #: config attribute carrying per-layer widths after pruning (stock configs have one global value)

@@ -100,15 +100,15 @@ def _resize_t5_(model: nn.Module, widths: dict, config) -> None:
                 raise ValueError(f"{WIDTHS_KEY}[{stack_name!r}][{key!r}] has {len(entry[key])} entries for "
                                  f"{len(blocks)} blocks")
         for i, block in enumerate(blocks):
-            attentions = [(block.layer[0].SelfAttention, entry["head_index"][i])]
-            if stack_name == "decoder":
-                attentions.append((block.layer[1].EncDecAttention, list(range(entry["cross_num_heads"][i]))))
-            index = entry["head_index"][i]
-            if len(index) != entry["num_heads"][i] or not index or list(index) != sorted(set(index)) \
-                    or index[0] < 0 or index[-1] >= config.num_heads:
-                raise ValueError(f"{WIDTHS_KEY}[{stack_name!r}] block {i}: head_index {index} is not "
+            heads = entry["head_index"][i]
+            if len(heads) != entry["num_heads"][i] or not heads or list(heads) != sorted(set(heads)) \
+                    or heads[0] < 0 or heads[-1] >= config.num_heads:
+                raise ValueError(f"{WIDTHS_KEY}[{stack_name!r}] block {i}: head_index {heads} is not "
                                  f"{entry['num_heads'][i]} sorted, distinct heads of the dense model's "
                                  f"{config.num_heads}")
+            attentions = [(block.layer[0].SelfAttention, heads)]
+            if stack_name == "decoder":
+                attentions.append((block.layer[1].EncDecAttention, list(range(entry["cross_num_heads"][i]))))
             for attn, index in attentions:
                 inner, hidden = len(index) * attn.key_value_proj_dim, attn.q.in_features
                 for name in ("q", "k", "v"):

@@ -51,6 +51,11 @@ class T5Family(ModelFamily):
     role_names: ClassVar[dict[str, str]] = {"q": "q", "k": "k", "v": "v", "o": "o", "gate": "wi_0", "up": "wi_1",
                                             "down": "wo"}
 
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        if not self.config.is_gated_act:  # v1.0: one input projection `wi` (LoRA's gate and up both name it)
+            self.role_names = {**self.role_names, "gate": "wi", "up": "wi"}
+
     # ----------------------------------------------------------------- structure
     def layers(self) -> list[nn.Module]:
         """Encoder blocks, then decoder blocks."""
@@ -59,10 +64,6 @@ class T5Family(ModelFamily):
     @property
     def n_layer(self) -> int:
         return len(self.model.encoder.block) + len(self.model.decoder.block)
-
-    @property
-    def n_encoder_layer(self) -> int:
-        return len(self.model.encoder.block)
 
     @staticmethod
     def is_decoder_layer(layer: nn.Module) -> bool:
@@ -90,10 +91,7 @@ class T5Family(ModelFamily):
             return getattr(layer.layer[1].EncDecAttention, role[len("cross_"):])
         if role in ATTENTION_ROLES:
             return getattr(layer.layer[0].SelfAttention, role)
-        ffn = layer.layer[-1].DenseReluDense
-        if not self.config.is_gated_act:
-            return {"up": ffn.wi, "down": ffn.wo}[role]
-        return getattr(ffn, self.role_names[role])
+        return getattr(layer.layer[-1].DenseReluDense, self.role_names[role])
 
     def block_linears(self):
         for i, layer in enumerate(self.layers()):
@@ -142,9 +140,7 @@ class T5Family(ModelFamily):
             head_selecting(attn, [before[j] for j in keep[name]])
 
     def set_layer_widths(self, layer: nn.Module, *_widths) -> None:
-        for attn in self.attention_modules(layer).values():
-            attn.n_heads = attn.q.weight.shape[0] // attn.key_value_proj_dim
-            attn.inner_dim = attn.q.weight.shape[0]
+        """Nothing left to do: :meth:`after_cut` gave every attention its head count (``head_selecting``)."""
 
     def record_layer_widths(self, _widths=None) -> None:
         """Per stack and block: self-attention heads and their original indices, cross-attention heads (decoder),
@@ -217,21 +213,3 @@ class T5Family(ModelFamily):
     def lm_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
         kwargs, labels = self.model_inputs(input_ids, labels=input_ids)
         return self.model(**kwargs, labels=labels, use_cache=False).loss
-
-    # --------------------------------------------------------------- LoRA roles
-    def lora_target_modules(self, roles=("q", "k", "v", "o", "gate", "up", "down")) -> list[str]:
-        """Module names for peft: ``q``/``k``/``v``/``o`` match self- and cross-attention of both stacks; the FFN
-        roles are ``wi_0``/``wi_1``/``wo`` (gated) or ``wi``/``wo`` (v1.0)."""
-        from ..errors import check_choice
-        from .base import ROLES
-
-        names = []
-        for role in roles:
-            check_choice("recovery.lora_targets", role, ROLES)
-            if not self.config.is_gated_act and role in ("gate", "up"):
-                name = "wi"
-            else:
-                name = self.role_names[role]
-            if name not in names:
-                names.append(name)
-        return names

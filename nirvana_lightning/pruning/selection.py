@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.sft import IGNORE_INDEX
 from ..errors import ConfigError
 from ..families import get_family, unwrap_model
 from .api import make_plan
@@ -149,7 +150,7 @@ def mean_token_kl(model: nn.Module, probe: torch.Tensor, dense_logprobs: list[to
             p = flat_dense[s:s + token_chunk].to(q.device)
             kl_sum += float((p.exp() * (p - q)).sum())
             n_kl += q.shape[0]
-        scored = aligned != -100  # the positions that predict a token (all but the last of a causal window)
+        scored = aligned != IGNORE_INDEX  # the positions that predict a token (all but the last of a causal window)
         targets = aligned[scored]
         nll = nn.functional.cross_entropy(logits[scored].float(), targets, reduction="sum")
         nll_sum += float(nll)

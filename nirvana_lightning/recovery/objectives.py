@@ -40,16 +40,14 @@ def _head_as_identity(head: nn.Module) -> Iterator[None]:
             head.forward = previous
 
 
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, nn.Module]:
-    """Final hidden states through the model's own forward, and its LM head module: ``(B, T, H)`` for a causal
-    LM; for an encoder-decoder (T5) the decoder's, one per predicted token of the family's pairs
-    (:meth:`~nirvana_lightning.families.base.ModelFamily.model_inputs`)."""
+def hidden_states(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, nn.Module]:
+    """Final hidden states through the model's own forward on ``inputs`` (the keyword arguments
+    :meth:`~nirvana_lightning.families.base.ModelFamily.model_inputs` builds), and its LM head module: ``(B, T, H)``
+    for a causal LM; for an encoder-decoder (T5) the decoder's, one per predicted token of the family's pairs."""
     family = get_family(model)
     head = family.lm_head()
-    kwargs, _ = family.model_inputs(input_ids, attention_mask)
     with _head_as_identity(head), family.raw_logits():
-        out = model(**kwargs, use_cache=False)
+        out = model(**inputs, use_cache=False)
     hidden = out.logits if hasattr(out, "logits") else out[0]
     if hidden.shape[-1] != head.in_features:
         raise RuntimeError(f"{type(model).__name__} applies something after its LM head; the chunked loss "
@@ -70,13 +68,11 @@ def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
-                    chunk: int = DEFAULT_CHUNK, cap: float | None = None, *, shift: bool = True
-                    ) -> tuple[torch.Tensor, int]:
-    """``(sum of NLL, number of labelled tokens)`` from hidden states, ``chunk`` positions at a time: next-token
-    (``hidden[:, t]`` predicts ``labels[:, t + 1]``) or, with ``shift=False``, labels already aligned with the
-    positions (``ModelFamily.model_inputs``)."""
-    h = (hidden[:, :-1] if shift else hidden).reshape(-1, hidden.shape[-1])
-    y = (labels[:, 1:] if shift else labels).reshape(-1).to(h.device)
+                    chunk: int = DEFAULT_CHUNK, cap: float | None = None) -> tuple[torch.Tensor, int]:
+    """``(sum of NLL, number of labelled tokens)`` from hidden states, ``chunk`` positions at a time; ``labels``
+    are aligned with the positions (``hidden[:, t]`` predicts ``labels[:, t]``: ``ModelFamily.model_inputs``)."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1).to(h.device)
     keep = y != IGNORE_INDEX
     h, y = h[keep], y[keep]
     total = h.new_zeros((), dtype=torch.float32)
@@ -89,9 +85,9 @@ def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
 def lm_loss(model: nn.Module, batch: dict, chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, int]:
     """Mean next-token loss over labelled tokens and their number (NaN when none is labelled, as in HF)."""
     family = get_family(model)
-    hidden, head = hidden_states(model, batch["input_ids"], batch.get("attention_mask"))
-    _, labels = family.model_inputs(batch["input_ids"], batch.get("attention_mask"), batch["labels"])
-    total, n = chunked_lm_loss(hidden, head, labels, chunk, family.logit_softcap, shift=False)
+    inputs, labels = family.model_inputs(batch["input_ids"], batch.get("attention_mask"), batch["labels"])
+    hidden, head = hidden_states(model, inputs)
+    total, n = chunked_lm_loss(hidden, head, labels, chunk, family.logit_softcap)
     return total / n if n else total * float("nan"), n
 
 
@@ -118,12 +114,12 @@ def distillation_loss(model: nn.Module, teacher: nn.Module, batch: dict, *, temp
     Returns:
         ``{"loss", "kd", "lm" (None when alpha is 1), "n_token"}``.
     """
-    ids, mask = batch["input_ids"], batch.get("attention_mask")
-    hidden, head = hidden_states(model, ids, mask)
+    # one view of the batch for both (the teacher is the student's family): positions and the labels they predict
+    inputs, labels = get_family(model).model_inputs(batch["input_ids"], batch.get("attention_mask"), batch["labels"])
+    hidden, head = hidden_states(model, inputs)
     teacher_device = next(teacher.parameters()).device
     with torch.no_grad():
-        t_hidden, t_head = hidden_states(teacher, ids.to(teacher_device), None if mask is None else mask.to(teacher_device))
-    _, labels = get_family(model).model_inputs(ids, mask, batch["labels"])  # aligned with the positions
+        t_hidden, t_head = hidden_states(teacher, {k: v.to(teacher_device) for k, v in inputs.items()})
     y = labels.reshape(-1).to(hidden.device)
     keep = y != IGNORE_INDEX
     h = hidden.reshape(-1, hidden.shape[-1])[keep]
