@@ -36,6 +36,67 @@ def dir_mode() -> int:
     return 0o777 & ~_UMASK
 
 
+class PathLocked(OSError):
+    """Another live process holds the lock of this path."""
+
+
+class PathLock:
+    """An advisory lock next to ``path`` (``.<name>.lock``, ``flock``): held by a live process only.
+
+    The kernel drops the lock when its process dies (SIGKILL and power loss included), so a stale lock
+    file never blocks anyone; the file itself stays (an empty marker) and records the holder's pid.
+
+    Args:
+        path: the file or directory the lock guards (it need not exist yet).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.lock_file = self.path.parent / f".{self.path.name}.lock"
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, *, wait: bool = True) -> PathLock:
+        """Take the lock; ``wait=False`` raises :class:`PathLocked` (naming the holder's pid) when it is taken."""
+        import fcntl
+
+        if self._fd is not None:
+            return self
+        self.lock_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise PathLocked(errno.EBUSY, f"{self.path} is claimed by another running process (pid {holder}, "
+                                          f"lock {self.lock_file})") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> PathLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __getstate__(self) -> dict:  # a pickled copy (a checkpointed callback) holds no lock
+        return {"path": self.path, "lock_file": self.lock_file, "_fd": None}
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """A temporary path next to ``path``, renamed onto it when the block succeeds (removed when it fails):

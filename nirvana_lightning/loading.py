@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from .debug_models import TINY_CONFIGS, build_tiny_model
 from .errors import ConfigError, check_choice
-from .io import write_dir_atomic
+from .io import PathLock, write_dir_atomic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -110,13 +110,12 @@ def resolve_source(source: str, cache_dir: str | Path | None = None) -> str:
 
 
 def _write_cache_dir(target: Path, write) -> Path:
-    """Write a cache directory atomically; losing a race to another process that finished is fine."""
-    try:
+    """Write a cache directory atomically, once: processes building the same one (DDP ranks, parallel study
+    cells) wait for the first, then read what it wrote."""
+    with PathLock(target):
+        if (target / "config.json").is_file():
+            return target
         return write_dir_atomic(target, write)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-        return target
 
 
 def build_tiny_directory(name: str, cache_dir: str | Path | None = None) -> Path:

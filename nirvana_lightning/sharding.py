@@ -19,6 +19,8 @@ callbacks need no change; the export gathers a full state dict on rank 0 (:func:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -110,20 +112,74 @@ def check_strategy(strategy, callbacks=()) -> None:
                               "would bypass the gathering of shards); measure the export's speed instead")
 
 
+#: torch.distributed calls that need every rank: inside a rank-0 region they would wait forever (NCCL: until
+#: the process group's timeout) or pair with an unrelated collective of the other ranks
+COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_object", "all_reduce", "all_to_all", "barrier",
+               "broadcast", "broadcast_object_list", "gather", "gather_object", "monitored_barrier", "reduce",
+               "reduce_scatter", "reduce_scatter_tensor", "scatter", "scatter_object_list")
+
+
+class CollectiveInRankZeroRegion(RuntimeError):
+    """A collective was called inside :func:`on_rank_zero`'s ``make`` (only rank 0 runs it)."""
+
+
+@contextlib.contextmanager
+def forbid_collectives(what: str, strategy=None):
+    """Make every collective raise :class:`CollectiveInRankZeroRegion` while the block runs (on this process).
+
+    Covers ``torch.distributed``'s collectives (module attributes and the c10d module's own names, which
+    ``broadcast_object_list`` and friends call) and the Lightning strategy's ``broadcast`` / ``barrier`` /
+    ``all_gather`` / ``reduce`` (``trainer.log_dir`` is such a broadcast).
+    """
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    def refuse(name):
+        def call(*_args, **_kwargs):
+            raise CollectiveInRankZeroRegion(
+                f"{name}() called inside the rank-0 region of {what}: only rank 0 runs it, so the other ranks "
+                "would never join the collective (read such values before the region, or after its broadcast)")
+        return call
+
+    missing = object()
+    patched = []  # (owner, name, what to restore: the module attribute, or the instance's own / missing)
+    for owner in (dist, distributed_c10d):
+        patched += [(owner, name, getattr(owner, name)) for name in COLLECTIVES if hasattr(owner, name)]
+    if strategy is not None:
+        patched += [(strategy, name, vars(strategy).get(name, missing))
+                    for name in ("broadcast", "barrier", "all_gather", "reduce") if hasattr(strategy, name)]
+    try:
+        for owner, name, _ in patched:
+            prefix = "strategy" if owner is strategy else "torch.distributed"
+            setattr(owner, name, refuse(f"{prefix}.{name}"))
+        yield
+    finally:
+        for owner, name, original in reversed(patched):
+            if original is missing:  # the instance attribute shadowed the class's method: remove it
+                vars(owner).pop(name, None)
+            else:
+                setattr(owner, name, original)
+
+
 def on_rank_zero(trainer, make, *, what: str):
     """``make()`` on global rank 0 only, its (picklable) result broadcast to every rank (a collective).
 
-    An exception on rank 0 is sent to the others, so no rank waits forever; rank 0 re-raises its own,
-    the others raise a RuntimeError naming it (a ConfigError keeps its key, value and choices).
+    ``make`` may not call a collective (``trainer.log_dir`` included): while it runs, every collective raises
+    :class:`CollectiveInRankZeroRegion` on rank 0 at once, and that error reaches every rank through the one
+    broadcast below, so a hidden collective fails loudly everywhere instead of hanging. An exception on
+    rank 0 is sent to the others, so no rank waits forever; rank 0 re-raises its own, the others raise a
+    RuntimeError naming it (a ConfigError keeps its key, value and choices).
     """
     from .errors import ConfigError
 
     if trainer.world_size <= 1:
-        return make()
+        with forbid_collectives(what, trainer.strategy):  # the same rule single-process: found before a DDP run
+            return make()
     payload, error = None, None
     if trainer.global_rank == 0:
         try:
-            payload = {"value": make()}
+            with forbid_collectives(what, trainer.strategy):
+                payload = {"value": make()}
         except ConfigError as err:
             error, payload = err, {"config_error": [err.key, err.value, err.expected]}
         except Exception as err:  # noqa: BLE001 - sent to the other ranks, then re-raised here

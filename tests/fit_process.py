@@ -9,14 +9,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_fit(config: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_fit(config: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run the CLI with ``config``; the test helpers in tests/ (rank_record, kill_after) are importable."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "nirvana_lightning", "fit", "--config", str(config), *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def run_fits(*runs: tuple, timeout: int = 600) -> list[subprocess.CompletedProcess]:
+def run_fits(*runs: tuple, timeout: int = 900) -> list[subprocess.CompletedProcess]:
     """Several independent ``run_fit(config, *extra)`` at once (``runs``: ``(config, *extra)`` tuples): the
     machine has 2 cores and most of a tiny run is its interpreter start-up, so a pair takes the time of one."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "PYTHONWARNINGS": "ignore"}

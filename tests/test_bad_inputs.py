@@ -323,7 +323,7 @@ def test_cli_bad_input_exits_2_with_one_line(case, args, pattern, tmp_path, caps
 def test_cli_bad_input_in_a_fresh_process(tmp_path):
     """The installed command path: ``python -m nirvana_lightning`` exits 2 with the one line last, no traceback."""
     proc = subprocess.run([sys.executable, "-m", "nirvana_lightning", *_cli_args(["--model.lr=-1"], tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert proc.stderr.strip().splitlines()[-1].startswith("nirvana-lightning: error: model.lr=-1.0 is invalid")
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

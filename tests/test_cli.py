@@ -84,7 +84,7 @@ def test_bad_values_fail_fast_naming_the_key(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i, (arg, _) in enumerate(cases)]  # independent: all at once (most of each is start-up)
     for i, ((arg, needle), proc) in enumerate(zip(cases, procs)):
-        _, stderr = proc.communicate(timeout=300)
+        _, stderr = proc.communicate(timeout=900)
         assert proc.returncode != 0, arg
         assert needle in stderr, (arg, stderr[-2000:])
         assert not (tmp_path / str(i) / "lightning_logs").exists() or not any((tmp_path / str(i)).rglob("plan.json"))

@@ -21,7 +21,7 @@ def _ddp_run(tmp_path: Path, trainer: dict | None = None, model: dict | None = N
     cfg["model"].update(model or {})
     config = tmp_path / "ddp.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    r = run_fit(config, timeout=300)
+    r = run_fit(config, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return cfg, rank_records(tmp_path)
 

@@ -21,7 +21,7 @@ def figures(tmp_path_factory) -> dict:
            "PYTHON": sys.executable}  # the interpreter running the tests (CI's is .venv-ci, not .venv)
     out = tmp / "figures.json"
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--small", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=1800)  # a hang guard only
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, f"one JSON line expected on stdout, got:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     result = json.loads(lines[0])
@@ -44,6 +44,10 @@ def test_sparsity_is_realised(figures):
     assert s["measured_block"] == pytest.approx(s["realised"], abs=1e-6)
     assert figures["params_after"] < figures["params_before"]
     assert isinstance(figures["scoring"]["seconds"], float)
+    # seconds are reported, never a goal of the CPU check (it must pass on a slow, busy machine)
+    assert isinstance(figures["core_seconds"], float)
+    assert "core_seconds" not in figures["goals"] and "total_seconds" not in figures["goals"], figures["goals"]
+    assert not any(g["goal"].startswith("<=") and "seconds" in name for name, g in figures["goals"].items())
 
 
 def test_lora_ran_with_finite_losses(figures):

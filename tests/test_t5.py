@@ -194,7 +194,7 @@ for name in {SEQ2SEQ_TINY!r}:
                                max_new_tokens=6, do_sample=False))
 torch.save(out, {str(tmp_path / "out.pt")!r})
 """
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     for name, (logits, tokens) in refs.items():
@@ -360,7 +360,7 @@ def test_instruction_data_is_refused_before_any_work(tmp_path):
         lm_loss(model, {"input_ids": IDS, "labels": labels})
     run = subprocess.run([sys.executable, "-m", "nirvana_lightning", "fit", "--config",
                           str(Path(__file__).resolve().parents[1] / "configs/debug/tiny_t5.yaml"), "--data.task=sft",
-                          f"--trainer.default_root_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+                          f"--trainer.default_root_dir={tmp_path}"], capture_output=True, text=True, timeout=900)
     assert run.returncode != 0
     assert "data.task='sft'" in run.stderr.strip().splitlines()[-1], run.stderr[-2000:]
     assert not list(tmp_path.rglob("plan.json"))

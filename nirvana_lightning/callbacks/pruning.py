@@ -231,6 +231,7 @@ class NirvanaPruningCallback(L.Callback):
         """On rank 0 only (inside :meth:`_on_rank_zero`, so an error here, out of memory included, reaches the
         other ranks); they do not move their model, the strategy places it for training."""
         self.scored_on_this_rank += 1
+        self.selection_result = None
         if scoring.device is None:
             model.to(trainer.strategy.root_device)
         try:
@@ -324,10 +325,15 @@ class NirvanaPruningCallback(L.Callback):
         ``DDPStrategy(timeout=...)``) must exceed it.
         """
         def payload() -> dict:
-            return {"plan": make().to_dict(), "deltas": getattr(self, "_deltas", None)}
+            plan = make()
+            return {"plan": plan.to_dict(), "deltas": getattr(self, "_deltas", None),
+                    "selection": self.selection_result}
 
         out = on_rank_zero(trainer, payload, what="pruning")
         self._deltas = out["deltas"]  # bias compensation's, identical on every rank
+        self.selection_result = out["selection"]
+        if self.selection_result is not None:  # logged and written outside the rank-0 region (log_dir broadcasts)
+            self._publish_selection(trainer, self.selection_result)
         return PruningPlan.from_dict(out["plan"])
 
     def _select(self, trainer: L.Trainer, model, datamodule, target: PruningTarget, scoring: Scoring, counts,
@@ -342,12 +348,15 @@ class NirvanaPruningCallback(L.Callback):
         winner = candidates[result.best_index]
         self.selection_result = result
         result.plan.provenance.update({"candidate_mode": sel.candidate_mode, "probe_shape": list(probe.shape)})
+        return result.plan, winner
+
+    def _publish_selection(self, trainer: L.Trainer, result) -> None:
+        """Log, print and write KL selection's outcome; on every rank (``trainer.log_dir`` is a collective)."""
         for logger in trainer.loggers:
             logger.log_metrics({f"select/kl_{i}": kl for i, kl in enumerate(result.kls)}
                                | {"select/best_index": float(result.best_index)}, step=0)
         self._write_selection(Path(trainer.log_dir or trainer.default_root_dir), result)
         rank_zero_info("KL calibration selection:\n" + result.table())
-        return result.plan, winner
 
     @rank_zero_only
     def _write_gamma(self, log_dir: Path, plan: PruningPlan) -> None:
