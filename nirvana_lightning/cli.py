@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from argparse import ArgumentError
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -28,11 +29,23 @@ class NirvanaCLI(LightningCLI):
         """
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).exists():
+            raise ConfigError("ckpt_path", ckpt_path, "an existing checkpoint file (or a sharded checkpoint "
+                              "directory), or last / best")
+        if ckpt_path and Path(ckpt_path).is_dir() and not checkpoint_file(ckpt_path).is_file():
+            raise ConfigError("ckpt_path", ckpt_path, "a checkpoint file (.ckpt) or a sharded checkpoint directory "
+                              "holding meta.pt; this is a plain directory")
         if ckpt_path and checkpoint_file(ckpt_path).is_file():
             try:
-                saved = load_checkpoint(checkpoint_file(ckpt_path), mmap=True).get("hyper_parameters") or {}
+                checkpoint = load_checkpoint(checkpoint_file(ckpt_path), mmap=True)
             except ValueError as err:
                 raise ConfigError("ckpt_path", ckpt_path, f"a readable checkpoint of this run ({err})") from None
+            missing = [k for k in ("state_dict", "hyper_parameters") if k not in checkpoint] \
+                if not Path(ckpt_path).is_dir() else []
+            if missing:
+                raise ConfigError("ckpt_path", ckpt_path, f"a Lightning checkpoint written by nirvana-lightning (this "
+                                  f"torch file has no {' / '.join(missing)}: keys {sorted(checkpoint)[:6]})")
+            saved = checkpoint.get("hyper_parameters") or {}
             configured = self.config[sub]["model"].get("source") if self.config[sub].get("model") else None
             if "source" in saved and configured is not None and saved["source"] != configured:
                 raise ConfigError("ckpt_path", ckpt_path,
@@ -46,6 +59,15 @@ class NirvanaCLI(LightningCLI):
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path:
             self.model.resume_from(ckpt_path)
+
+    def before_instantiate_classes(self) -> None:
+        """Checks on the parsed config that Lightning would only make after starting ranks (or with its own
+        traceback): the strategy against the accelerator and the device count."""
+        from .sharding import check_strategy_config
+
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = cfg.get("trainer") or {}
+        check_strategy_config(trainer.get("strategy"), trainer.get("devices"), trainer.get("num_nodes", 1))
 
     def before_fit(self) -> None:
         self._refuse_sft_for_encoder_decoders()
@@ -81,10 +103,12 @@ def entry(args: list[str] | None = None) -> None:
     """
     import sys
 
+    argv = sys.argv[1:] if args is None else args
     try:
+        check_command_line(argv)
         main(args)
     except Exception as err:  # noqa: BLE001 - only configuration errors are turned into one line
-        line = explain(err, sys.argv[1:] if args is None else args)
+        line = explain(err, argv)
         if line is None:
             raise
         detail = str(err).strip()
@@ -105,18 +129,74 @@ def _chain(err: BaseException) -> list[BaseException]:
 _SECTIONS = ("target.", "scoring.", "calibration.", "selection.", "schedule.")
 
 
-def renamed_in_configs(argv: list[str]) -> str | None:
-    """The first 0.1 key in the ``--config`` files of ``argv`` (flat pruning-callback keys,
-    ``data.calibration_*``), as ``old key -> new key`` text; None when there is none."""
-    from pathlib import Path
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _config_paths(argv: list[str]) -> list[str]:
+    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    return paths + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+
+
+def check_command_line(argv: list[str]) -> None:
+    """What the argument parser would report with a traceback, or with the wrong key, as a ConfigError.
+
+    * no subcommand, or an unknown one;
+    * in the ``--config`` files: a pruning-callback section (``target``, ``scoring``, ...) that is null or not
+      a mapping, or holds a key its settings class does not have (jsonargparse reports the whole
+      ``trainer.callbacks`` list instead of the key).
+    """
+    import dataclasses
+    import difflib
 
     import yaml
 
     from .pruning.settings import RENAMED_KEYS, SECTIONS
 
-    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    for path in paths:
+    example = "e.g. python -m nirvana_lightning fit --config configs/quickstart.yaml"
+    if not argv:
+        raise ConfigError("subcommand", None, f"one of {list(SUBCOMMANDS)} ({example})")
+    if argv[0] in ("-h", "--help"):
+        return
+    if argv[0] not in SUBCOMMANDS:
+        raise ConfigError("subcommand", argv[0], f"one of {list(SUBCOMMANDS)}, first ({example})")
+    for path in _config_paths(argv):
+        try:
+            config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            continue  # the parser names a missing or broken file itself
+        config = config.get(argv[0], config) if isinstance(config, dict) else {}
+        callbacks = ((config.get("trainer") or {}) if isinstance(config, dict) else {}).get("callbacks") or []
+        for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
+            if not (isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("NirvanaPruningCallback")):
+                continue
+            for section, cls in SECTIONS.items():
+                init = cb.get("init_args") or {}
+                if section not in init:
+                    continue
+                value = init[section]
+                key = f"NirvanaPruningCallback.{section}"
+                if key in RENAMED_KEYS and value is not None and not isinstance(value, dict):
+                    continue  # a 0.1 flat value (schedule: linear): renamed_in_configs names its new key
+                if not isinstance(value, dict):
+                    raise ConfigError(key, value, f"a mapping of {cls.__name__} fields (omit {section} for its "
+                                      f"defaults; in {path})")
+                fields = [f.name for f in dataclasses.fields(cls)]
+                for name in value:
+                    if name not in fields:
+                        close = difflib.get_close_matches(str(name), fields, n=1, cutoff=0.6)
+                        hint = f"did you mean {key}.{close[0]}? " if close else ""
+                        raise ConfigError(f"{key}.{name}", value[name],
+                                          f"a key of {cls.__name__}: {hint}valid keys: {fields} (in {path})")
+
+
+def renamed_in_configs(argv: list[str]) -> str | None:
+    """The first 0.1 key in the ``--config`` files of ``argv`` (flat pruning-callback keys,
+    ``data.calibration_*``), as ``old key -> new key`` text; None when there is none."""
+    import yaml
+
+    from .pruning.settings import RENAMED_KEYS, SECTIONS
+
+    for path in _config_paths(argv):
         try:
             config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError):
@@ -176,6 +256,10 @@ def explain(err: BaseException, argv: list[str] | None = None) -> str | None:
     if renamed is not None:
         return renamed
     text = "\n".join(str(e) for e in chain)
+    missing = re.search(r'Parser key "config":\s*File does not exist: \'(.*?)\'', text)
+    if missing:
+        written = next((a for a in _config_paths(argv or []) if Path(a).resolve() == Path(missing[1])), missing[1])
+        return f"--config={written!r} is invalid; expected an existing YAML file ({missing[1]} does not exist)"
     classes = re.findall(r"Problem with given class_path '([\w.]+)'", text)
     owner = classes[-1].rsplit(".", 1)[-1] if classes else None
     unknown = re.findall(r"Option '([\w.]+)' is not accepted", text) \

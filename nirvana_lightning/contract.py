@@ -63,6 +63,16 @@ class PrunableModule(Protocol):
 
 
 @runtime_checkable
+class ChecksBeforeLoad(Protocol):
+    """A callback with checks that need the model's config but no weight: :meth:`PrunableModule.build_model`
+    runs them before it loads anything (every rank calls them; they may use collectives, e.g. a lock taken on
+    rank 0 through :func:`~nirvana_lightning.sharding.on_rank_zero`)."""
+
+    def check_before_load(self, trainer: L.Trainer, pl_module: PrunableModule, config: Any) -> None:
+        """``config``: the model's transformers config (``AutoConfig`` of ``source``)."""
+
+
+@runtime_checkable
 class PruneListener(Protocol):
     """A callback told after every pruning step taken during training."""
 

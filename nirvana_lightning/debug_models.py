@@ -48,7 +48,9 @@ def build_tiny_model(name: str, vocab_size: int = 256, seed: int = 0, **override
     from .families import auto_model_class
 
     config = build_tiny_config(name, vocab_size, **overrides)
-    with torch.random.fork_rng():
+    # real CPU tensors even where the caller's default device is "meta" (a sharded run's other ranks build
+    # their model by shape: the cached weights they may write first must still be the seeded ones)
+    with torch.random.fork_rng(), torch.device("cpu"):
         torch.manual_seed(seed)
         model = auto_model_class(config).from_config(config, dtype=torch.float32)
         # transformers initialises with std 0.02; widen it so units differ meaningfully in tests

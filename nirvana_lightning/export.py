@@ -44,6 +44,27 @@ def _serving_report(model: nn.Module) -> dict[str, Any]:
     return report
 
 
+def _engine_lines(model: nn.Module) -> list[str]:
+    """What the card says about serving engines: only what the plugin registers and the GGUF writer accepts."""
+    from .errors import ConfigError
+    from .serving import VLLM_FAMILIES
+    from .serving.gguf_export import gguf_architecture
+
+    model_type = model.config.model_type
+    if model_type in VLLM_FAMILIES:
+        out = ["Serve it with vLLM where nirvana-lightning is installed (its plugin registers the architecture):",
+               "`vllm serve <path>`."]
+    else:
+        out = [f"vLLM: no path for model_type {model_type!r} (nirvana-lightning's plugin registers "
+               f"{', '.join(VLLM_FAMILIES)}); serve it with transformers."]
+    try:
+        arch = gguf_architecture(model)
+        out.append(f"llama.cpp / Ollama: write a GGUF (`{arch}` graph) with `nirvana_lightning.save_gguf`.")
+    except ConfigError as err:
+        out.append(f"llama.cpp / Ollama: no GGUF for this model ({err.expected}).")
+    return out
+
+
 def _model_card(model: nn.Module, plan: PruningPlan | None, extra: dict[str, Any]) -> str:
     p = plan.provenance if plan is not None else {}
     counts = count_parameters(model)
@@ -66,9 +87,8 @@ def _model_card(model: nn.Module, plan: PruningPlan | None, extra: dict[str, Any
     else:
         lines += [
             "Reload without nirvana-lightning: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`;",
-            "with it: `nirvana_lightning.load_pruned(path)` (executes no code from this directory).",
-            "Serve it with vLLM where nirvana-lightning is installed (its plugin registers the architecture):",
-            "`vllm serve <path>`; for llama.cpp / Ollama write a GGUF with `nirvana_lightning.save_gguf`.", ""]
+            "with it: `nirvana_lightning.load_pruned(path)` (executes no code from this directory)."]
+        lines += _engine_lines(model) + [""]
     lines += [
         "| field | value |", "|---|---|",
     ]
@@ -98,11 +118,13 @@ def _model_card(model: nn.Module, plan: PruningPlan | None, extra: dict[str, Any
                   "against it (`verify=False` skips this).", ""]
     serving = extra.get("serving")
     if serving is not None:
-        lines += ["## Serving", "",
-                  "- vLLM: `vllm serve <path>` with nirvana-lightning installed (its plugin registers the architecture)"
-                  f"; tensor parallelism up to {serving['max_tp_size']}.",
-                  f"- llama.cpp / Ollama: GGUF architecture `{serving['gguf_architecture']}` "
-                  "(`nirvana_lightning.save_gguf`).", ""]
+        vllm = ("- vLLM: `vllm serve <path>` with nirvana-lightning installed (its plugin registers the architecture)"
+                f"; tensor parallelism up to {serving['max_tp_size']}.") if serving.get("vllm") \
+            else "- vLLM: not available for this model type (see below)."
+        gguf = serving["gguf_architecture"]
+        gguf = (f"- llama.cpp / Ollama: GGUF architecture `{gguf}` (`nirvana_lightning.save_gguf`)."
+                if gguf not in ("not supported", "refused") else f"- llama.cpp / Ollama: GGUF {gguf} (see below).")
+        lines += ["## Serving", "", vllm, gguf, ""]
         if serving["broken"]:
             lines += ["Constraints this model breaks:", ""] + [f"- {b}" for b in serving["broken"]] + [""]
     return "\n".join(lines)
@@ -227,12 +249,21 @@ def _save_quantized(model: nn.Module, tmp: Path, method: str) -> None:
     model.config.save_pretrained(tmp)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
-    quantized = quantize_int8(copy.deepcopy(model))
-    torch.save(quantized.state_dict(), tmp / INT8_WEIGHTS)
+    quantized = copy.deepcopy(model)
+    n_quantized = quantize_int8(quantized)
+    state = quantized.state_dict()
+    # what the file holds, counted from it (not what was asked): torchao's int8 tensors are subclasses
+    n_int8 = sum(1 for t in state.values() if type(t) is not torch.Tensor and "int8" in repr(type(t)).lower()
+                 or getattr(t, "dtype", None) == torch.int8)
+    if n_int8 != n_quantized:
+        raise ValueError(f"int8 export: {n_quantized} block linear weights were to be quantised, the state dict "
+                         f"holds {n_int8} int8 tensors")
+    torch.save(state, tmp / INT8_WEIGHTS)
     from importlib.metadata import version
 
     (tmp / QUANT_FILE).write_text(json.dumps({"method": method, "library": "torchao",
-                                              "torchao": version("torchao"), "weights": INT8_WEIGHTS}, indent=1))
+                                              "torchao": version("torchao"), "weights": INT8_WEIGHTS,
+                                              "quantized_tensors": n_int8}, indent=1))
 
 
 def _load_quantized(cls, path: Path, config, dtype):

@@ -44,7 +44,7 @@ class PathLock:
     """An advisory lock next to ``path`` (``.<name>.lock``, ``flock``): held by a live process only.
 
     The kernel drops the lock when its process dies (SIGKILL and power loss included), so a stale lock
-    file never blocks anyone; the file itself stays (an empty marker) and records the holder's pid.
+    file never blocks anyone; the file records the holder's pid and is removed when the lock is released.
 
     Args:
         path: the file or directory the lock guards (it need not exist yet).
@@ -66,24 +66,35 @@ class PathLock:
         if self._fd is not None:
             return self
         self.lock_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, file_mode())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        while True:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, file_mode())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise PathLocked(errno.EBUSY, f"{self.path} is claimed by another running process (pid {holder}, "
+                                              f"lock {self.lock_file})") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:  # the holder we waited for removes the file on release: lock the file that is there now
+                same = os.stat(self.lock_file).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise PathLocked(errno.EBUSY, f"{self.path} is claimed by another running process (pid {holder}, "
-                                          f"lock {self.lock_file})") from None
-        except BaseException:
-            os.close(fd)
-            raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return self
 
     def release(self) -> None:
+        """Remove the lock file and drop the lock (a killed holder leaves the file; the next holder takes it)."""
         if self._fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.lock_file)  # while still held: a waiter then sees another inode and retries
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
@@ -103,7 +114,8 @@ def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
     readers see either the old file or the complete new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    remove_leftovers(path.parent, path.name)  # a writer killed mid-write left its temporary file
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -253,6 +265,18 @@ def _carry(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _apply_umask_modes(root: Path) -> None:
+    """Give every file and directory under ``root`` the mode the umask gives a new one (executables keep x)."""
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(dir_mode())
+        else:
+            executable = path.stat().st_mode & 0o111
+            path.chmod(file_mode() | (executable & ~_UMASK))
+
+
 def _write_manifest(tmp: Path) -> None:
     files = [f for f in _files(tmp) if f != MANIFEST and not (tmp / f).is_symlink()]
     entries = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_written(tmp / f)} for f in files}
@@ -328,6 +352,7 @@ def write_dir_atomic(target: str | Path, write: Callable[[Path], None], *, overw
         if manifest:
             _write_manifest(tmp)
         tmp.chmod(dir_mode())  # mkdtemp creates 0700
+        _apply_umask_modes(tmp)  # writers that use mkstemp (safetensors' shards) leave 0600 files
         if target.exists() and not in_place:
             owned = _owned(target)
             ours = owned if owned is not None else set(_files(tmp))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,8 @@ def _write_cache_dir(target: Path, write) -> Path:
     with PathLock(target):
         if (target / "config.json").is_file():
             return target
+        if target.is_dir() and not any(target.glob("*.safetensors")):  # an incomplete cache from an older version
+            shutil.rmtree(target)
         return write_dir_atomic(target, write)
 
 
@@ -207,14 +210,7 @@ def load_model(source: str, dtype: str = "float32", *, cache_dir: str | Path | N
     path = resolve_source(source, cache_dir)
     pruned = is_pruned_export(path)  # a save_pruned directory: per-layer widths, our classes (no remote code)
     if device is not None and torch.device(device).type == "meta":  # shapes only: the weights come from elsewhere
-        config = AutoConfig.from_pretrained(path)
-        with torch.device("meta"):
-            if pruned:
-                from .families import remote_modeling
-
-                model = remote_modeling.pruned_class(config.model_type)(config).to(DTYPES[dtype])
-            else:
-                model = auto_model_class(config).from_config(config, dtype=DTYPES[dtype])
+        model = build_shape_model(AutoConfig.from_pretrained(path), dtype, pruned=pruned)
     elif pruned:
         from .export import load_pruned
 
@@ -232,6 +228,25 @@ def load_model(source: str, dtype: str = "float32", *, cache_dir: str | Path | N
         model.config._name_or_path = source
     model.eval()
     return model, load_tokenizer(source, cache_dir)
+
+
+def build_shape_model(config, dtype: str = "float32", *, pruned: bool | None = None):
+    """The model of ``config`` on the meta device: every parameter's name and shape, no weight read or
+    allocated (plans are checked against it before a model loads; a sharded run's other ranks start from it).
+
+    ``pruned``: whether the config is a ``save_pruned`` export's (per-layer widths); default: read from it.
+    """
+    from .families import auto_model_class
+    from .families.remote_modeling import WIDTHS_KEY
+
+    if pruned is None:
+        pruned = WIDTHS_KEY in config.to_dict()
+    with torch.device("meta"):
+        if pruned:
+            from .families import remote_modeling
+
+            return remote_modeling.pruned_class(config.model_type)(config).to(DTYPES[dtype])
+        return auto_model_class(config).from_config(config, dtype=DTYPES[dtype])
 
 
 def is_pruned_export(path: str | Path) -> bool:

@@ -127,6 +127,7 @@ class NirvanaModule(L.LightningModule):
             hp = self.hparams
             if self._trainer is not None:  # strategies and callbacks that cannot run right: before any weight loads
                 check_strategy(self._trainer.strategy, self._trainer.callbacks)
+                self._check_callbacks_before_load(self._trainer)
             device = self._load_device()
             self.model, self.tokenizer = load_model(hp.source, hp.dtype, cache_dir=hp.cache_dir, device=device)
             #: whether this process read the weights from ``source`` (not under sharding's other ranks)
@@ -134,6 +135,19 @@ class NirvanaModule(L.LightningModule):
             self._keep_float32_buffers()
             self._restore_plan_from_checkpoint()
         return self.base_model
+
+    def _check_callbacks_before_load(self, trainer) -> None:
+        """Every callback's :class:`~nirvana_lightning.contract.ChecksBeforeLoad` check, with the config only."""
+        from transformers import AutoConfig
+
+        from .contract import ChecksBeforeLoad
+        from .loading import resolve_source
+
+        checks = [c for c in trainer.callbacks if isinstance(c, ChecksBeforeLoad)]
+        if checks:
+            config = AutoConfig.from_pretrained(resolve_source(self.hparams.source, self.hparams.cache_dir))
+            for callback in checks:
+                callback.check_before_load(trainer, self, config)
 
     def resume_from(self, ckpt_path: str | None) -> None:
         """Name the checkpoint the Trainer will restore, before ``fit`` / ``validate`` / ``test`` starts.

@@ -112,6 +112,55 @@ def check_strategy(strategy, callbacks=()) -> None:
                               "would bypass the gathering of shards); measure the export's speed instead")
 
 
+#: strategy names Lightning resolves to FSDP1 / DeepSpeed (refused, see :func:`check_strategy`)
+_WRAPPING = ("fsdp", "deepspeed")
+
+
+def check_strategy_config(strategy, devices, num_nodes=1) -> None:
+    """The strategy as written in the config, refused before Lightning builds it or any rank starts.
+
+    Lightning's own refusals (FSDP1 or DeepSpeed on a CPU, a missing package) and a process mesh that does
+    not fit the devices (ModelParallelStrategy's ``data_parallel_size x tensor_parallel_size`` against
+    ``devices x num_nodes``: every rank would raise after start-up) become one ConfigError.
+
+    Args:
+        strategy: ``trainer.strategy``: a name, or a ``{class_path, init_args}`` mapping / namespace.
+        devices, num_nodes: ``trainer.devices`` / ``trainer.num_nodes`` as written (``auto`` is not checked).
+    """
+    from .errors import ConfigError
+
+    name, init = strategy, {}
+    if hasattr(strategy, "class_path") or isinstance(strategy, dict):
+        get = strategy.get if isinstance(strategy, dict) else lambda k, d=None: getattr(strategy, k, d)
+        name = str(get("class_path", "")).rsplit(".", 1)[-1]
+        init = get("init_args") or {}
+        init = dict(init) if isinstance(init, dict) else vars(init)
+    if not isinstance(name, str):
+        return
+    low = name.lower()
+    if low.startswith(_WRAPPING) or low in ("fsdpstrategy", "deepspeedstrategy"):
+        raise ConfigError("trainer.strategy", name,
+                          "ddp, or lightning.pytorch.strategies.ModelParallelStrategy (FSDP2; data_parallel_size: "
+                          "<processes>, tensor_parallel_size: 1) to shard: FSDP1 and DeepSpeed wrap the whole "
+                          "module, which the evaluation callbacks and the export do not go through")
+    if low != "modelparallelstrategy":
+        return
+    tp = init.get("tensor_parallel_size", "auto")
+    if isinstance(tp, int) and tp != 1:
+        raise ConfigError("trainer.strategy.init_args.tensor_parallel_size", tp,
+                          "1 (layers of per-layer widths are sharded with FSDP2, not split by tensor "
+                          "parallelism; set data_parallel_size to the number of processes)")
+    dp = init.get("data_parallel_size", "auto")
+    devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices
+    devices = len(devices) if isinstance(devices, (list, tuple)) else devices
+    nodes = num_nodes if isinstance(num_nodes, int) else 1
+    if isinstance(dp, int) and isinstance(devices, int) and dp * (tp if isinstance(tp, int) else 1) != devices * nodes:
+        raise ConfigError("trainer.devices", devices,
+                          f"{dp // nodes if dp % nodes == 0 else dp} per node: ModelParallelStrategy's "
+                          f"data_parallel_size={dp} x tensor_parallel_size=1 must equal devices x num_nodes "
+                          f"({devices} x {nodes}); change both together")
+
+
 #: torch.distributed calls that need every rank: inside a rank-0 region they would wait forever (NCCL: until
 #: the process group's timeout) or pair with an unrelated collective of the other ranks
 COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_object", "all_reduce", "all_to_all", "barrier",

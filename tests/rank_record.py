@@ -56,3 +56,35 @@ class RecordShardedState(L.Callback):
                   "global_numel": sum(p.numel() for p in params), "all_dtensor": all(isinstance(p, DTensor) for p in params),
                   "ids": ids.tolist(), "logits": logits.float().tolist()}
         Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class RecordCell(L.Callback):
+    """The combination matrix's record of each rank at fit end (before the export merges LoRA): the plan's
+    fingerprint, a hash of every trained tensor (gathered under FSDP2, a collective every rank joins), and
+    rank 0's logits of fixed ids through the trained model (the export must reload to them)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        import torch
+
+        from nirvana_lightning.families import get_family
+        from nirvana_lightning.sharding import full_state_dict, is_fully_sharded
+
+        model = pl_module.model
+        state = full_state_dict(model) if is_fully_sharded(model) else model.state_dict()
+        h = hashlib.sha256()
+        for name, p in sorted(state.items()):
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        ids = torch.arange(1, 17).reshape(2, 8) * 37 % 1000
+        kwargs, _ = get_family(pl_module.base_model).model_inputs(ids)
+        model.eval()
+        with torch.no_grad():  # under FSDP2 every rank runs it (the forward gathers shards)
+            logits = model(**kwargs).logits.float()
+        pruning = next(c for c in trainer.callbacks if type(c).__name__ == "NirvanaPruningCallback")
+        record = {"plan": pl_module.pruning_plan.fingerprint(), "weights": h.hexdigest(), "step": trainer.global_step,
+                  "steps_pruned": len(pruning.history), "scored": pruning.scored_on_this_rank,
+                  "world_size": trainer.world_size, "logits": logits.tolist()}
+        Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

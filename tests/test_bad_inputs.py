@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -168,8 +169,15 @@ PRUNING = [
     ("tp_size zero", pruning(target=dict(tp_size=0)), r"target\.tp_size=0"),
     ("offload with kl", pruning(scoring=dict(device="+0"), selection=dict(method="kl")),
      r"NirvanaPruningCallback\.scoring\.device='\+0'"),
-    ("settings as a dict", lambda: NirvanaPruningCallback(target={"sparsity": 0.2}),
-     r"NirvanaPruningCallback\.target=\{'sparsity': 0\.2\} .*PruningTarget"),
+    # issue 25: types normalised at the edge (a dict, a bare sparsity, a string criterion are accepted: see
+    # test_settings_accept_what_users_write); what cannot be normalised names the argument
+    ("settings as a list", lambda: NirvanaPruningCallback(target=[0.2]),
+     r"NirvanaPruningCallback\.target=\[0\.2\] .*PruningTarget, a mapping of its fields"),
+    ("settings dict typo", lambda: NirvanaPruningCallback(target={"sparsty": 0.2}),
+     r"NirvanaPruningCallback\.target\.sparsty=0\.2 .*field of PruningTarget"),
+    ("skip_layers bool", pruning(target=dict(skip_layers=True)), r"target\.skip_layers=True"),
+    ("gamma_grid string", pruning(target=dict(gamma="auto", gamma_grid="1,2")), r"target\.gamma_grid='1,2'"),
+    ("probe_seq_len 1", pruning(selection=dict(method="kl", probe_seq_len=1)), r"selection\.probe_seq_len=1"),
 ]
 
 CALLBACKS = [
@@ -179,6 +187,13 @@ CALLBACKS = [
      r"ExportCallback\.gguf_dtypes='q2_k'"),
     ("export adapter gguf", lambda: ExportCallback(format=["hf", "gguf"], adapter_only=True),
      r"ExportCallback\.adapter_only=True"),
+    ("export gguf types repeated", lambda: ExportCallback(format="gguf", gguf_dtypes=["f16", "f16"]),
+     r"ExportCallback\.gguf_dtypes=\['f16', 'f16'\] .*each type once"),
+    ("export quantize method", lambda: ExportCallback(quantize="int4"), r"ExportCallback\.quantize='int4'"),
+    ("export quantize gguf only", lambda: ExportCallback(format="gguf", quantize="int8_weight_only"),
+     r"ExportCallback\.quantize='int8_weight_only' .*format includes hf"),
+    ("export quantize adapter", lambda: ExportCallback(adapter_only=True, quantize="int8_weight_only"),
+     r"ExportCallback\.quantize=.*adapter_only"),
     ("ppl seq_len", lambda: PerplexityCallback(seq_len=0), r"PerplexityCallback\.seq_len=0"),
     ("ppl stride", lambda: PerplexityCallback(seq_len=64, stride=128), r"PerplexityCallback\.stride=128"),
     ("ppl max tokens", lambda: PerplexityCallback(max_tokens=0), r"PerplexityCallback\.max_tokens=0"),
@@ -208,7 +223,7 @@ def _make_plan(calibration, **kw):
     return lambda: make_plan(_tiny(), calibration, **{"sparsity": 0.2, **kw})
 
 
-def _save_gguf(path="x.gguf", dtype="f16", family="tiny-qwen3", **kw):
+def _save_gguf(path="x.gguf", dtype="f16", family="tiny-qwen3", foreign_plan=False, **kw):
     def run():
         from nirvana_lightning import load_tokenizer, prune, save_gguf
         from nirvana_lightning.debug_models import build_tiny_model
@@ -216,7 +231,19 @@ def _save_gguf(path="x.gguf", dtype="f16", family="tiny-qwen3", **kw):
         tok = load_tokenizer("tiny-llama")
         model = build_tiny_model(family, vocab_size=len(tok), head_dim=32)
         plan = prune(model, torch.randint(0, 1000, (2, 8)), sparsity=0.4, round_to=1)
+        if foreign_plan:  # the plan of another cut (uniform widths, so the GGUF itself would be writable)
+            other = build_tiny_model(family, vocab_size=len(tok), head_dim=32)
+            plan = prune(other, None, sparsity=0.2, criterion="magnitude", allocation="uniform", round_to=1)
+            model = build_tiny_model(family, vocab_size=len(tok), head_dim=32)
         save_gguf(model, tok, Path(os.environ["BAD_INPUT_TMP"]) / path, plan, dtype=dtype, **kw)
+    return run
+
+
+def _prune(**kw):
+    def run():
+        from nirvana_lightning import prune
+
+        prune(_tiny(), torch.randint(0, 200, (2, 8)), **kw)
     return run
 
 
@@ -245,6 +272,13 @@ API = [
     ("gguf dtype", _save_gguf(dtype="q3_k", family="tiny-llama"), r"save_gguf: dtype='q3_k'"),
     ("gguf path suffix", _save_gguf(path="model.bin", family="tiny-llama"), r"save_gguf: path=.*model\.bin"),
     ("gguf qwen3 per-layer", _save_gguf(), r"qwen3 with per-layer widths.*q/k norms"),
+    ("gguf another model's plan", _save_gguf(family="tiny-llama", foreign_plan=True),
+     r"save_gguf: plan='\w+' .*the plan this model was cut with"),
+    ("api target string", _prune(target="half"), r"prune: target='half' .*PruningTarget"),
+    ("api scoring number", _prune(target=0.2, scoring=3), r"prune: scoring=3 .*Scoring"),
+    ("api target dict typo", _prune(target={"sparsty": 0.2}), r"prune: target\.sparsty=0\.2"),
+    ("api gamma auto one-token probe", _prune(sparsity=0.3, gamma="auto", probe=torch.zeros((1, 1), dtype=torch.long)),
+     r"probe='tensor \(1, 1\)' .*at least 2 tokens"),
 ]
 
 
@@ -290,7 +324,80 @@ CLI = [
     ("cli checkpoint of garbage", ["--ckpt_path=GARBAGE"], r"ckpt_path=.*garbage\.ckpt.*not a readable"),
     ("cli renamed data key", ["--data.calibration_samples=4"],
      r"data\.calibration_samples is not a setting since 0\.2; use NirvanaPruningCallback\.calibration\.samples"),
+    # issue 25: each refused before any weight loads, with the key the user wrote
+    ("cli misspelled nested key", ["--config=TYPO"],
+     r"NirvanaPruningCallback\.target\.sparsty=0\.5 .*did you mean NirvanaPruningCallback\.target\.sparsity"),
+    ("cli null section", ["--config=TNULL"], r"NirvanaPruningCallback\.target=None .*mapping of PruningTarget"),
+    ("cli fsdp on cpu", ["--trainer.strategy=fsdp"], r"trainer\.strategy='fsdp' .*ModelParallelStrategy"),
+    ("cli deepspeed", ["--trainer.strategy=deepspeed"], r"trainer\.strategy='deepspeed'"),
+    ("cli ckpt_path directory", ["--ckpt_path=TMPDIR"], r"ckpt_path=.* a plain directory"),
+    ("cli ckpt_path foreign torch file", ["--ckpt_path=FOREIGN"], r"ckpt_path=.*foreign\.pt.*no state_dict"),
+    ("cli ckpt_path missing", ["--ckpt_path=/no/such.ckpt"], r"ckpt_path='/no/such\.ckpt' .*existing checkpoint"),
+    ("cli export claimed by a live run", ["--config=EXPORT_LOCKED"], r"ExportCallback\.path=.*claimed by another"),
+    ("cli export not writable", ["--config=EXPORT_UNDER_FILE"], r"ExportCallback\.path=.*a writable location"),
+    ("cli export gguf for t5", ["--config=EXPORT_GGUF", "--model.source=tiny-t5"],
+     r"ExportCallback\.format='gguf' .*model_type 't5'"),
+    ("cli compensation on gemma3", ["--config=COMPENSATE", "--model.source=tiny-gemma3"],
+     r"NirvanaPruningCallback\.bias_compensation=True .*gemma3"),
+    ("cli plan of another model", ["--config=PLAN_QWEN3"], r"plan_path=.*made for another model"),
+    ("cli plan with edited unit_cost", ["--config=PLAN_COST"], r"plan_path=.*unit_cost .*differs"),
+    ("cli plan provenance null", ["--config=PLAN_PROVENANCE_NULL"], r"plan_path=.*provenance is None"),
+    ("cli plan identity a string", ["--config=PLAN_IDENTITY_STRING"], r"plan_path=.*model_identity is 'x'"),
+    ("cli plan keep an int", ["--config=PLAN_KEEP_INT"], r"plan_path=.*keep\['mlp'\] is \[5, "),
 ]
+
+#: whole command lines (no config given by the table)
+CLI_RAW = [
+    ("cli no subcommand", [], r"subcommand=None .*one of \['fit'"),
+    ("cli unknown subcommand", ["frob"], r"subcommand='frob' .*one of \['fit'"),
+    ("cli relative config missing", ["fit", "--config", "no/such.yaml"],
+     r"--config='no/such\.yaml' .*existing YAML file"),
+    ("cli fsdp devices not matching", ["fit", "--config", "configs/debug/tiny_fsdp.yaml", "--trainer.devices=3"],
+     r"trainer\.devices=3 .*data_parallel_size=2"),
+    ("cli tensor parallel", ["fit", "--config", "configs/debug/tiny_fsdp.yaml",
+                             "--trainer.strategy.init_args.tensor_parallel_size=2"],
+     r"tensor_parallel_size=2 .*expected 1"),
+]
+
+
+def _plans(tmp_path: Path) -> dict[str, Path]:
+    """plan.json files: one made for tiny-qwen3, and tiny-llama plans edited by hand."""
+    import copy
+    import json
+
+    from nirvana_lightning import load_model, make_plan
+
+    out = {}
+    for name, source in (("PLAN_QWEN3", "tiny-qwen3"), ("llama", "tiny-llama")):
+        model, _ = load_model(source)
+        out[name] = make_plan(model, None, sparsity=0.3, criterion="magnitude").to_dict()
+    edits = {"PLAN_COST": lambda d: d["unit_cost"]["mlp"].__setitem__(0, d["unit_cost"]["mlp"][0] + 1),
+             "PLAN_PROVENANCE_NULL": lambda d: d.__setitem__("provenance", None),
+             "PLAN_IDENTITY_STRING": lambda d: d["provenance"].__setitem__("model_identity", "x"),
+             "PLAN_KEEP_INT": lambda d: d["keep"]["mlp"].__setitem__(0, 5)}
+    for name, edit in edits.items():
+        out[name] = copy.deepcopy(out["llama"])
+        edit(out[name])
+    paths = {}
+    for name in ["PLAN_QWEN3", *edits]:
+        paths[name] = tmp_path / f"{name.lower()}.json"
+        paths[name].write_text(json.dumps(out[name]))
+    return paths
+
+
+def _pruning_yaml(**init_args) -> str:
+    import yaml
+
+    return yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "nirvana_lightning.NirvanaPruningCallback",
+         "init_args": {"target": {"sparsity": 0.3}, "calibration": {"samples": 4, "seq_len": 16}, **init_args}}]}})
+
+
+def _export_yaml(path: Path, **init_args) -> str:
+    import yaml
+
+    return yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "nirvana_lightning.ExportCallback", "init_args": {"path": str(path), **init_args}}]}})
 
 
 def _cli_args(args: list[str], tmp_path: Path) -> list[str]:
@@ -298,26 +405,53 @@ def _cli_args(args: list[str], tmp_path: Path) -> list[str]:
     broken.write_text('{"text": "a"}\n{"text": \n')
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(os.urandom(2048))
-    args = [a.replace("BROKEN", str(broken)).replace("GARBAGE", str(garbage)) for a in args]
+    files = {"BROKEN": broken, "GARBAGE": garbage, "TMPDIR": tmp_path / "a-directory"}
+    files["TMPDIR"].mkdir()
+    yamls = {"TYPO": "trainer:\n  callbacks:\n    - class_path: nirvana_lightning.NirvanaPruningCallback\n"
+                     "      init_args:\n        target: {sparsty: 0.5}\n",
+             "TNULL": "trainer:\n  callbacks:\n    - class_path: nirvana_lightning.NirvanaPruningCallback\n"
+                      "      init_args:\n        target: null\n",
+             "EXPORT_LOCKED": _export_yaml(tmp_path / "claimed"),
+             "EXPORT_UNDER_FILE": _export_yaml(tmp_path / "a-file" / "export"),
+             "EXPORT_GGUF": _export_yaml(tmp_path / "gguf-export", format="gguf"),
+             "COMPENSATE": _pruning_yaml(bias_compensation=True)}
+    (tmp_path / "a-file").write_text("not a directory")
+    if any("PLAN_" in a for a in args):
+        for name, path in _plans(tmp_path).items():
+            yamls[name] = _pruning_yaml(plan_path=str(path))
+    for name, text in yamls.items():
+        files[name] = tmp_path / f"{name.lower()}.yaml"
+        files[name].write_text(text)
+    if "FOREIGN" in "".join(args):
+        files["FOREIGN"] = tmp_path / "foreign.pt"
+        torch.save({"weights": torch.zeros(3)}, files["FOREIGN"])
+    for name, path in files.items():
+        args = [re.sub(rf"\b{name}\b", str(path), a) for a in args]
     return ["fit", "--config", str(REPO / "configs" / "debug" / "tiny.yaml"),
             f"--trainer.default_root_dir={tmp_path / 'run'}", *args]
 
 
-@pytest.mark.parametrize("case, args, pattern", CLI, ids=[c[0] for c in CLI])
-def test_cli_bad_input_exits_2_with_one_line(case, args, pattern, tmp_path, capsys):
-    """In process (the command's own function, ``cli.entry``): exit status 2, our line last and only once."""
-    import re
-
+@pytest.mark.parametrize("case, args, pattern", CLI + CLI_RAW, ids=[c[0] for c in CLI + CLI_RAW])
+def test_cli_bad_input_exits_2_with_one_line(case, args, pattern, tmp_path, capsys, monkeypatch):
+    """In process (the command's own function, ``cli.entry``): exit status 2, our line last and only once, and
+    no weight loaded (transformers' "Loading weights" never shows)."""
     from nirvana_lightning.cli import entry
+    from nirvana_lightning.io import PathLock
 
-    with pytest.raises(SystemExit) as info:
-        entry(_cli_args(args, tmp_path))
+    monkeypatch.chdir(REPO)
+    argv = list(args) if (case, args, pattern) in CLI_RAW else _cli_args(args, tmp_path)
+    if (case, args, pattern) in CLI_RAW and argv[:1] == ["fit"]:
+        argv += ["--trainer.default_root_dir=" + str(tmp_path / "run")]
+    capsys.readouterr()  # only what the command prints (the table's plans were made above)
+    with PathLock(tmp_path / "claimed"), pytest.raises(SystemExit) as info:  # another live run's claim
+        entry(argv)
     assert info.value.code == 2
     err = capsys.readouterr().err
     ours = [line for line in err.splitlines() if line.startswith("nirvana-lightning: error:")]
     assert len(ours) == 1 and err.strip().splitlines()[-1] == ours[0] and re.search(pattern, ours[0]), err[-2000:]
     assert "Traceback" not in err, err[-3000:]
     assert not any((tmp_path / "run").rglob("plan.json")), "work started before the error"
+    assert "Loading weights" not in err, "a weight was loaded before the refusal"
 
 
 def test_cli_bad_input_in_a_fresh_process(tmp_path):
@@ -329,7 +463,7 @@ def test_cli_bad_input_in_a_fresh_process(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
-CASE_COUNT = len(CASES) + len(CLI)
+CASE_COUNT = len(CASES) + len(CLI) + len(CLI_RAW)
 
 
 def test_the_table_has_at_least_100_cases():

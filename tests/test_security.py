@@ -252,7 +252,7 @@ def test_export_path_that_is_a_file_is_refused_before_training(tmp_path):
     from nirvana_lightning import ConfigError, ExportCallback
 
     (tmp_path / "export").write_text("not a directory")
-    trainer = MagicMock(log_dir=str(tmp_path))
+    trainer = MagicMock(log_dir=str(tmp_path), world_size=1, global_rank=0)
     module = MagicMock()
     module.hparams = {"recovery": "lora"}
     with pytest.raises(ConfigError, match=r"ExportCallback\.path=.*export.*this is a file"):

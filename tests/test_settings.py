@@ -79,8 +79,23 @@ def test_cross_setting_rules_and_the_callback_prefix():
         NirvanaPruningCallback(scoring=Scoring(criterion="magnitude"), selection=Selection(method="kl"))
     with pytest.raises(ConfigError, match=r"^NirvanaPruningCallback\.bias_compensation=True"):
         NirvanaPruningCallback(schedule=iterative, bias_compensation=True)
-    with pytest.raises(ConfigError, match=r"^NirvanaPruningCallback\.target=0\.3 .*PruningTarget"):
-        NirvanaPruningCallback(target=0.3)
+    with pytest.raises(ConfigError, match=r"^NirvanaPruningCallback\.target='0\.3' .*PruningTarget"):
+        NirvanaPruningCallback(target="0.3")
+
+
+def test_settings_accept_what_users_write():
+    """Types normalised at the edge (issue 25): a mapping for a settings object, the bare value of its one obvious
+    field, an int for a one-element list; the Python API and the callback read them alike."""
+    cb = NirvanaPruningCallback(target={"sparsity": 0.3, "gamma": 2.0}, scoring="taylor", selection="none",
+                                schedule={"kind": "once"})
+    assert cb.target == PruningTarget(sparsity=0.3, gamma=2.0) and cb.scoring == Scoring(criterion="taylor")
+    assert NirvanaPruningCallback(target=0.3).target == PruningTarget(sparsity=0.3)
+    assert PruningTarget(sparsity=0.2, skip_layers=0).skip_layers == (0,)  # layer 0, not "skip nothing"
+    assert PruningTarget(sparsity=0.2, gamma="auto", gamma_grid=2).gamma_grid == (2.0,)
+    from nirvana_lightning.pruning.settings import from_flat
+
+    target, scoring = from_flat({"sparsity": 0.4}, "magnitude", {}, "prune")
+    assert target == PruningTarget(sparsity=0.4) and scoring == Scoring(criterion="magnitude")
 
 
 def test_settings_normalise_and_are_immutable():

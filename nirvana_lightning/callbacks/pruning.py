@@ -19,7 +19,16 @@ from ..pruning.api import attention_unit_kind, count_parameters, cut, unit_layou
 from ..pruning.plan import as_query_heads
 from ..pruning.schedule import cumulative_sparsity, reachable_steps, step_target
 from ..pruning.selection import select_calibration
-from ..pruning.settings import Calibration, PruningTarget, Schedule, Scoring, Selection, check_combination
+from ..pruning.settings import (
+    SECTIONS,
+    Calibration,
+    PruningTarget,
+    Schedule,
+    Scoring,
+    Selection,
+    as_settings,
+    check_combination,
+)
 from ..recovery.rebuild import check_rebuildable, rebuild_optimization
 from ..sharding import on_rank_zero
 
@@ -70,11 +79,12 @@ class NirvanaPruningCallback(L.Callback):
         bias_compensation: bool = False,
     ) -> None:
         key = "NirvanaPruningCallback."
-        for name, value, cls in (("target", target, PruningTarget), ("scoring", scoring, Scoring),
-                                 ("calibration", calibration, Calibration), ("selection", selection, Selection),
-                                 ("schedule", schedule, Schedule)):
-            if not isinstance(value, cls):
-                raise ConfigError(key + name, value, f"a {cls.__name__}")
+        given = {"target": target, "scoring": scoring, "calibration": calibration, "selection": selection,
+                 "schedule": schedule}
+        for name, cls in SECTIONS.items():  # a mapping (Python API, YAML) becomes the settings object
+            given[name] = as_settings(cls, given[name], key + name)
+        target, scoring, calibration = given["target"], given["scoring"], given["calibration"]
+        selection, schedule = given["selection"], given["schedule"]
         try:
             check_combination(target, scoring, selection, schedule, plan_path=plan_path,
                               bias_compensation=bias_compensation)
@@ -97,6 +107,27 @@ class NirvanaPruningCallback(L.Callback):
         self._deltas = None  # bias compensation's, from rank 0 with the plan
 
     # ------------------------------------------------------------------ hooks
+    def check_before_load(self, trainer: L.Trainer, pl_module: L.LightningModule, config) -> None:
+        """With the model's config, before any weight loads: the family can carry compensation biases, and a
+        saved plan was made for this architecture."""
+        if self.bias_compensation:
+            from ..pruning.compensation import check_family
+
+            try:
+                check_family(config)
+            except ConfigError as err:
+                raise ConfigError("NirvanaPruningCallback.bias_compensation", True, err.expected) from None
+        if self.plan_path is not None and prunable(pl_module).resume_ckpt_path is None:
+            from ..loading import build_shape_model
+            from ..pruning.surgery import check_plan_matches
+
+            plan = PruningPlan.from_json(Path(self.plan_path).read_text(encoding="utf-8"))
+            try:  # against the model's names and shapes (meta device: nothing is read or allocated)
+                check_plan_matches(build_shape_model(config), plan)
+            except (ValueError, ConfigError) as err:
+                raise ConfigError("NirvanaPruningCallback.plan_path", self.plan_path,
+                                  f"a plan made for model.source={pl_module.hparams.source!r} ({err})") from None
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.plan is not None:
             return

@@ -238,6 +238,9 @@ def make_plan(
 
         if probe.dim() != 2 or probe.dtype not in (torch.int64, torch.int32) or probe.numel() == 0:
             raise ConfigError("probe", f"tensor {tuple(probe.shape)} {probe.dtype}", "a LongTensor (N, T) of token ids")
+        if probe.shape[1] < 2:  # the KL is over next-token predictions: a 1-token window predicts nothing
+            raise ConfigError("probe", f"tensor {tuple(probe.shape)}", "token windows of at least 2 tokens (N, T >= 2) "
+                              "for gamma 'auto'")
         check_token_ids([probe], int(model.get_input_embeddings().num_embeddings))
         if batches:
             check_disjoint([torch.cat(batches)] if len({b.shape[1] for b in batches}) == 1 else batches, probe)

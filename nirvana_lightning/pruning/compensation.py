@@ -63,8 +63,9 @@ def bias_deltas(model: nn.Module, plan: PruningPlan, calibration: list[torch.Ten
     return out
 
 
-def check_family(model: nn.Module) -> None:
-    config = unwrap_model(model).config
+def check_family(model_or_config) -> None:
+    """Refuse bias compensation for a family whose config cannot hold the biases (a model or its config)."""
+    config = getattr(unwrap_model(model_or_config), "config", model_or_config)
     if not (hasattr(config, "attention_bias") and hasattr(config, "mlp_bias")):
         raise ConfigError("bias_compensation", True, f"false for model_type {config.model_type!r}: its config cannot "
                           "hold o_proj / down_proj biases, so stock transformers could not reload the model "

@@ -136,6 +136,24 @@ class PruningPlan:
         """Check internal consistency; errors name the layer."""
         if self.format != PLAN_FORMAT:
             raise ValueError(f"plan format {self.format!r}; this version reads {PLAN_FORMAT!r} and {PLAN_FORMAT_V1!r}")
+        # the schema: types first, so no check below meets a None, a string or a bare number
+        if not isinstance(self.provenance, dict):
+            raise ValueError(f"plan provenance is {self.provenance!r}, not a mapping")
+        identity = self.provenance.get("model_identity")
+        if identity is not None and not isinstance(identity, dict):
+            raise ValueError(f"plan provenance.model_identity is {identity!r}, not a mapping")
+        for name, table, nested in (("keep", self.keep, True), ("width_before", self.width_before, False),
+                                    ("unit_cost", self.unit_cost, False)):
+            if not isinstance(table, dict):
+                continue  # named with the expected kinds below
+            for kind, rows in table.items():
+                if not isinstance(rows, list) or (nested and not all(isinstance(r, list) for r in rows)):
+                    what = "a list of index lists, one per layer" if nested else "a list of integers, one per layer"
+                    text = repr(rows)
+                    raise ValueError(f"plan {name}[{kind!r}] is {text[:60] + ' ...' if len(text) > 60 else text}, "
+                                     f"not {what}")
+        if not isinstance(self.n_head_before, list):
+            raise ValueError(f"plan n_head_before is {self.n_head_before!r}, not a list of integers")
         for name, value in (("n_query_per_kv", self.n_query_per_kv), ("head_dim", self.head_dim),
                             ("hidden_dim", self.hidden_dim)):
             if not _is_int(value) or value < 1:

@@ -94,13 +94,19 @@ class PruningTarget:
         elif not _is_number(self.gamma) or self.gamma <= 0:
             raise ConfigError("target.gamma", self.gamma, "a finite number > 0 or 'auto' (1 gives equal fractions)")
         if self.gamma_grid is not None:
-            grid = tuple(self.gamma_grid)
+            grid = (self.gamma_grid,) if _is_number(self.gamma_grid) else self.gamma_grid
+            if isinstance(grid, (str, dict)) or not hasattr(grid, "__iter__"):
+                raise ConfigError("target.gamma_grid", grid, "one or more numbers > 0 (a list)")
+            grid = tuple(grid)
             if not grid or any(not _is_number(g) or g <= 0 for g in grid):
                 raise ConfigError("target.gamma_grid", list(grid), "one or more numbers > 0")
             _freeze(self, "gamma_grid", tuple(float(g) for g in grid))
         check_choice("target.round_to", self.round_to, ROUND_TO_CHOICES)
         check_positive_int("target.tp_size", self.tp_size)
-        skip = tuple(self.skip_layers or ())
+        skip = self.skip_layers
+        if isinstance(skip, bool) or not (skip is None or isinstance(skip, (int, list, tuple))):
+            raise ConfigError("target.skip_layers", skip, "a list of layer indices (or one index)")
+        skip = (skip,) if isinstance(skip, int) else tuple(skip or ())  # skip_layers: 0 means layer 0, not none
         for i, layer in enumerate(skip):
             check_positive_int(f"target.skip_layers[{i}]", layer, minimum=0)
         _freeze(self, "skip_layers", skip)
@@ -234,7 +240,7 @@ class Selection:
         check_positive_int("selection.num_candidates", self.num_candidates)
         check_choice("selection.candidate_mode", self.candidate_mode, CANDIDATE_MODES)
         check_positive_int("selection.probe_samples", self.probe_samples)
-        check_positive_int("selection.probe_seq_len", self.probe_seq_len)
+        check_positive_int("selection.probe_seq_len", self.probe_seq_len, minimum=2)  # next-token KL needs 2
 
 
 @dataclass(frozen=True)
@@ -365,6 +371,8 @@ def from_flat(target: PruningTarget | None, scoring: Scoring | None, flat: dict[
     A keyword overrides the same field of an object also passed; an unknown keyword is an error that
     lists the valid ones.
     """
+    target = as_settings(PruningTarget, target, f"{where}: target") if target is not None else None
+    scoring = as_settings(Scoring, scoring, f"{where}: scoring") if scoring is not None else None
     parts: dict[str, dict[str, Any]] = {"target": {}, "scoring": {}}
     for key, value in flat.items():
         if key not in FLAT_KEYWORDS:
@@ -386,6 +394,27 @@ def from_flat(target: PruningTarget | None, scoring: Scoring | None, flat: dict[
 
 SECTIONS = {"target": PruningTarget, "scoring": Scoring, "calibration": Calibration, "selection": Selection,
             "schedule": Schedule}
+#: the one field a bare value stands for, where a user writes one (``target=0.3``, ``scoring="taylor"``)
+SHORTHAND = {PruningTarget: ("sparsity", (int, float)), Scoring: ("criterion", (str,)),
+             Selection: ("method", (str,)), Schedule: ("kind", (str,))}
+
+
+def as_settings(cls: type, value: Any, key: str):
+    """``value`` as a ``cls`` settings object: the object itself, a mapping of its fields, or the bare value
+    of its one obvious field (:data:`SHORTHAND`); anything else is a ConfigError naming ``key``."""
+    if isinstance(value, cls):
+        return value
+    names = [f.name for f in dataclasses.fields(cls)]
+    if isinstance(value, dict):
+        unknown = [k for k in value if k not in names]
+        if unknown:
+            raise ConfigError(f"{key}.{unknown[0]}", value[unknown[0]], f"a field of {cls.__name__}: {names}")
+        return cls(**value)
+    field_name, kinds = SHORTHAND.get(cls, (None, ()))
+    if field_name and isinstance(value, kinds) and not isinstance(value, bool):
+        return cls(**{field_name: value})
+    short = f", or a bare {field_name}" if field_name else ""
+    raise ConfigError(key, value, f"a {cls.__name__}, a mapping of its fields ({', '.join(names)}){short}")
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -51,6 +51,13 @@ def check_plan_matches(model: nn.Module, plan: PruningPlan, family: ModelFamily 
         if have != want or heads != plan.n_head_before[i]:
             raise ValueError(f"plan layer {i} expects {units(want, plan.n_head_before[i])}; the model has "
                              f"{units(have, heads)}")
+        # unit costs are the family's declaration, recomputed: an edited cost would falsify every sparsity
+        cost = {name: kinds[name].cost if name in kinds else 0 for name in plan.keep}
+        written = {name: plan.unit_cost[name][i] for name in plan.keep}
+        if cost != written:
+            raise ValueError(f"plan layer {i}: unit_cost {written} differs from the family's cost per unit {cost} "
+                             "(plan.json was edited, or made by another version; every reported sparsity would "
+                             "be wrong)")
 
 
 #: how errors name the unit kinds

@@ -47,4 +47,10 @@ def serving_constraints(model_type: str, heads: list[int], kv_heads: list[int], 
             broken.append(f"tensor parallel {tp}: layers {bad[:8]}{'...' if len(bad) > 8 else ''} have KV heads or MLP "
                           f"neurons not divisible by {tp} (prune with tp_size: {tp})")
             break
-    return {"uniform": uniform, "gguf_architecture": gguf, "max_tp_size": max_tp, "broken": broken}
+    from . import VLLM_FAMILIES
+
+    vllm = model_type in VLLM_FAMILIES  # what the plugin registers, not what the engine might load one day
+    if not vllm:
+        broken.append(f"vLLM: no per-layer-width class for {model_type} in the plugin (it registers "
+                      f"{', '.join(VLLM_FAMILIES)}); serve it with transformers")
+    return {"uniform": uniform, "gguf_architecture": gguf, "max_tp_size": max_tp, "vllm": vllm, "broken": broken}

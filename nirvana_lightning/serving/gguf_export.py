@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..io import file_mode
+from ..io import file_mode, remove_leftovers
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 QUANT_BLOCK = 32
@@ -286,6 +286,30 @@ def check_gguf_support(model: nn.Module, tokenizer, tokenizer_pre: str | None = 
     return arch
 
 
+def check_plan_is_models(model: nn.Module, plan) -> None:
+    """Refuse a plan the model was not cut with: its fingerprint would be recorded in the file as this model's.
+
+    The plan's model type and hidden size against the config, its kept KV groups / query heads / neurons per
+    layer against the model's widths.
+    """
+    config = model.config
+    identity = plan.provenance.get("model_identity") or {}
+    fingerprint = plan.fingerprint()
+    for field, have in (("model_type", config.model_type), ("hidden_size", int(config.hidden_size))):
+        if identity.get(field) not in (None, have):
+            raise ConfigError("save_gguf: plan", fingerprint, f"the plan this model was cut with (the plan was made "
+                              f"for {field}={identity[field]!r}, the model has {have!r})")
+    heads, kv_heads, ffn, _ = _layer_widths(model)
+    planned = {"KV groups": ([len(k) for k in plan.keep.get("self_attn", [])], kv_heads),
+               "MLP neurons": ([len(k) for k in plan.keep.get("mlp", [])], ffn)}
+    if "q_head" in plan.keep:
+        planned["query heads"] = ([len(k) for k in plan.keep["q_head"]], heads)
+    for what, (want, have) in planned.items():
+        if want and list(want) != list(have):
+            raise ConfigError("save_gguf: plan", fingerprint, f"the plan this model was cut with (the plan keeps "
+                              f"{what} per layer {want}, the model has {list(have)})")
+
+
 def save_gguf(model: nn.Module, tokenizer, path: str | Path, plan=None, dtype: str = "f16", *,
               tokenizer_pre: str | None = None, modelfile: bool = True, overwrite: bool = False,
               name: str | None = None) -> Path:
@@ -335,8 +359,11 @@ def save_gguf(model: nn.Module, tokenizer, path: str | Path, plan=None, dtype: s
         warnings.warn(f"{config.model_type} sliding_window={window}: llama.cpp attends over the whole context, so "
                       f"contexts longer than {window} tokens differ from transformers", stacklevel=2)
 
+    if plan is not None:
+        check_plan_is_models(model, plan)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_leftovers(path.parent, path.name)  # temporary files of a save_gguf that was killed
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     fallback: list[str] = []

@@ -29,16 +29,27 @@ def _torchao():
     return quantize_, Int8WeightOnlyConfig
 
 
-def _is_block_linear(module: nn.Module, fqn: str) -> bool:
-    # the decoder's linear layers; embeddings and the LM head (often tied to them) stay in float
-    return isinstance(module, nn.Linear) and ".layers." in f".{fqn}"
+def block_linear_names(model: nn.Module) -> set[str]:
+    """Qualified names of the linear layers inside the family's pruned blocks (decoder layers; T5's encoder
+    and decoder blocks): embeddings and the LM head (often tied to them) stay in float."""
+    from ..families import get_family
+
+    inside = {id(m) for layer in get_family(model).layers() for m in layer.modules() if isinstance(m, nn.Linear)}
+    return {name for name, m in model.named_modules() if id(m) in inside}
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Quantise every decoder linear weight to int8 (per output channel), in place; activations stay float."""
+def quantize_int8(model: nn.Module) -> int:
+    """Quantise every block linear weight to int8 (per output channel), in place; activations stay float.
+
+    Returns the number of weights quantised; a model where the family finds none is refused (a file that
+    says int8 must hold int8 weights).
+    """
     quantize_, Int8WeightOnlyConfig = _torchao()
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=_is_block_linear)
-    return model
+    names = block_linear_names(model)
+    if not names:
+        raise ValueError(f"int8 quantisation found no block linear layer in {type(model).__name__}")
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: fqn in names)
+    return len(names)
 
 
 __all__ = ["INT8_WEIGHTS", "METHODS", "QUANT_FILE", "quantize_int8"]

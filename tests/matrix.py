@@ -1,0 +1,157 @@
+"""The combination matrix: every feature axis, declared once, and the pairwise covering set of tiny fits.
+
+A new setting joins :data:`AXES` (and, if some of its values cannot combine, :data:`REFUSALS`, with the
+error that says so before any weight loads). :func:`cells` is allpairspy's covering set: every pair of
+values of any two axes occurs in at least one cell (``tests/test_matrix.py`` checks that independently).
+Each cell becomes one ``python -m nirvana_lightning fit`` config (:func:`cell_config`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+#: axis -> values. Families: one per distinct code path (llama: GQA and tied embeddings; qwen3: explicit
+#: head_dim and q/k norms; gemma3: soft-capping, one KV group per layer; t5: encoder-decoder). Mistral and
+#: Qwen2 are Llama's code path with other names (families/mistral.py, qwen2.py): their invariants are in
+#: tests/test_families.py.
+AXES: dict[str, list[str]] = {
+    "family": ["tiny-llama", "tiny-qwen3", "tiny-gemma3", "tiny-t5"],
+    "strategy": ["single", "ddp", "fsdp2"],
+    "granularity": ["group", "query_head"],
+    "selection": ["none", "kl"],
+    "gamma": ["fixed", "auto"],
+    "schedule": ["once", "iterative"],
+    "recovery": ["lora", "full", "kd", "none"],
+    "export": ["hf", "gguf", "int8"],
+    "criterion": ["nirvana", "taylor", "magnitude", "wanda_sp", "flap", "random"],
+}
+
+#: documented refusals: (what, predicate on a cell, the last line's pattern). Each is raised before any
+#: weight loads (the matrix test checks that transformers printed no "Loading weights").
+REFUSALS: list[tuple[str, object, str]] = [
+    ("KL selection ranks calibration sets; data-free criteria read none",
+     lambda c: c.get("selection") == "kl" and c.get("criterion") in ("magnitude", "random"),
+     r"NirvanaPruningCallback\.selection\.method='kl' .*'none' with scoring\.criterion"),
+    ("GGUF holds the Llama-like graphs only (llama.cpp has no per-layer Gemma 3 or T5 graph here)",
+     lambda c: c.get("export") == "gguf" and c.get("family") in ("tiny-gemma3", "tiny-t5"),
+     r"ExportCallback\.format='gguf' .*hf only for model_type"),
+    ("an iterative schedule prunes during training: nothing trains with recovery none",
+     lambda c: c.get("schedule") == "iterative" and c.get("recovery") == "none",
+     r"schedule|recovery"),
+]
+
+
+def refusal(cell: dict) -> tuple[str, str] | None:
+    """The documented refusal a cell meets first, ``(what, pattern)``, or None when it must run."""
+    for what, applies, pattern in REFUSALS:
+        if applies(cell):
+            return what, pattern
+    return None
+
+
+def cells() -> list[dict[str, str]]:
+    """The pairwise covering set (allpairspy), in a fixed order; cells named ``c00``, ``c01``, ..."""
+    from allpairspy import AllPairs
+
+    names = list(AXES)
+
+    def runs(partial: list[str]) -> bool:  # allpairspy grows rows axis by axis: a refused prefix is dropped
+        return refusal(dict(zip(names, partial))) is None
+
+    rows = [dict(zip(names, values)) for values in AllPairs([AXES[n] for n in names], filter_func=runs)]
+    # allpairspy's filtering can leave valid pairs uncovered: add a greedy cell for each one left
+    while missing := uncovered_pairs(rows):
+        (a, x), (b, y) = missing[0]
+        row = {a: x, b: y}
+        todo = set(missing)
+        for axis in names:
+            if axis in row:
+                continue
+            def gain(value, axis=axis):
+                trial = row | {axis: value}
+                return (refusal(trial) is None,
+                        sum(((p, trial[p]), (q, trial[q])) in todo for p, q in itertools.combinations(names, 2)
+                            if p in trial and q in trial))
+            row[axis] = max(AXES[axis], key=gain)
+        assert refusal(row) is None, row
+        rows.append({n: row[n] for n in names})
+    return rows
+
+
+def uncovered_pairs(rows: list[dict[str, str]]) -> list[tuple]:
+    """Every ``((axis, value), (axis, value))`` pair that no row holds and that is not itself a documented
+    refusal (empty for a covering set)."""
+    seen = {((a, r[a]), (b, r[b])) for r in rows for a, b in itertools.combinations(AXES, 2)}
+    return [((a, x), (b, y)) for a, b in itertools.combinations(AXES, 2) for x in AXES[a] for y in AXES[b]
+            if ((a, x), (b, y)) not in seen and refusal({a: x, b: y}) is None]
+
+
+#: one cell per documented refusal (the pair that is refused, the rest the defaults of a plain run)
+BASE_CELL = {"family": "tiny-llama", "strategy": "single", "granularity": "group", "selection": "none",
+             "gamma": "fixed", "schedule": "once", "recovery": "lora", "export": "hf", "criterion": "nirvana"}
+REFUSAL_CELLS = [BASE_CELL | {"selection": "kl", "criterion": "magnitude"},
+                 BASE_CELL | {"export": "gguf", "family": "tiny-t5"},
+                 BASE_CELL | {"export": "gguf", "family": "tiny-gemma3"},
+                 BASE_CELL | {"schedule": "iterative", "recovery": "none"}]
+
+
+def n_pairs() -> int:
+    return sum(len(AXES[a]) * len(AXES[b]) for a, b in itertools.combinations(AXES, 2))
+
+
+def cell_id(i: int, cell: dict) -> str:
+    short = {"tiny-": "", "query_head": "qh", "iterative": "iter", "wanda_sp": "wanda"}
+    text = "-".join(cell.values())
+    for a, b in short.items():
+        text = text.replace(a, b)
+    return f"c{i:02d}-{re.sub(r'[^a-z0-9_-]', '', text)}"
+
+
+def cell_config(cell: dict, out: Path, *, strategy: str | None = None) -> dict:
+    """The fit config of ``cell`` writing under ``out`` (``strategy`` overrides the cell's: the single-process
+    reference run of a multi-process cell)."""
+    strategy = strategy or cell["strategy"]
+    trainer: dict = {"accelerator": "cpu", "devices": 1 if strategy == "single" else 2, "max_steps": 4,
+                     "limit_val_batches": 1, "val_check_interval": 2, "log_every_n_steps": 1,
+                     "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+                     "default_root_dir": str(out / "run")}
+    if strategy == "ddp":
+        trainer["strategy"] = "ddp"
+    elif strategy == "fsdp2":
+        trainer["strategy"] = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+                               "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
+    target: dict = {"sparsity": 0.3, "gamma": 2.0 if cell["gamma"] == "fixed" else "auto", "round_to": 8,
+                    "attention_granularity": cell["granularity"]}
+    if cell["gamma"] == "auto":
+        target["gamma_grid"] = [1.0, 3.0]
+    if cell["export"] == "gguf" and cell["family"] == "tiny-qwen3":
+        target["allocation"] = "uniform"  # llama.cpp runs qwen3 (q/k norms) with equal widths only (docs/serving.md)
+    pruning: dict = {"target": target, "scoring": {"criterion": cell["criterion"]},
+                     "calibration": {"samples": 4, "seq_len": 16}}
+    if cell["selection"] == "kl":
+        pruning["selection"] = {"method": "kl", "num_candidates": 2, "probe_samples": 4, "probe_seq_len": 16}
+    elif cell["gamma"] == "auto":
+        pruning["selection"] = {"probe_samples": 4, "probe_seq_len": 16}
+    if cell["schedule"] == "iterative":
+        pruning["schedule"] = {"kind": "linear", "n_steps": 2, "every_n_steps": 2}
+    export: dict = {"path": str(out / "export")}
+    if cell["export"] == "gguf":
+        export.update(format=["hf", "gguf"], gguf_dtypes=["f32"])
+    elif cell["export"] == "int8":
+        export["quantize"] = "int8_weight_only"
+    model: dict = {"source": cell["family"], "lr": 1.0e-3, "warmup_steps": 1,
+                   "recovery": {"kd": "full"}.get(cell["recovery"], cell["recovery"])}
+    if cell["recovery"] == "kd":
+        model["objective"] = "kd"
+    if cell["recovery"] == "lora":
+        model.update(lora_r=4, lora_dropout=0.0)
+    trainer["callbacks"] = [
+        {"class_path": "nirvana_lightning.NirvanaPruningCallback", "init_args": pruning},
+        {"class_path": "rank_record.RecordCell", "init_args": {"out_dir": str(out)}},  # before the export merges
+        {"class_path": "nirvana_lightning.ExportCallback", "init_args": export},
+    ]
+    data = {"task": "lm", "sources": ["brown"], "seq_len": 32, "max_train_windows": 16, "max_val_windows": 2,
+            "batch_size": 2}
+    return {"seed_everything": 0, "trainer": trainer, "model": model, "data": data}
