@@ -68,6 +68,14 @@ class NirvanaCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer = cfg.get("trainer") or {}
         check_strategy_config(trainer.get("strategy"), trainer.get("devices"), trainer.get("num_nodes", 1))
+        devices = trainer.get("devices")
+        devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices
+        n = len(devices) if isinstance(devices, (list, tuple)) else devices if isinstance(devices, int) else 1
+        recovery = (cfg.get("model") or {}).get("recovery")
+        if self.subcommand == "fit" and recovery == "none" and n * (trainer.get("num_nodes") or 1) > 1:
+            raise ConfigError("model.recovery", "none", "'lora' or 'full' with several processes (trainer.devices="
+                              f"{devices}): nothing is trained, so DDP / FSDP2 would have no gradient to synchronise; "
+                              "prune and evaluate in one process (trainer.devices: 1)")
 
     def before_fit(self) -> None:
         self._refuse_sft_for_encoder_decoders()

@@ -29,7 +29,8 @@ AXES: dict[str, list[str]] = {
 }
 
 #: documented refusals: (what, predicate on a cell, the last line's pattern). Each is raised before any
-#: weight loads (the matrix test checks that transformers printed no "Loading weights").
+#: weight loads (the matrix test checks that transformers printed no "Loading weights"), except where
+#: :data:`AFTER_THE_PLAN` says it depends on the plan: then it comes after scoring, before any training step.
 REFUSALS: list[tuple[str, object, str]] = [
     ("KL selection ranks calibration sets; data-free criteria read none",
      lambda c: c.get("selection") == "kl" and c.get("criterion") in ("magnitude", "random"),
@@ -37,10 +38,24 @@ REFUSALS: list[tuple[str, object, str]] = [
     ("GGUF holds the Llama-like graphs only (llama.cpp has no per-layer Gemma 3 or T5 graph here)",
      lambda c: c.get("export") == "gguf" and c.get("family") in ("tiny-gemma3", "tiny-t5"),
      r"ExportCallback\.format='gguf' .*hf only for model_type"),
-    ("an iterative schedule prunes during training: nothing trains with recovery none",
-     lambda c: c.get("schedule") == "iterative" and c.get("recovery") == "none",
-     r"schedule|recovery"),
+    ("a qwen3 GGUF needs equal widths in every layer (llama.cpp's per-layer graph has no q/k norms); the "
+     "widths exist once the plan does: refused after scoring, before any training step",
+     lambda c: c.get("export") == "gguf" and c.get("family") == "tiny-qwen3",
+     r"ExportCallback\.format='gguf' .*qwen3 with per-layer widths"),
+    ("gamma 'auto' searches one cut; an iterative schedule fixes each step's counts from a number",
+     lambda c: c.get("gamma") == "auto" and c.get("schedule") == "iterative",
+     r"NirvanaPruningCallback\.target\.gamma='auto' .*a number with an iterative schedule"),
+    ("T5's attention is multi-head: one head is already one unit (no query-head granularity)",
+     lambda c: c.get("family") == "tiny-t5" and c.get("granularity") == "query_head",
+     r"attention_granularity='query_head' .*'group' for t5"),
+    ("several processes train nothing with recovery none (no gradient for DDP / FSDP2 to synchronise)",
+     lambda c: c.get("recovery") == "none" and c.get("strategy") in ("ddp", "fsdp2"),
+     r"model\.recovery='none' .*with several processes"),
 ]
+
+
+#: the refusals that depend on the plan's widths (the first words of their ``what``)
+AFTER_THE_PLAN = ("a qwen3 GGUF",)
 
 
 def refusal(cell: dict) -> tuple[str, str] | None:
@@ -94,7 +109,11 @@ BASE_CELL = {"family": "tiny-llama", "strategy": "single", "granularity": "group
 REFUSAL_CELLS = [BASE_CELL | {"selection": "kl", "criterion": "magnitude"},
                  BASE_CELL | {"export": "gguf", "family": "tiny-t5"},
                  BASE_CELL | {"export": "gguf", "family": "tiny-gemma3"},
-                 BASE_CELL | {"schedule": "iterative", "recovery": "none"}]
+                 BASE_CELL | {"export": "gguf", "family": "tiny-qwen3"},
+                 BASE_CELL | {"gamma": "auto", "schedule": "iterative"},
+                 BASE_CELL | {"family": "tiny-t5", "granularity": "query_head"},
+                 BASE_CELL | {"recovery": "none", "strategy": "ddp"},
+                 BASE_CELL | {"recovery": "none", "strategy": "fsdp2"}]
 
 
 def n_pairs() -> int:
@@ -109,11 +128,11 @@ def cell_id(i: int, cell: dict) -> str:
     return f"c{i:02d}-{re.sub(r'[^a-z0-9_-]', '', text)}"
 
 
-def cell_config(cell: dict, out: Path, *, strategy: str | None = None) -> dict:
-    """The fit config of ``cell`` writing under ``out`` (``strategy`` overrides the cell's: the single-process
-    reference run of a multi-process cell)."""
-    strategy = strategy or cell["strategy"]
-    trainer: dict = {"accelerator": "cpu", "devices": 1 if strategy == "single" else 2, "max_steps": 4,
+def cell_config(cell: dict, out: Path, *, reference: bool = False) -> dict:
+    """The fit config of ``cell`` writing under ``out``. ``reference``: the single-process run that only makes
+    the first plan of a multi-process cell (one step, no validation, no export), to compare plans."""
+    strategy = "single" if reference else cell["strategy"]
+    trainer: dict = {"accelerator": "cpu", "devices": 1 if strategy == "single" else 2, "max_steps": 3,
                      "limit_val_batches": 1, "val_check_interval": 2, "log_every_n_steps": 1,
                      "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
                      "default_root_dir": str(out / "run")}
@@ -126,8 +145,6 @@ def cell_config(cell: dict, out: Path, *, strategy: str | None = None) -> dict:
                     "attention_granularity": cell["granularity"]}
     if cell["gamma"] == "auto":
         target["gamma_grid"] = [1.0, 3.0]
-    if cell["export"] == "gguf" and cell["family"] == "tiny-qwen3":
-        target["allocation"] = "uniform"  # llama.cpp runs qwen3 (q/k norms) with equal widths only (docs/serving.md)
     pruning: dict = {"target": target, "scoring": {"criterion": cell["criterion"]},
                      "calibration": {"samples": 4, "seq_len": 16}}
     if cell["selection"] == "kl":
@@ -152,6 +169,8 @@ def cell_config(cell: dict, out: Path, *, strategy: str | None = None) -> dict:
         {"class_path": "rank_record.RecordCell", "init_args": {"out_dir": str(out)}},  # before the export merges
         {"class_path": "nirvana_lightning.ExportCallback", "init_args": export},
     ]
+    if reference:  # the first plan is made at setup: one step, nothing else
+        trainer.update(max_steps=1, limit_val_batches=0, callbacks=trainer["callbacks"][:1])
     data = {"task": "lm", "sources": ["brown"], "seq_len": 32, "max_train_windows": 16, "max_val_windows": 2,
             "batch_size": 2}
     return {"seed_everything": 0, "trainer": trainer, "model": model, "data": data}

@@ -59,21 +59,29 @@ class RecordShardedState(L.Callback):
 
 
 class RecordCell(L.Callback):
-    """The combination matrix's record of each rank at fit end (before the export merges LoRA): the plan's
-    fingerprint, a hash of every trained tensor (gathered under FSDP2, a collective every rank joins), and
-    rank 0's logits of fixed ids through the trained model (the export must reload to them)."""
+    """The combination matrix's record of each rank at fit end (before the export): the plan's fingerprint, a
+    hash of every trained tensor (gathered on every rank under FSDP2, a collective), the trained model's
+    logits of fixed ids, and on rank 0 the logits of what the export writes (LoRA merged into a plain model,
+    and its int8 copy when the ExportCallback quantises): the export must reload to exactly those."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        import copy
+
         import torch
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         from nirvana_lightning.families import get_family
+        from nirvana_lightning.recovery.lora import merged_model
         from nirvana_lightning.sharding import full_state_dict, is_fully_sharded
 
         model = pl_module.model
-        state = full_state_dict(model) if is_fully_sharded(model) else model.state_dict()
+        sharded = is_fully_sharded(model)
+        # FSDP2: every rank gathers the whole state (a collective) and hashes it, so ranks compare like DDP's
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) if sharded \
+            else model.state_dict()
         h = hashlib.sha256()
         for name, p in sorted(state.items()):
             h.update(name.encode())
@@ -83,8 +91,19 @@ class RecordCell(L.Callback):
         model.eval()
         with torch.no_grad():  # under FSDP2 every rank runs it (the forward gathers shards)
             logits = model(**kwargs).logits.float()
+        host = full_state_dict(model) if sharded else None  # what the export gathers (rank 0), a collective
         pruning = next(c for c in trainer.callbacks if type(c).__name__ == "NirvanaPruningCallback")
         record = {"plan": pl_module.pruning_plan.fingerprint(), "weights": h.hexdigest(), "step": trainer.global_step,
                   "steps_pruned": len(pruning.history), "scored": pruning.scored_on_this_rank,
                   "world_size": trainer.world_size, "logits": logits.tolist()}
+        if trainer.global_rank == 0:
+            plain = merged_model(model, host).eval()
+            export = next(c for c in trainer.callbacks if type(c).__name__ == "ExportCallback")
+            if export.quantize:
+                from nirvana_lightning.serving.quantize import quantize_int8
+
+                plain = copy.deepcopy(plain)
+                quantize_int8(plain)
+            with torch.no_grad():
+                record["export_logits"] = plain(**kwargs).logits.float().tolist()
         Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

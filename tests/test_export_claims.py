@@ -163,3 +163,30 @@ def test_the_destination_lock_is_held_only_while_the_process_lives(tmp_path):
     with PathLock(tmp_path / "export").acquire(wait=False) as lock:
         assert lock.held
     assert not Path(tmp_path / ".export.lock").exists()  # released: the lock file is removed
+
+
+def test_an_export_to_a_read_only_place_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """Root may write almost anywhere, so a read-only place here is sysfs (EACCES even for root on these machines);
+    the CLI table has the portable case (a destination under a regular file)."""
+    from nirvana_lightning.cli import entry
+
+    probe = Path("/sys/nirvana-write-probe")
+    try:
+        probe.mkdir()
+        probe.rmdir()
+        pytest.skip("/sys is writable on this machine")
+    except OSError:
+        pass
+    config = tmp_path / "export.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: nirvana_lightning.ExportCallback\n"
+                      "      init_args:\n        path: /sys/nirvana-export/export\n")
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    with pytest.raises(SystemExit) as info:
+        entry(["fit", "--config", str(repo / "configs" / "debug" / "tiny.yaml"), "--config", str(config),
+               f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("nirvana-lightning: error: ExportCallback.path='/sys/nirvana-export/export' is invalid; "
+                           "expected a writable location"), last
+    assert not list((tmp_path / "run").rglob("plan.json"))

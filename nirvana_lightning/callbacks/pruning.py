@@ -117,13 +117,21 @@ class NirvanaPruningCallback(L.Callback):
                 check_family(config)
             except ConfigError as err:
                 raise ConfigError("NirvanaPruningCallback.bias_compensation", True, err.expected) from None
+        from ..loading import build_shape_model
+
+        shape_model = build_shape_model(config)  # names and shapes on the meta device: nothing read or allocated
+        family = get_family(shape_model)
+        try:  # the family's own refusals of these settings (T5 has no query-head granularity, ...)
+            for layer in family.layers():
+                family.unit_kinds(layer, self.target.attention_granularity)
+        except ConfigError as err:
+            raise ConfigError(f"NirvanaPruningCallback.{err.key}", err.value, err.expected) from None
         if self.plan_path is not None and prunable(pl_module).resume_ckpt_path is None:
-            from ..loading import build_shape_model
             from ..pruning.surgery import check_plan_matches
 
             plan = PruningPlan.from_json(Path(self.plan_path).read_text(encoding="utf-8"))
-            try:  # against the model's names and shapes (meta device: nothing is read or allocated)
-                check_plan_matches(build_shape_model(config), plan)
+            try:  # against the model's names and shapes
+                check_plan_matches(shape_model, plan)
             except (ValueError, ConfigError) as err:
                 raise ConfigError("NirvanaPruningCallback.plan_path", self.plan_path,
                                   f"a plan made for model.source={pl_module.hparams.source!r} ({err})") from None
