@@ -244,13 +244,14 @@ def _save_quantized(model: nn.Module, tmp: Path, method: str) -> None:
     """config.json, generation_config.json and the torchao state dict of a quantised copy of ``model``."""
     import torch
 
-    from .serving.quantize import INT8_WEIGHTS, QUANT_FILE, quantize_int8
+    from .serving.quantize import INT8_WEIGHTS, QUANT_FILE, block_linear_names, quantize_int8
 
     model.config.save_pretrained(tmp)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
     quantized = copy.deepcopy(model)
-    n_quantized = quantize_int8(quantized)
+    n_quantized = len(block_linear_names(quantized))
+    quantize_int8(quantized)
     state = quantized.state_dict()
     # what the file holds, counted from it (not what was asked): torchao's int8 tensors are subclasses
     n_int8 = sum(1 for t in state.values() if type(t) is not torch.Tensor and "int8" in repr(type(t)).lower()

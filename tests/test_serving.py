@@ -360,7 +360,7 @@ def test_export_names_the_serving_constraints_it_breaks(tokenizer, tmp_path):
     assert any("q8_0/q4_0" in b for b in report["broken"]) and any("tensor parallel 2" in b for b in report["broken"])
     assert "Constraints this model breaks" in (tmp_path / "e" / "README.md").read_text()
     aligned = serving_constraints("llama", [4, 8], [2, 4], [256, 512])
-    assert aligned == {"uniform": False, "gguf_architecture": "deci", "max_tp_size": 2, "broken": [
+    assert aligned == {"uniform": False, "gguf_architecture": "deci", "max_tp_size": 2, "vllm": True, "broken": [
         "tensor parallel 4: layers [0] have KV heads or MLP neurons not divisible by 4 (prune with tp_size: 4)"]}
     assert serving_constraints("qwen3", [4, 2], [2, 1], [64, 64])["gguf_architecture"] == "refused"
 

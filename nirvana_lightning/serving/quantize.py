@@ -38,18 +38,18 @@ def block_linear_names(model: nn.Module) -> set[str]:
     return {name for name, m in model.named_modules() if id(m) in inside}
 
 
-def quantize_int8(model: nn.Module) -> int:
+def quantize_int8(model: nn.Module) -> nn.Module:
     """Quantise every block linear weight to int8 (per output channel), in place; activations stay float.
 
-    Returns the number of weights quantised; a model where the family finds none is refused (a file that
-    says int8 must hold int8 weights).
+    A model where the family finds no block linear layer is refused (a file that says int8 must hold int8
+    weights); :func:`block_linear_names` lists the layers quantised.
     """
     quantize_, Int8WeightOnlyConfig = _torchao()
     names = block_linear_names(model)
     if not names:
         raise ValueError(f"int8 quantisation found no block linear layer in {type(model).__name__}")
     quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: fqn in names)
-    return len(names)
+    return model
 
 
-__all__ = ["INT8_WEIGHTS", "METHODS", "QUANT_FILE", "quantize_int8"]
+__all__ = ["INT8_WEIGHTS", "METHODS", "QUANT_FILE", "block_linear_names", "quantize_int8"]
