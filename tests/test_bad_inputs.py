@@ -334,9 +334,11 @@ CLI = [
     ("cli ckpt_path foreign torch file", ["--ckpt_path=FOREIGN"], r"ckpt_path=.*foreign\.pt.*no state_dict"),
     ("cli ckpt_path missing", ["--ckpt_path=/no/such.ckpt"], r"ckpt_path='/no/such\.ckpt' .*existing checkpoint"),
     ("cli export claimed by a live run", ["--config=EXPORT_LOCKED"], r"ExportCallback\.path=.*claimed by another"),
-    ("cli export not writable", ["--config=EXPORT_UNDER_FILE"], r"ExportCallback\.path=.*a writable location"),
+    ("cli export not writable", ["--config=EXPORT_UNDER_FILE"],
+     r"ExportCallback\.path=.*a writable location \(.*a-file is a file, not a directory\)"),
     ("cli export gguf for t5", ["--config=EXPORT_GGUF", "--model.source=tiny-t5"],
      r"ExportCallback\.format='gguf' .*model_type 't5'"),
+    ("cli tp_size not dividing the model", ["--config=TP4"], r"target\.tp_size=4 .*layer 0 has 2 self_attn units"),
     ("cli compensation on gemma3", ["--config=COMPENSATE", "--model.source=tiny-gemma3"],
      r"NirvanaPruningCallback\.bias_compensation=True .*gemma3"),
     ("cli plan of another model", ["--config=PLAN_QWEN3"], r"plan_path=.*made for another model"),
@@ -414,7 +416,8 @@ def _cli_args(args: list[str], tmp_path: Path) -> list[str]:
              "EXPORT_LOCKED": _export_yaml(tmp_path / "claimed"),
              "EXPORT_UNDER_FILE": _export_yaml(tmp_path / "a-file" / "export"),
              "EXPORT_GGUF": _export_yaml(tmp_path / "gguf-export", format="gguf"),
-             "COMPENSATE": _pruning_yaml(bias_compensation=True)}
+             "COMPENSATE": _pruning_yaml(bias_compensation=True),
+             "TP4": _pruning_yaml(target={"sparsity": 0.3, "tp_size": 4})}
     (tmp_path / "a-file").write_text("not a directory")
     if any("PLAN_" in a for a in args):
         for name, path in _plans(tmp_path).items():

@@ -132,6 +132,10 @@ class ExportCallback(L.Callback):
             raise ConfigError("ExportCallback.path", str(target), "a directory path (this is a file)")
         if target.exists() and any(target.iterdir()) and not self.overwrite:  # fail before any training
             raise ConfigError("ExportCallback.path", str(target), "a new or empty directory, or overwrite: true")
+        blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise ConfigError("ExportCallback.path", str(target), f"a writable location ({blocker} is a file, not a "
+                              "directory)")
         try:  # creating the lock file beside the destination proves the directory is writable
             self._lock = PathLock(target).acquire(wait=False)
         except PathLocked as err:

@@ -126,6 +126,12 @@ class NirvanaPruningCallback(L.Callback):
                 family.unit_kinds(layer, self.target.attention_granularity)
         except ConfigError as err:
             raise ConfigError(f"NirvanaPruningCallback.{err.key}", err.value, err.expected) from None
+        tp = self.target.tp_size
+        for i, layer in enumerate(family.layers() if tp > 1 else ()):  # the rule allocation applies, known now
+            for name, kind in family.unit_kinds(layer, "group").items():
+                if kind.n_units % tp:
+                    raise ConfigError("NirvanaPruningCallback.target.tp_size", tp, "a degree dividing every layer's "
+                                      f"units (layer {i} has {kind.n_units} {name} units)")
         if self.plan_path is not None and prunable(pl_module).resume_ckpt_path is None:
             from ..pruning.surgery import check_plan_matches
 
