@@ -29,7 +29,7 @@ Protocol.
     perplexity   ``nirvana_lightning.eval.compute_perplexity`` (next-token NLL over T-1 positions
                  per window), dense and under ``masked_units(model, plan)``.
     KL           mean over every probe token (all T positions) of KL(P_dense || Q_pruned) over the
-                 vocabulary, in fp32 (``pruning.selection.mean_token_kl``, the function KL selection uses;
+                 vocabulary, in fp32 (``pruning.probe.mean_token_kl``, the function KL selection uses;
                  the dense log-probs are computed once by ``compute_dense_logprobs``).
     params       block linear weights kept (``plan.block_params_after``) and total parameters
                  after = total - (block before - block after); embeddings, norms and the head stay.

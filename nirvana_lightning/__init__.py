@@ -18,7 +18,8 @@ _EXPORTS: dict[str, str] = {
          "PruningReportCallback", "RunSummaryCallback"), ".callbacks"),
     "NirvanaDataModule": ".data",
     "ConfigError": ".errors",
-    **dict.fromkeys(("load_pruned", "load_pruned_adapter", "save_pruned"), ".export"),
+    **dict.fromkeys(("load_pruned", "save_pruned"), ".export"),
+    "load_pruned_adapter": ".loading",
     "save_gguf": ".serving.gguf_export",
     **dict.fromkeys(("load_model", "load_tokenizer"), ".loading"),
     "NirvanaModule": ".module",
@@ -59,8 +60,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .contract import PrunableModule, PruneListener, SummarySource  # noqa: F401
     from .data import NirvanaDataModule  # noqa: F401
     from .errors import ConfigError  # noqa: F401
-    from .export import load_pruned, load_pruned_adapter, save_pruned  # noqa: F401
-    from .loading import load_model, load_tokenizer  # noqa: F401
+    from .export import load_pruned, save_pruned  # noqa: F401
+    from .loading import (  # noqa: F401
+        load_model,
+        load_pruned_adapter,  # noqa: F401
+        load_tokenizer,
+    )
     from .module import NirvanaModule  # noqa: F401
     from .pruning import (  # noqa: F401
         PruningPlan,

@@ -348,7 +348,7 @@ def load_pruned(path: str | Path, dtype: str | None = None, *, verify: bool = Tr
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from .loading import DTYPES
+    from .dtypes import DTYPES
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -392,22 +392,4 @@ def load_pruned(path: str | Path, dtype: str | None = None, *, verify: bool = Tr
     return model, tokenizer
 
 
-def load_pruned_adapter(path: str | Path, base_model: nn.Module | None = None):
-    """Rebuild an adapter-only export: dense base (from the reference or given), plan applied, adapter loaded."""
-    from .loading import load_model
-    from .pruning.surgery import cut_model
-    from .recovery.lora import load_adapter
-
-    path = Path(path)
-    tokenizer = None
-    if base_model is None:
-        ref = json.loads((path / BASE_FILE).read_text())
-        base_model, tokenizer = load_model(ref["base_model"], dtype=ref.get("dtype", "float32"))
-    plan = PruningPlan.from_json((path / PLAN_FILE).read_text())
-    cut_model(base_model, plan)
-    model = load_adapter(base_model, path)
-    model.eval()
-    return model, tokenizer
-
-
-__all__ = ["load_pruned", "load_pruned_adapter", "save_pruned"]
+__all__ = ["load_pruned", "save_pruned"]

@@ -14,10 +14,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from .debug_models import TINY_CONFIGS, build_tiny_model
+from .dtypes import DTYPES
 from .errors import ConfigError, check_choice
 from .io import PathLock, write_dir_atomic
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -270,3 +270,26 @@ def is_pruned_export(path: str | Path) -> bool:
         raise ConfigError("model.source", str(path), "a float export: this directory holds int8 (torchao) weights, "
                           "which load_pruned reads for inference but cannot be trained or pruned again")
     return WIDTHS_KEY in data
+
+
+def load_pruned_adapter(path: str | Path, base_model: torch.nn.Module | None = None):
+    """Rebuild an adapter-only export (``save_pruned(adapter_only=True)``): the dense base (from the reference
+    in the export, or given), the plan applied, the adapter loaded. A model source like the others, so it lives
+    here, above the export writer."""
+    import json
+
+    from .export import BASE_FILE, PLAN_FILE
+    from .pruning.plan import PruningPlan
+    from .pruning.surgery import cut_model
+    from .recovery.lora import load_adapter
+
+    path = Path(path)
+    tokenizer = None
+    if base_model is None:
+        ref = json.loads((path / BASE_FILE).read_text())
+        base_model, tokenizer = load_model(ref["base_model"], dtype=ref.get("dtype", "float32"))
+    plan = PruningPlan.from_json((path / PLAN_FILE).read_text())
+    cut_model(base_model, plan)
+    model = load_adapter(base_model, path)
+    model.eval()
+    return model, tokenizer

@@ -12,7 +12,8 @@ import torch
 
 from nirvana_lightning import prune
 from nirvana_lightning.debug_models import CAUSAL_TINY, build_tiny_model
-from nirvana_lightning.export import load_pruned, load_pruned_adapter, save_pruned
+from nirvana_lightning.export import load_pruned, save_pruned
+from nirvana_lightning.loading import load_pruned_adapter
 from nirvana_lightning.recovery import apply_recovery
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))

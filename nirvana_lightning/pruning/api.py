@@ -19,7 +19,7 @@ from .gradients import UnitScores, as_batches, check_token_ids, compute_unit_sco
 from .plan import PruningPlan, library_versions
 from .saliency import check_finite
 from .settings import PruningTarget, Scoring, from_flat
-from .surgery import cut_model
+from .surgery import cut_model, model_identity  # noqa: F401 - api's name since 0.2
 
 
 def count_parameters(model: nn.Module, family: ModelFamily | None = None) -> dict[str, int]:
@@ -79,22 +79,6 @@ def unit_layout(family: ModelFamily, granularity: str = "group") -> UnitLayout:
 def attention_unit_kind(granularity: str) -> str:
     """The unit kind allocation ranks as attention: KV groups (`self_attn`) or query heads (`q_head`)."""
     return "q_head" if granularity == "query_head" else "self_attn"
-
-
-def model_identity(model: nn.Module) -> dict:
-    """What a plan is made for: model_type, sizes, and a fingerprint of every parameter's name and shape.
-
-    The fingerprint ignores values and dtype, so a plan applies to the same architecture in another
-    precision or after fine-tuning, and to nothing else.
-    """
-    import hashlib
-
-    model = unwrap_model(model)
-    config = model.config
-    spec = ";".join(f"{n}:{tuple(p.shape)}" for n, p in sorted(model.named_parameters()))
-    return {"model_type": config.model_type, "hidden_size": int(config.hidden_size),
-            "vocab_size": int(config.vocab_size), "n_layer": int(config.num_hidden_layers),
-            "fingerprint": hashlib.sha256(spec.encode()).hexdigest()[:16]}
 
 
 def plan_from_scores(
@@ -234,7 +218,7 @@ def make_plan(
         batches = as_batches(calibration, scoring.micro_batch_size)
         check_token_ids(batches, int(model.get_input_embeddings().num_embeddings))
     if auto:
-        from .selection import check_disjoint
+        from .probe import check_disjoint
 
         if probe.dim() != 2 or probe.dtype not in (torch.int64, torch.int32) or probe.numel() == 0:
             raise ConfigError("probe", f"tensor {tuple(probe.shape)} {probe.dtype}", "a LongTensor (N, T) of token ids")

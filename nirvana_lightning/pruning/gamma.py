@@ -20,9 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-
-#: default grid: uniform fractions (1) to the paper's range (3-4) and beyond
-GAMMA_GRID = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+from .settings import GAMMA_GRID  # noqa: F401 - gamma's name since 0.2 (declared with the settings)
 
 
 @dataclass
@@ -59,7 +57,7 @@ def search_gamma(model: nn.Module, make, probe: torch.Tensor, grid: Sequence[flo
                  batch_size: int = 16):
     """Return ``(plan, GammaSearch)``: ``make(gamma)`` allocates a plan from fixed scores (ConfigError when
     infeasible); each is evaluated by masking on ``probe`` against the dense model's log-probabilities."""
-    from .selection import check_logprob_memory, compute_dense_logprobs, mean_token_kl
+    from .probe import check_logprob_memory, compute_dense_logprobs, mean_token_kl
     from .surgery import masked_units
 
     start = time.perf_counter()

@@ -7,28 +7,30 @@ lowest mean per-token KL(P_dense || Q_pruned) on a probe set disjoint from every
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.sft import IGNORE_INDEX
 from ..errors import ConfigError
-from ..families import get_family, unwrap_model
+from ..families import unwrap_model
 from .api import make_plan
 from .gradients import fingerprint
 from .plan import PruningPlan
+from .probe import (  # noqa: F401 - selection's names since 0.2
+    Span,
+    available_memory_bytes,
+    check_disjoint,
+    check_logprob_memory,
+    compute_dense_logprobs,
+    mean_token_kl,
+)
 from .settings import PruningTarget, Scoring, from_flat
 from .surgery import masked_units
-
-#: a window's origin: (stream name, start offset, length)
-Span = tuple[str, int, int]
 
 
 @dataclass
@@ -56,107 +58,6 @@ class SelectionResult:
         return {"method": "kl", "kls": self.kls, "best_index": self.best_index, "perplexities": self.perplexities,
                 "fingerprints": self.fingerprints, "seconds": self.seconds,
                 "winner_fingerprint": self.fingerprints[self.best_index]}
-
-
-def check_disjoint(candidates: Sequence[torch.Tensor], probe: torch.Tensor,
-                   candidate_spans: Sequence[Sequence[Span]] | None = None,
-                   probe_spans: Sequence[Span] | None = None, ngram: int = 32) -> None:
-    """Raise if the probe overlaps any candidate.
-
-    With spans (window origins), any shared token position of the same stream is an overlap.
-    Without them, and in addition, any ``ngram``-token sequence shared by a probe window and a
-    candidate window is treated as an overlap (windows cut from overlapping text share one).
-    """
-    if candidate_spans is not None and probe_spans is not None:
-        for c, spans in enumerate(candidate_spans):
-            for stream, start, length in spans:
-                for p_stream, p_start, p_length in probe_spans:
-                    if stream == p_stream and start < p_start + p_length and p_start < start + length:
-                        raise ConfigError("probe", f"window at {p_stream}[{p_start}:{p_start + p_length}]",
-                                          f"a probe disjoint from candidate {c} (it uses {stream}[{start}:{start + length}])")
-    n = min(ngram, probe.shape[1], *(c.shape[1] for c in candidates))
-    seen: dict[tuple[int, ...], int] = {}
-    for c, cand in enumerate(candidates):
-        for row in cand.tolist():
-            for i in range(len(row) - n + 1):
-                seen.setdefault(tuple(row[i:i + n]), c)
-    for j, row in enumerate(probe.tolist()):
-        for i in range(len(row) - n + 1):
-            c = seen.get(tuple(row[i:i + n]))
-            if c is not None:
-                raise ConfigError("probe", f"window {j}", f"a probe disjoint from every candidate: it shares "
-                                  f"{n} consecutive tokens with candidate {c}")
-
-
-@torch.no_grad()
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), else None (then no check is made)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def check_logprob_memory(n_window: int, seq_len: int, vocab: int, available: int | None = None) -> None:
-    """Refuse a probe whose dense log-probabilities (``N x T x V`` float32, kept on the CPU) exceed half the RAM."""
-    need = n_window * seq_len * vocab * 4
-    available = available_memory_bytes() if available is None else available
-    if available is not None and need > available // 2:
-        fits = max(0, available // 2 // (seq_len * vocab * 4))
-        raise ConfigError("selection.probe_samples", n_window,
-                          f"at most {fits}: the dense log-probabilities of {n_window} x {seq_len} tokens over "
-                          f"{vocab:,} words take {need / 2**30:.1f} GiB, and half of the available memory is "
-                          f"{available / 2**31:.1f} GiB (lower selection.probe_samples or selection.probe_seq_len)")
-
-
-def compute_dense_logprobs(model: nn.Module, probe: torch.Tensor, batch_size: int = 16) -> list[torch.Tensor]:
-    """Log-probabilities of the model on the probe, per batch, float32 on the CPU.
-
-    Returns:
-        list of ``(b, T, V)`` tensors; computed once and reused for every candidate.
-    """
-    device = next(model.parameters()).device
-    family = get_family(model)
-    out = []
-    for batch in probe.split(batch_size):
-        kwargs, _ = family.model_inputs(batch.to(device))  # T5: the decoder's logits on the family's pairs
-        logits = model(**kwargs, use_cache=False).logits
-        out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
-        del logits
-    return out
-
-
-@torch.no_grad()
-def mean_token_kl(model: nn.Module, probe: torch.Tensor, dense_logprobs: list[torch.Tensor],
-                  batch_size: int = 16, token_chunk: int = 1024) -> tuple[float, float]:
-    """Mean per-token KL(P_dense || Q_model) and the model's probe perplexity.
-
-    Works one batch and ``token_chunk`` positions at a time, so memory stays bounded for
-    large vocabularies: at most ``token_chunk x V`` floats beyond one batch of logits.
-    """
-    device = next(model.parameters()).device
-    kl_sum, nll_sum, n_kl, n_nll = 0.0, 0.0, 0, 0
-    family = get_family(model)
-    for batch, dense in zip(probe.split(batch_size), dense_logprobs):
-        kwargs, aligned = family.model_inputs(batch.to(device), labels=batch.to(device))
-        logits = model(**kwargs, use_cache=False).logits  # (b, T, V)
-        flat_logits = logits.reshape(-1, logits.shape[-1])
-        flat_dense = dense.reshape(-1, dense.shape[-1])
-        for s in range(0, flat_logits.shape[0], token_chunk):
-            q = torch.log_softmax(flat_logits[s:s + token_chunk].float(), dim=-1)
-            p = flat_dense[s:s + token_chunk].to(q.device)
-            kl_sum += float((p.exp() * (p - q)).sum())
-            n_kl += q.shape[0]
-        scored = aligned != IGNORE_INDEX  # the positions that predict a token (all but the last of a causal window)
-        targets = aligned[scored]
-        nll = nn.functional.cross_entropy(logits[scored].float(), targets, reduction="sum")
-        nll_sum += float(nll)
-        n_nll += targets.numel()
-        del logits
-    return kl_sum / n_kl, math.exp(nll_sum / n_nll)
 
 
 def select_calibration(

@@ -24,7 +24,6 @@ from typing import Any
 from ..errors import ConfigError, check_choice, check_positive_int
 from ..families.base import GRANULARITIES
 from .allocation import MODES, ROUND_TO_CHOICES
-from .gamma import GAMMA_GRID
 from .gradients import ACCUMULATE
 from .saliency import CRITERIA, DATA_CRITERIA, FUNCTIONALS
 from .schedule import SCHEDULES
@@ -44,6 +43,10 @@ def _is_index(x: Any) -> bool:
 
 def _freeze(obj: Any, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)  # normalising a frozen dataclass's own field in __post_init__
+
+
+#: gamma "auto"'s default grid: uniform fractions (1) to the paper's range (3-4) and beyond
+GAMMA_GRID = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,28 @@ def _describe(identity: dict) -> str:
             f"vocab {identity.get('vocab_size')}, parameter fingerprint {identity.get('fingerprint')})")
 
 
+def model_identity(model: nn.Module) -> dict:
+    """What a plan is made for: model_type, sizes, and a fingerprint of every parameter's name and shape.
+
+    The fingerprint ignores values and dtype, so a plan applies to the same architecture in another
+    precision or after fine-tuning, and to nothing else.
+    """
+    import hashlib
+
+    model = unwrap_model(model)
+    config = model.config
+    spec = ";".join(f"{n}:{tuple(p.shape)}" for n, p in sorted(model.named_parameters()))
+    return {"model_type": config.model_type, "hidden_size": int(config.hidden_size),
+            "vocab_size": int(config.vocab_size), "n_layer": int(config.num_hidden_layers),
+            "fingerprint": hashlib.sha256(spec.encode()).hexdigest()[:16]}
+
+
 def check_plan_matches(model: nn.Module, plan: PruningPlan, family: ModelFamily | None = None) -> None:
     """Raise (naming the layer) unless the plan was made for the model's current shapes."""
     plan.validate()
     family = family or get_family(model)
     wanted = plan.provenance.get("model_identity")
     if wanted:  # plans written before identities were recorded carry none; their shapes are still checked
-        from .api import model_identity
-
         have = model_identity(model)
         if have != wanted:
             raise ValueError(
