@@ -63,14 +63,13 @@ class NirvanaCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Checks on the parsed config that Lightning would only make after starting ranks (or with its own
         traceback): the strategy against the accelerator and the device count."""
-        from .sharding import check_strategy_config
+        from .sharding import check_strategy_config, device_count
 
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer = cfg.get("trainer") or {}
-        check_strategy_config(trainer.get("strategy"), trainer.get("devices"), trainer.get("num_nodes", 1))
         devices = trainer.get("devices")
-        devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices
-        n = len(devices) if isinstance(devices, (list, tuple)) else devices if isinstance(devices, int) else 1
+        check_strategy_config(trainer.get("strategy"), devices, trainer.get("num_nodes", 1))
+        n = device_count(devices) or 1
         recovery = (cfg.get("model") or {}).get("recovery")
         if self.subcommand == "fit" and recovery == "none" and n * (trainer.get("num_nodes") or 1) > 1:
             raise ConfigError("model.recovery", "none", "'lora' or 'full' with several processes (trainer.devices="

@@ -116,6 +116,13 @@ def check_strategy(strategy, callbacks=()) -> None:
 _WRAPPING = ("fsdp", "deepspeed")
 
 
+def device_count(devices) -> int | None:
+    """``trainer.devices`` as written (``2``, ``"2"``, ``[0, 1]``) as a process count; None for ``auto`` / ``-1``."""
+    devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices
+    devices = len(devices) if isinstance(devices, (list, tuple)) else devices
+    return devices if isinstance(devices, int) and devices >= 0 else None
+
+
 def check_strategy_config(strategy, devices, num_nodes=1) -> None:
     """The strategy as written in the config, refused before Lightning builds it or any rank starts.
 
@@ -151,8 +158,7 @@ def check_strategy_config(strategy, devices, num_nodes=1) -> None:
                           "1 (layers of per-layer widths are sharded with FSDP2, not split by tensor "
                           "parallelism; set data_parallel_size to the number of processes)")
     dp = init.get("data_parallel_size", "auto")
-    devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices
-    devices = len(devices) if isinstance(devices, (list, tuple)) else devices
+    devices = device_count(devices)
     nodes = num_nodes if isinstance(num_nodes, int) else 1
     if isinstance(dp, int) and isinstance(devices, int) and dp * (tp if isinstance(tp, int) else 1) != devices * nodes:
         raise ConfigError("trainer.devices", devices,

@@ -121,14 +121,13 @@ class NirvanaPruningCallback(L.Callback):
 
         shape_model = build_shape_model(config)  # names and shapes on the meta device: nothing read or allocated
         family = get_family(shape_model)
-        try:  # the family's own refusals of these settings (T5 has no query-head granularity, ...)
-            for layer in family.layers():
-                family.unit_kinds(layer, self.target.attention_granularity)
-        except ConfigError as err:
-            raise ConfigError(f"NirvanaPruningCallback.{err.key}", err.value, err.expected) from None
         tp = self.target.tp_size
-        for i, layer in enumerate(family.layers() if tp > 1 else ()):  # the rule allocation applies, known now
-            for name, kind in family.unit_kinds(layer, "group").items():
+        for i, layer in enumerate(family.layers()):
+            try:  # the family's own refusals of these settings (T5 has no query-head granularity, ...)
+                family.unit_kinds(layer, self.target.attention_granularity)
+            except ConfigError as err:
+                raise ConfigError(f"NirvanaPruningCallback.{err.key}", err.value, err.expected) from None
+            for name, kind in (family.unit_kinds(layer, "group").items() if tp > 1 else ()):  # allocation's rule
                 if kind.n_units % tp:
                     raise ConfigError("NirvanaPruningCallback.target.tp_size", tp, "a degree dividing every layer's "
                                       f"units (layer {i} has {kind.n_units} {name} units)")
