@@ -147,7 +147,7 @@ def run_worker(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model)
     calibration = build_calibration(tokenizer, args.n_window, args.seq_len, args.seed, args.val_fraction)
     scores, measured = measure_scoring(model, calibration, APPROACHES[args.worker])
-    torch.save({"attention": scores.attention, "mlp": scores.mlp}, args.scores_out)
+    torch.save({"attention": scores.by_kind["kv_group"], "mlp": scores.by_kind["neuron"]}, args.scores_out)
     result = {"approach": args.worker, "threads": torch.get_num_threads(),
               "calibration_fingerprint": fingerprint([calibration]), "calibration_shape": list(calibration.shape),
               **measured}

@@ -54,7 +54,7 @@ def worker(args: argparse.Namespace) -> None:
     else:
         scores = compute_unit_scores(model, calibration, compute_dtype=torch.float32)
     wall = time.perf_counter() - start
-    torch.save({"attention": scores.attention, "mlp": scores.mlp}, args.out + ".pt")
+    torch.save({"attention": scores.by_kind["kv_group"], "mlp": scores.by_kind["neuron"]}, args.out + ".pt")
     Path(args.out).write_text(json.dumps({"approach": args.worker, "rss_after_load_gib": base / GIB_KIB,
                                           "scoring_delta_gib": (_status_kib("VmHWM") - base) / GIB_KIB,
                                           "wall_s": wall}))

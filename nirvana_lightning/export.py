@@ -322,10 +322,10 @@ def _check_seq2seq_plan(plan: PruningPlan, widths: dict) -> None:
                   widths["decoder"]["d_ff"][i]) for i in range(len(widths["decoder"]["num_heads"]))]
     except (KeyError, TypeError, IndexError) as err:
         raise ValueError(f"config.json {remote_modeling.WIDTHS_KEY} is not a T5 table: {err!r}") from None
-    if len(rows) != plan.n_layer or "cross_attn" not in plan.keep:
+    if len(rows) != plan.n_layer or len(plan.kinds_of("attention", nested=False)) != 2:
         raise ValueError(f"plan.json has {plan.n_layer} layers ({sorted(plan.keep)}), config.json {len(rows)} T5 blocks")
     for i, (stack, block, heads, cross, ffn) in enumerate(rows):
-        have = (len(plan.keep["self_attn"][i]), len(plan.keep["cross_attn"][i]), len(plan.mlp_keep[i]))
+        have = tuple(len(plan.keep[kind][i]) for kind in (*plan.kinds_of("attention", nested=False), *plan.kinds_of("mlp")))
         if have != (heads, cross, ffn):
             raise ValueError(f"plan.json and config.json disagree at {stack} block {block}: plan keeps {have[0]} "
                              f"self-attention heads, {have[1]} cross-attention heads and {have[2]} neurons, config "

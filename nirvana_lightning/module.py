@@ -12,7 +12,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from .devices import resolve_device
 from .errors import ConfigError, check_choice, check_positive
-from .families import ROLES, remote_modeling, unwrap_model
+from .families import ROLES, get_family, remote_modeling, unwrap_model
 from .io import checkpoint_file, load_checkpoint
 from .loading import DTYPES, load_model, validate_source
 from .pruning import PruningPlan
@@ -365,7 +365,13 @@ class NirvanaModule(L.LightningModule):
         base.zero_grad(set_to_none=True)
         cut(base, step)
         previous = self.pruning_plan  # None when the schedule's first step comes during training
-        self.pruning_plan = PruningPlan.from_dict(step.to_dict()) if previous is None else compose_plans(previous, step)
+        if previous is None:
+            self.pruning_plan = PruningPlan.from_dict(step.to_dict())
+        else:  # steps at two granularities compose at query_head, with the unit costs the family declares there
+            family = get_family(base)
+            kinds = [family.unit_kinds(layer, "query_head") for layer in family.layers()] \
+                if previous.granularity != step.granularity else None
+            self.pruning_plan = compose_plans(previous, step, kinds)
         if not self._recovery_applied:
             self.configure_model()
         self.model.to(self.device)

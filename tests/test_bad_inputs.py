@@ -338,14 +338,14 @@ CLI = [
      r"ExportCallback\.path=.*a writable location \(.*a-file is a file, not a directory\)"),
     ("cli export gguf for t5", ["--config=EXPORT_GGUF", "--model.source=tiny-t5"],
      r"ExportCallback\.format='gguf' .*model_type 't5'"),
-    ("cli tp_size not dividing the model", ["--config=TP4"], r"target\.tp_size=4 .*layer 0 has 2 self_attn units"),
+    ("cli tp_size not dividing the model", ["--config=TP4"], r"target\.tp_size=4 .*layer 0 has 2 KV groups\)"),
     ("cli compensation on gemma3", ["--config=COMPENSATE", "--model.source=tiny-gemma3"],
      r"NirvanaPruningCallback\.bias_compensation=True .*gemma3"),
     ("cli plan of another model", ["--config=PLAN_QWEN3"], r"plan_path=.*made for another model"),
     ("cli plan with edited unit_cost", ["--config=PLAN_COST"], r"plan_path=.*unit_cost .*differs"),
     ("cli plan provenance null", ["--config=PLAN_PROVENANCE_NULL"], r"plan_path=.*provenance is None"),
     ("cli plan identity a string", ["--config=PLAN_IDENTITY_STRING"], r"plan_path=.*model_identity is 'x'"),
-    ("cli plan keep an int", ["--config=PLAN_KEEP_INT"], r"plan_path=.*keep\['mlp'\] is \[5, "),
+    ("cli plan keep an int", ["--config=PLAN_KEEP_INT"], r"plan_path=.*keep\['neuron'\] is \[5, "),
 ]
 
 #: whole command lines (no config given by the table)
@@ -373,10 +373,10 @@ def _plans(tmp_path: Path) -> dict[str, Path]:
     for name, source in (("PLAN_QWEN3", "tiny-qwen3"), ("llama", "tiny-llama")):
         model, _ = load_model(source)
         out[name] = make_plan(model, None, sparsity=0.3, criterion="magnitude").to_dict()
-    edits = {"PLAN_COST": lambda d: d["unit_cost"]["mlp"].__setitem__(0, d["unit_cost"]["mlp"][0] + 1),
+    edits = {"PLAN_COST": lambda d: d["unit_cost"]["neuron"].__setitem__(0, d["unit_cost"]["neuron"][0] + 1),
              "PLAN_PROVENANCE_NULL": lambda d: d.__setitem__("provenance", None),
              "PLAN_IDENTITY_STRING": lambda d: d["provenance"].__setitem__("model_identity", "x"),
-             "PLAN_KEEP_INT": lambda d: d["keep"]["mlp"].__setitem__(0, 5)}
+             "PLAN_KEEP_INT": lambda d: d["keep"]["neuron"].__setitem__(0, 5)}
     for name, edit in edits.items():
         out[name] = copy.deepcopy(out["llama"])
         edit(out[name])

@@ -60,7 +60,7 @@ def test_tiny_gemma3_config_prunes_query_heads_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     log_dir = tmp_path / "lightning_logs" / "version_0"
     plan = json.loads((log_dir / "plan.json").read_text())
-    assert plan["format"] == "nirvana-lightning/plan/v2" and set(plan["keep"]) == {"self_attn", "q_head", "mlp"}
+    assert plan["format"] == "nirvana-lightning/plan/v3" and set(plan["keep"]) == {"kv_group", "q_head", "neuron"}
     assert plan["provenance"]["attention_granularity"] == "query_head"
     assert "query heads kept" in (log_dir / "plan.md").read_text()
     summary = json.loads((log_dir / "summary.json").read_text())
@@ -105,7 +105,7 @@ def test_resume_from_pruned_checkpoint_does_not_prune_again(tmp_path):
 
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["nirvana_pruning_plan"]["keep"] == plan["keep"]
-    for i, width in enumerate(len(k) for k in plan["keep"]["mlp"]):
+    for i, width in enumerate(len(k) for k in plan["keep"]["neuron"]):
         assert state["state_dict"][f"model.model.layers.{i}.mlp.gate_proj.weight"].shape[0] == width
     r = run("validate", "--config", TINY, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={ckpt}")
     assert r.returncode == 0 and "restored pruning plan" in r.stderr + r.stdout, r.stderr[-3000:]
@@ -116,7 +116,7 @@ def test_resume_from_pruned_checkpoint_does_not_prune_again(tmp_path):
     assert module.pruning_plan.fingerprint() == __import__("nirvana_lightning").PruningPlan.from_dict(
         state["nirvana_pruning_plan"]).fingerprint()
     widths = [layer.mlp.gate_proj.weight.shape[0] for layer in module.base_model.model.layers]
-    assert widths == [len(k) for k in plan["keep"]["mlp"]]
+    assert widths == [len(k) for k in plan["keep"]["neuron"]]
 
 
 def test_prune_only_config_exports_a_reloadable_model(tmp_path):
@@ -132,7 +132,7 @@ def test_prune_only_config_exports_a_reloadable_model(tmp_path):
 
     model, tokenizer = load_pruned(export)
     plan = json.loads((export / "plan.json").read_text())
-    assert [len(k) for k in plan["keep"]["mlp"]] == [layer.mlp.gate_proj.out_features for layer in model.model.layers]
+    assert [len(k) for k in plan["keep"]["neuron"]] == [layer.mlp.gate_proj.out_features for layer in model.model.layers]
     assert tokenizer is not None
 
 

@@ -48,6 +48,6 @@ def test_ddp_bf16_true_lora_trains_with_float32_adapters(tmp_path):
                         model={"source": "tiny-gemma3", "recovery": "lora", "dtype": "bfloat16", "lora_dropout": 0.0},
                         target={"attention_granularity": "query_head"})
     plan = json.loads(next((tmp_path / "run").rglob("plan.json")).read_text())
-    assert set(plan["keep"]) == {"self_attn", "q_head", "mlp"} and len(plan["provenance"]["steps"]) == 2
+    assert set(plan["keep"]) == {"kv_group", "q_head", "neuron"} and len(plan["provenance"]["steps"]) == 2
     assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["plan"] == ranks[1]["plan"]
     assert ranks[0]["trainable_dtypes"] == ["float32"] and ranks[0]["frozen_dtypes"] == ["bfloat16"]

@@ -155,7 +155,7 @@ def test_corrupt_or_mismatched_plan_names_the_layer(tmp_path):
     plan = prune(model, IDS, sparsity=0.45, gamma=1.5)
     save_pruned(model, None, tmp_path / "m", plan)
     data = json.loads((tmp_path / "m" / "plan.json").read_text())
-    data["keep"]["mlp"][1] = data["keep"]["mlp"][1][:-8]
+    data["keep"]["neuron"][1] = data["keep"]["neuron"][1][:-8]
     (tmp_path / "m" / "plan.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="plan.json does not match its sha256"):
         load_pruned(tmp_path / "m")

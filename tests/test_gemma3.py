@@ -47,18 +47,17 @@ def test_gemma3_270m_prunes_its_mlp_and_pruned_equals_masked(gemma3):
     text = " ".join(r["text"] for r in read_records("brown")[:20])
     stream = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
     calib, probe = sample_windows(stream, 4, 64, 0), sample_windows(stream, 2, 32, 1)
-    from nirvana_lightning import ConfigError
-
-    # one KV group per layer: gamma 3 asks for 1 of the 18 groups, and every one is a layer's last
-    with pytest.raises(ConfigError, match=r"target removing 1 attention groups.*at most 0 removable"):
-        make_plan(model, calib, sparsity=0.2, gamma=3.0, round_to=8)
-    plan = make_plan(model, calib, sparsity=0.2, gamma=6.0, round_to=8)  # gamma 6: 0 groups, 9,766 neurons
-    assert plan.n_kv_group_after == [1] * 18
+    # one KV group per layer, which every layer keeps: attention takes no share, the 20% go to the MLP (0.2 used to
+    # fail asking for "1 attention groups" of "at most 0 removable")
+    plan = make_plan(model, calib, sparsity=0.2, gamma=3.0, round_to=8)
+    assert plan.n_kv_group_after == [1] * 18 and set(plan.provenance["unpruned"]) == {"attention"}
+    assert "no removable attention groups" in plan.provenance["unpruned"]["attention"]
+    assert abs(plan.realised_sparsity - 0.2) < 0.01 and plan.provenance["p_attn"] == 0
     assert all(m % 8 == 0 for m in plan.mlp_dim_after) and sum(plan.mlp_dim_after) < 18 * 2048
     with torch.no_grad(), masked_units(model, plan):
         masked = model(input_ids=probe).logits
     before = count_parameters(model)["block"]
-    assert prune(model, calib, sparsity=0.2, gamma=6.0, round_to=8).fingerprint() == plan.fingerprint()
+    assert prune(model, calib, sparsity=0.2, gamma=3.0, round_to=8).fingerprint() == plan.fingerprint()
     with torch.no_grad():
         pruned = model(input_ids=probe).logits
     assert (pruned - masked).abs().max().item() <= 1e-3

@@ -21,6 +21,7 @@ from nirvana_lightning import (
 from nirvana_lightning.data import NirvanaDataModule
 from nirvana_lightning.debug_models import build_tiny_model
 from nirvana_lightning.errors import ConfigError
+from nirvana_lightning.families import get_family
 from nirvana_lightning.pruning.allocation import removal_counts
 from nirvana_lightning.pruning.plan import compose_plans
 from nirvana_lightning.pruning.schedule import cumulative_sparsity, step_sparsity
@@ -82,7 +83,10 @@ def test_group_and_query_head_steps_compose(family):
         sequential = build_tiny_model(family)
         steps = [prune(sequential, None, sparsity=s, criterion="magnitude", attention_granularity=k)
                  for s, k in zip((0.2, 0.3), kinds)]
-        composed = compose_plans(*steps)
+        with pytest.raises(ValueError, match="compose only with the family's query-head unit kinds"):
+            compose_plans(*steps)
+        spec = get_family(sequential)
+        composed = compose_plans(*steps, [spec.unit_kinds(layer, "query_head") for layer in spec.layers()])
         assert composed.granularity == "query_head"
         direct = build_tiny_model(family)
         cut(direct, composed)

@@ -103,24 +103,24 @@ def test_unit_scores_equal_straightforward_computation(tiny, calib, functional):
                                   lambda m, x: compute_output_functional(m(input_ids=x).logits, functional))
     for lean, ckpt, chunk in ((True, True, 100), (False, False, None), (True, False, None)):
         got = compute_unit_scores(tiny, calib, functional=functional, lean=lean, checkpointing=ckpt, head_chunk=chunk)
-        _assert_close(got.attention, ref[0])
-        _assert_close(got.mlp, ref[1])
+        _assert_close(got.by_kind["kv_group"], ref[0])
+        _assert_close(got.by_kind["neuron"], ref[1])
 
 
 def test_taylor_uses_the_loss_gradient(tiny, calib):
     ref = _straightforward_scores(tiny, calib, lambda m, x: m(input_ids=x, labels=x).loss)
     got = compute_unit_scores(tiny, calib, criterion="taylor")
-    _assert_close(got.mlp, ref[1])
-    _assert_close(got.attention, ref[0])
+    _assert_close(got.by_kind["neuron"], ref[1])
+    _assert_close(got.by_kind["kv_group"], ref[0])
 
 
 def test_micro_batches_gradient_mode_is_exact_and_saliency_mode_bounds_it(tiny, calib):
     whole = compute_unit_scores(tiny, calib)
     exact = compute_unit_scores(tiny, calib, micro_batch_size=2, accumulate="gradient")
-    _assert_close(exact.mlp, whole.mlp)
-    _assert_close(exact.attention, whole.attention)
+    _assert_close(exact.by_kind["neuron"], whole.by_kind["neuron"])
+    _assert_close(exact.by_kind["kv_group"], whole.by_kind["kv_group"])
     upper = compute_unit_scores(tiny, calib, micro_batch_size=2, accumulate="saliency")
-    for u, w in zip(upper.mlp + upper.attention, whole.mlp + whole.attention):
+    for u, w in zip(upper.by_kind["neuron"] + upper.by_kind["kv_group"], whole.by_kind["neuron"] + whole.by_kind["kv_group"]):
         assert (u >= w * (1 - 1e-5)).all()  # triangle inequality: |sum| <= sum |.|
 
 
@@ -137,10 +137,10 @@ def test_magnitude_and_random(tiny):
     layer = get_family(tiny).layers()[0]
     expected = layer.mlp.gate_proj.weight.abs().sum(1) + layer.mlp.up_proj.weight.abs().sum(1) \
         + layer.mlp.down_proj.weight.abs().sum(0)
-    torch.testing.assert_close(mag.mlp[0], expected.detach())
+    torch.testing.assert_close(mag.by_kind["neuron"][0], expected.detach())
     r1 = compute_unit_scores(tiny, None, criterion="random", seed=3)
     r2 = compute_unit_scores(tiny, None, criterion="random", seed=3)
-    assert all(torch.equal(a, b) for a, b in zip(r1.mlp, r2.mlp))
+    assert all(torch.equal(a, b) for a, b in zip(r1.by_kind["neuron"], r2.by_kind["neuron"]))
 
 
 def test_bad_calibration_input(tiny):
@@ -212,11 +212,11 @@ def test_activation_baselines_equal_a_straightforward_computation(family, calib,
             q_rows, kv_rows = slice(h * g * d, (h + 1) * g * d), slice(h * d, (h + 1) * d)
             want = (w_score("q", attn.q, rows=q_rows) + w_score("k", attn.k, rows=kv_rows)
                     + w_score("v", attn.v, rows=kv_rows) + w_score("o", attn.o, cols=q_rows))
-            assert float(got.attention[li][h]) == pytest.approx(want, rel=1e-5), (li, h)
+            assert float(got.by_kind["kv_group"][li][h]) == pytest.approx(want, rel=1e-5), (li, h)
         for j in range(n_neuron):
             want = (w_score("gate", mlp.gate, rows=[j]) + w_score("up", mlp.up, rows=[j])
                     + w_score("down", mlp.down, cols=[j]))
-            assert float(got.mlp[li][j]) == pytest.approx(want, rel=1e-5, abs=1e-12), (li, j)
+            assert float(got.by_kind["neuron"][li][j]) == pytest.approx(want, rel=1e-5, abs=1e-12), (li, j)
 
 
 def test_activation_baselines_prune_through_the_same_allocation(calib):
@@ -239,11 +239,11 @@ def test_gemma3_soft_capping_is_in_the_scored_logits(calib):
     ref = _straightforward_scores(model, calib, lambda m, x: compute_output_functional(m(input_ids=x).logits,
                                                                                        "max_over_seq"))
     capped = compute_unit_scores(model, calib, head_chunk=100)
-    _assert_close(capped.attention, ref[0])
-    _assert_close(capped.mlp, ref[1])
+    _assert_close(capped.by_kind["kv_group"], ref[0])
+    _assert_close(capped.by_kind["neuron"], ref[1])
     model.config.final_logit_softcapping = None
     uncapped = compute_unit_scores(model, calib, head_chunk=100)
-    assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(uncapped.mlp, capped.mlp))
+    assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(uncapped.by_kind["neuron"], capped.by_kind["neuron"]))
 
 
 @pytest.mark.parametrize("functional", ["max_over_seq", "max_over_vocab"])
@@ -254,10 +254,10 @@ def test_query_head_scores_equal_straightforward_computation(tiny, calib, functi
                                        lambda m, x: compute_output_functional(m(input_ids=x).logits, functional))
     got = compute_unit_scores(tiny, calib, functional=functional, head_chunk=100, granularity="query_head")
     assert got.granularity == "query_head"
-    _assert_close(got.attention, ref[0])
-    _assert_close(got.q_head, ref[1])
+    _assert_close(got.by_kind["kv_group"], ref[0])
+    _assert_close(got.by_kind["q_head"], ref[1])
     group = compute_unit_scores(tiny, calib, functional=functional, head_chunk=100)
-    _assert_close(got.mlp, group.mlp)
-    for layer_groups, layer_heads, whole in zip(got.attention, got.q_head, group.attention):  # the parts add up
+    _assert_close(got.by_kind["neuron"], group.by_kind["neuron"])
+    for layer_groups, layer_heads, whole in zip(got.by_kind["kv_group"], got.by_kind["q_head"], group.by_kind["kv_group"]):  # the parts add up
         g = layer_heads.numel() // layer_groups.numel()
         torch.testing.assert_close(layer_groups + layer_heads.reshape(-1, g).sum(1), whole, rtol=1e-5, atol=1e-6)

@@ -240,7 +240,7 @@ def test_bad_files_and_settings_get_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"NirvanaPruningCallback\.plan_path=.*plan.json.*valid plan"):
         NirvanaPruningCallback(plan_path=str(plan))
     good = make_plan(model, torch.randint(0, 100, (2, 8)), sparsity=0.2).to_dict()
-    good["keep"]["mlp"][0][1] = 1.5
+    good["keep"]["neuron"][0][1] = 1.5
     plan.write_text(json.dumps(good))
     with pytest.raises(ConfigError, match=r"plan_path.*holds 1\.5, not an integer index"):
         NirvanaPruningCallback(plan_path=str(plan))

@@ -79,8 +79,10 @@ def test_slices_move_in_whole_group_blocks(tiny, calib):
     dense = copy.deepcopy(tiny)
     # force group 0 out of layer 0 by giving it the lowest score
     n_group, mlp_dim = family.layer_geometry(family.layers()[0])
-    scores = UnitScores([torch.tensor([0.0] + [1.0] * (n_group - 1)), torch.ones(n_group)],
-                        [torch.rand(mlp_dim), torch.rand(mlp_dim)])
+    scores = UnitScores({"kv_group": [torch.tensor([0.0] + [1.0] * (n_group - 1)), torch.ones(n_group)],
+                         "neuron": [torch.rand(mlp_dim), torch.rand(mlp_dim)]},
+                        {"kv_group": {"allocation": "attention", "label": "KV groups", "parent": None},
+                         "neuron": {"allocation": "mlp", "label": "MLP neurons", "parent": None}})
     plan = plan_from_scores(tiny, scores, sparsity=0.3, gamma=1.0, round_to=8)
     assert 0 not in plan.attention_keep[0]
     cut(tiny, plan)
@@ -156,11 +158,11 @@ def test_apply_plan_is_the_deprecated_name_of_cut(tiny, calib, family):
 def test_mismatched_plan_names_the_layer_and_leaves_model_untouched(tiny, calib):
     plan = make_plan(tiny, calib, sparsity=0.45, gamma=1.5)
     data = plan.to_dict()
-    data["keep"]["mlp"][1] = [0, 500]
+    data["keep"]["neuron"][1] = [0, 500]
     with pytest.raises(ValueError, match="layer 1"):
         PruningPlan.from_dict(data)
     data = plan.to_dict()
-    data["width_before"]["mlp"] = [plan.mlp_dim_before[0], 999]
+    data["width_before"]["neuron"] = [plan.mlp_dim_before[0], 999]
     bad = PruningPlan.from_dict(data)
     state = {k: v.clone() for k, v in tiny.state_dict().items()}
     with pytest.raises(ValueError, match="plan layer 1"):
@@ -215,7 +217,7 @@ def test_bf16_model_is_scored_in_float32_and_stays_bf16(family, calib):
                        {"lean": False, "checkpointing": False, "head_chunk": None}):
             got = compute_unit_scores(model, calib, criterion=criterion, compute_dtype=torch.float32, **kwargs)
             want = compute_unit_scores(reference, calib, criterion=criterion, **kwargs)
-            for a, b in zip(got.attention + got.mlp, want.attention + want.mlp):
+            for a, b in zip(got.by_kind["kv_group"] + got.by_kind["neuron"], want.by_kind["kv_group"] + want.by_kind["neuron"]):
                 assert torch.equal(a, b), (criterion, kwargs)
     for h in hooks:
         h.remove()
@@ -275,7 +277,7 @@ def test_offloaded_scoring_equals_scoring_in_place(family, calib):
                 continue
             want = compute_unit_scores(model, calib, criterion=criterion, **kwargs)
             got = compute_unit_scores(model, calib, criterion=criterion, compute_device="cpu:0", **kwargs)
-            for a, b in zip(got.attention + got.mlp, want.attention + want.mlp):
+            for a, b in zip(got.by_kind["kv_group"] + got.by_kind["neuron"], want.by_kind["kv_group"] + want.by_kind["neuron"]):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=0), (criterion, kwargs)
     plan = prune(model, calib, sparsity=0.3, gamma=1.0, scoring_device="cpu:0")
     assert plan.provenance["scoring_device"] == "cpu:0"

@@ -42,7 +42,7 @@ def _hand_plan(model) -> PruningPlan:
     plan = make_plan(model, None, sparsity=0.0, criterion="magnitude")
     gen = torch.Generator().manual_seed(3)
     mlp = [sorted(torch.randperm(n, generator=gen)[: 3 * n // 4].tolist()) for n in plan.mlp_dim_before]
-    return dataclasses.replace(plan, keep={"self_attn": KEEP_SELF, "cross_attn": KEEP_CROSS, "mlp": mlp},
+    return dataclasses.replace(plan, keep={"kv_group": KEEP_SELF, "cross_head": KEEP_CROSS, "neuron": mlp},
                                provenance={})
 
 
@@ -64,10 +64,10 @@ def test_pruned_equals_masked_with_heads_cut_in_block_zero_of_both_stacks(name):
     assert torch.allclose(logits, masked_logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(tokens, masked_tokens)  # cached greedy decoding: the bias of later positions too
     attn = [get_family(model).attention_modules(layer) for layer in get_family(model).layers()]
-    assert [a["self_attn"].n_heads for a in attn] == [len(k) for k in KEEP_SELF]
-    assert [a["cross_attn"].n_heads for a in attn[3:]] == [len(k) for k in KEEP_CROSS[3:]]
+    assert [a["kv_group"].n_heads for a in attn] == [len(k) for k in KEEP_SELF]
+    assert [a["cross_head"].n_heads for a in attn[3:]] == [len(k) for k in KEEP_CROSS[3:]]
     # the cross-attention cache shrinks with its heads: k/v of the encoder output
-    assert [a["cross_attn"].k.out_features for a in attn[3:]] == [16 * len(k) for k in KEEP_CROSS[3:]]
+    assert [a["cross_head"].k.out_features for a in attn[3:]] == [16 * len(k) for k in KEEP_CROSS[3:]]
 
 
 def test_each_block_reads_its_original_heads_bias_columns(name):
@@ -79,7 +79,7 @@ def test_each_block_reads_its_original_heads_bias_columns(name):
     cut(pruned, plan)
     family = get_family(pruned)
     assert [a.nirvana_head_index for layer in family.layers()
-            for k, a in family.attention_modules(layer).items() if k == "self_attn"] == KEEP_SELF
+            for k, a in family.attention_modules(layer).items() if k == "kv_group"] == KEEP_SELF
     encoder_table = lambda m: m.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight  # noqa: E731
     decoder_table = lambda m: m.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight  # noqa: E731
     assert encoder_table(pruned).shape[1] == 4  # the full table stays
@@ -127,8 +127,8 @@ def _check_by_hand(model, scores, f) -> None:
                 want += s.reshape(kind.n_units, -1).sum(1)
             got = scores.by_kind[kind_name][i]
             assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6), (i, kind_name)
-        assert kinds["self_attn"].owns[0].block == d
-    assert [s.numel() for s in scores.cross_attn] == [0, 0, 0, 4, 4, 4]
+        assert kinds["kv_group"].owns[0].block == d
+    assert [s.numel() for s in scores.by_kind["cross_head"]] == [0, 0, 0, 4, 4, 4]
 
 
 def test_unit_scores_equal_plain_autograd(name):
@@ -209,7 +209,7 @@ def test_load_pruned_refuses_a_plan_that_disagrees_with_the_config(tmp_path):
     cut(model, plan)
     save_pruned(model, None, tmp_path / "e", plan)
     data = json.loads((tmp_path / "e" / "plan.json").read_text())
-    data["keep"]["cross_attn"][4] = [0, 1]
+    data["keep"]["cross_head"][4] = [0, 1]
     (tmp_path / "e" / "plan.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="decoder block 1: plan keeps 2 self-attention heads, 2 cross-attention"):
         load_pruned(tmp_path / "e", verify=False)
@@ -219,10 +219,10 @@ def test_plan_round_trips_and_a_cross_attention_unit_in_an_encoder_layer_is_refu
     plan = make_plan(build_tiny_model("tiny-t5"), IDS, sparsity=0.3, gamma=1.5, round_to=1)
     again = PruningPlan.from_json(plan.to_json())
     assert again.keep == plan.keep and again.fingerprint() == plan.fingerprint()
-    assert plan.width_before["cross_attn"] == [0, 0, 0, 4, 4, 4] and plan.unit_cost["cross_attn"][:3] == [0, 0, 0]
+    assert plan.width_before["cross_head"] == [0, 0, 0, 4, 4, 4] and plan.unit_cost["cross_head"][:3] == [0, 0, 0]
     data = json.loads(plan.to_json())
-    data["keep"]["cross_attn"][0] = [0]
-    with pytest.raises(ValueError, match="plan layer 0: cross_attn has no unit before the plan"):
+    data["keep"]["cross_head"][0] = [0]
+    with pytest.raises(ValueError, match="plan layer 0: cross_head has no unit before the plan"):
         PruningPlan.from_dict(data)
 
 
@@ -238,7 +238,7 @@ def test_encoder_and_decoder_units_are_ranked_together_on_the_sparsity_formula(n
     mlp_cost = (3 if name == "tiny-t5" else 2) * hidden
     a, m = n_attn * 4 * d * hidden, n_mlp * mlp_cost
     p_attn = Fraction(str(sparsity)) * (a + m) / (a + Fraction(str(gamma)) * m)
-    removed_attn = sum(plan.width_before[k][i] - len(plan.keep[k][i]) for k in ("self_attn", "cross_attn")
+    removed_attn = sum(plan.width_before[k][i] - len(plan.keep[k][i]) for k in ("kv_group", "cross_head")
                        for i in range(6))
     removed_mlp = sum(w - len(k) for w, k in zip(plan.mlp_dim_before, plan.mlp_keep))
     assert removed_attn == math.floor(n_attn * p_attn)
@@ -246,7 +246,7 @@ def test_encoder_and_decoder_units_are_ranked_together_on_the_sparsity_formula(n
     assert abs(plan.realised_sparsity - sparsity) < 0.02
     # ranked together: both stacks and both attention kinds lose units at these targets
     lost = lambda kind, layers: sum(plan.width_before[kind][i] - len(plan.keep[kind][i]) for i in layers)  # noqa: E731
-    assert lost("self_attn", range(3)) > 0 and lost("self_attn", range(3, 6)) + lost("cross_attn", range(3, 6)) > 0
+    assert lost("kv_group", range(3)) > 0 and lost("kv_group", range(3, 6)) + lost("cross_head", range(3, 6)) > 0
 
 
 def test_iterative_steps_compose_into_the_one_shot_cut(name):
@@ -258,8 +258,8 @@ def test_iterative_steps_compose_into_the_one_shot_cut(name):
     cut(once, composed)
     assert torch.equal(_outputs(once)[0], _outputs(stepwise)[0])
     family = get_family(once)
-    assert [a.nirvana_head_index for a in (family.attention_modules(x)["self_attn"] for x in family.layers())] \
-        == composed.keep["self_attn"]
+    assert [a.nirvana_head_index for a in (family.attention_modules(x)["kv_group"] for x in family.layers())] \
+        == composed.keep["kv_group"]
 
 
 def test_kl_selection_runs_and_leaves_the_model_untouched(name):
@@ -309,7 +309,7 @@ def test_debug_config_prunes_recovers_evaluates_and_exports(tmp_path):
     for name in ("plan.json", "plan.md", "allocation.json", "summary.json", "summary.md", "export/config.json"):
         assert (log_dir / name).is_file(), name
     plan = PruningPlan.from_json((log_dir / "plan.json").read_text())
-    assert plan.provenance["criterion"] == "nirvana" and "cross_attn" in plan.keep
+    assert plan.provenance["criterion"] == "nirvana" and "cross_head" in plan.keep
     summary = json.loads((log_dir / "summary.json").read_text())
     assert {"validation perplexity", "KL to dense (nats/token)", "params (total)"} <= set(summary["rows"])
     assert any(k.startswith("nirvana_brown_cloze") for k in summary["rows"])

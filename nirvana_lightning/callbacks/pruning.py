@@ -15,7 +15,7 @@ from ..families import get_family
 from ..io import write_text_atomic
 from ..pruning import PruningPlan, make_plan
 from ..pruning.allocation import UnitCosts
-from ..pruning.api import attention_unit_kind, count_parameters, cut, unit_layout
+from ..pruning.api import count_parameters, cut, unit_layout
 from ..pruning.plan import as_query_heads
 from ..pruning.schedule import cumulative_sparsity, reachable_steps, step_target
 from ..pruning.selection import select_calibration
@@ -127,10 +127,10 @@ class NirvanaPruningCallback(L.Callback):
                 family.unit_kinds(layer, self.target.attention_granularity)
             except ConfigError as err:
                 raise ConfigError(f"NirvanaPruningCallback.{err.key}", err.value, err.expected) from None
-            for name, kind in (family.unit_kinds(layer, "group").items() if tp > 1 else ()):  # allocation's rule
+            for kind in (family.unit_kinds(layer, "group").values() if tp > 1 else ()):  # allocation's rule
                 if kind.n_units % tp:
                     raise ConfigError("NirvanaPruningCallback.target.tp_size", tp, "a degree dividing every layer's "
-                                      f"units (layer {i} has {kind.n_units} {name} units)")
+                                      f"units (layer {i} has {kind.n_units} {kind.label})")
         if self.plan_path is not None and prunable(pl_module).resume_ckpt_path is None:
             from ..pruning.surgery import check_plan_matches
 
@@ -249,20 +249,23 @@ class NirvanaPruningCallback(L.Callback):
         attention units of the target's granularity (KV groups, or query heads)."""
         family = get_family(model)
         granularity = self.target.attention_granularity
-        attn = attention_unit_kind(granularity)
         layout = unit_layout(family, granularity)
         costs = layout.costs
-        now = list(zip(layout.attention_widths(), (k_["mlp"].n_units for k_ in layout.kinds)))
+        now = list(zip(layout.attention_widths(), layout.mlp_widths()))
         first = self.history[0] if self.history else None
-        if first is not None:
-            first = as_query_heads(first) if granularity == "query_head" else first
-            if attn == "q_head":
-                per_group = [h // n for h, n in zip(first.width_before["q_head"], first.width_before["self_attn"])]
-                costs = UnitCosts.of_query_heads(first.unit_cost["q_head"], first.unit_cost["self_attn"], per_group,
-                                                 first.unit_cost["mlp"])
+        if first is not None:  # the dense widths and costs: the first step's plan, at this step's granularity
+            if first.granularity != granularity:
+                first = as_query_heads(first, layout.kinds)
+            per_kind = {name: (first.width_before[name], first.unit_cost[name]) for name in first.keep}
+            if layout.parent is not None:
+                head = layout.segments[0][1]
+                per_group = [h // n for h, n in zip(per_kind[head][0], per_kind[layout.parent][0])]
+                costs = UnitCosts.of_query_heads(per_kind[head][1], per_kind[layout.parent][1], per_group,
+                                                 per_kind[layout.mlp][1])
             else:
-                costs = UnitCosts(first.unit_cost["self_attn"], first.unit_cost["mlp"])
-        dense = list(zip(first.attention_width_before(attn), first.mlp_dim_before)) if first else now
+                costs = UnitCosts([max(c) for c in zip(*(per_kind[n][1] for n in first.kinds_of("attention")))],
+                                  per_kind[layout.mlp][1])
+        dense = list(zip(first.attention_width_before(), first.mlp_dim_before)) if first else now
         current_block = count_parameters(model)["block"]
         return step_target(self.schedule.kind, self.target.sparsity, k, self.schedule.n_steps, dense_widths=dense,
                            current_widths=now, dense_block=first.block_params_before if first else current_block,

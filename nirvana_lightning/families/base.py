@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .remote_modeling import WIDTHS_KEY
+from .remote_modeling import MODULES_KEY, WIDTHS_KEY, set_layer_attribute_
 
 
 @dataclass(frozen=True)
@@ -45,27 +45,48 @@ ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 GRANULARITIES = ("group", "query_head")
 
 
+#: allocation roles: attention-like units and MLP-like units are ranked apart, gamma sets their ratio
+ALLOCATIONS = ("attention", "mlp")
+
+
 @dataclass(frozen=True)
 class Owned:
     """A unit owns ``block`` consecutive rows (``axis`` 0, bias entries included) or columns (``axis`` 1) of the
-    weight of projection ``role``: unit j owns ``[j * block, (j + 1) * block)``."""
+    weight of projection ``role``, starting at ``offset``: unit j owns ``[offset + j * block, offset + (j + 1) *
+    block)``. ``offset`` places a kind inside a fused weight (Phi-3's ``qkv``: the k rows start after the q rows);
+    rows or columns no unit owns are kept by every cut. A 1-D weight (a norm over the full width) has rows only."""
 
     role: str
     axis: int
     block: int
+    offset: int = 0
+
+    def index(self, units: list[int] | torch.Tensor) -> torch.Tensor:
+        """Rows or columns owned by ``units``: units [0, 2], block 3, offset 10 -> [10, 11, 12, 16, 17, 18]."""
+        units = torch.as_tensor(units, dtype=torch.long)
+        return (units[:, None] * self.block + torch.arange(self.block)).reshape(-1) + self.offset
+
+    def span(self, n_units: int) -> tuple[int, int]:
+        """``[start, stop)`` of the rows or columns ``n_units`` units own."""
+        return self.offset, self.offset + n_units * self.block
 
 
 @dataclass(frozen=True)
 class UnitKind:
-    """One kind of prunable unit in one layer, as the family declares it.
+    """One kind of prunable unit in one layer, as the family declares it: the only description of a unit that
+    scoring, allocation, masking, the cut, parameter counts, plans and reports read.
 
     Attributes:
-        name: ``self_attn`` (a KV group), ``q_head`` (one query head, at ``query_head`` granularity) or ``mlp``
-            (one neuron).
+        name: our name of the kind (never a Hugging Face attribute name): ``kv_group`` (a KV group and its query
+            heads), ``q_head`` (one query head, at ``query_head`` granularity), ``neuron`` (one MLP neuron), or
+            whatever a family declares (T5: ``cross_head``).
         n_units: units of this kind the layer has now.
         owns: the slices of the projections one unit owns; kinds of a layer own disjoint slices.
-        cost: block weights one unit owns (the sum of its rows' and columns' lengths), biases excluded.
-        parent: kind whose units contain this kind's units (``q_head`` in ``self_attn``: unit j belongs to
+        cost: block weights one unit owns (the sum of its rows' and columns' lengths), biases and norms excluded.
+        allocation: ``attention`` or ``mlp``: the units allocation ranks together and gamma weighs against each
+            other.
+        label: how reports and errors name the units (``KV groups``).
+        parent: kind whose units contain this kind's units (``q_head`` in ``kv_group``: unit j belongs to
             parent unit ``j // (n_units / n_parent)``); a parent unit goes exactly when all its children go,
             and every kept parent keeps the same number of children.
     """
@@ -74,12 +95,21 @@ class UnitKind:
     n_units: int
     owns: tuple[Owned, ...]
     cost: int
+    allocation: str
+    label: str
     parent: str | None = None
+
+    def __post_init__(self) -> None:
+        assert self.allocation in ALLOCATIONS, self.allocation
 
     @property
     def gate(self) -> Owned | None:
         """The columns whose inputs masking zeroes (the output projection this kind feeds), if any."""
         return next((o for o in self.owns if o.axis == 1), None)
+
+    def spec(self) -> dict:
+        """What a plan records of the kind (layer-independent): allocation role, label, parent."""
+        return {"allocation": self.allocation, "label": self.label, "parent": self.parent}
 
 
 class ModelFamily:
@@ -248,35 +278,46 @@ class ModelFamily:
         g = n_q // n_kv
         hidden = a.q.weight.shape[1]
         n_mlp = self.mlp(layer).gate.weight.shape[0]
-        mlp = UnitKind("mlp", n_mlp, (Owned("gate", 0, 1), Owned("up", 0, 1), Owned("down", 1, 1)), 3 * hidden)
+        neuron = UnitKind("neuron", n_mlp, (Owned("gate", 0, 1), Owned("up", 0, 1), Owned("down", 1, 1)), 3 * hidden,
+                          "mlp", "MLP neurons")
         if granularity == "group":
-            attn = UnitKind("self_attn", n_kv, (Owned("q", 0, g * d), Owned("k", 0, d), Owned("v", 0, d),
-                                                Owned("o", 1, g * d)), 2 * (g + 1) * d * hidden)
-            return {"self_attn": attn, "mlp": mlp}
-        attn = UnitKind("self_attn", n_kv, (Owned("k", 0, d), Owned("v", 0, d)), 2 * d * hidden)
-        head = UnitKind("q_head", n_q, (Owned("q", 0, d), Owned("o", 1, d)), 2 * d * hidden, parent="self_attn")
-        return {"self_attn": attn, "q_head": head, "mlp": mlp}
+            group = UnitKind("kv_group", n_kv, (Owned("q", 0, g * d), Owned("k", 0, d), Owned("v", 0, d),
+                                                Owned("o", 1, g * d)), 2 * (g + 1) * d * hidden, "attention", "KV groups")
+            return {"kv_group": group, "neuron": neuron}
+        group = UnitKind("kv_group", n_kv, (Owned("k", 0, d), Owned("v", 0, d)), 2 * d * hidden, "attention",
+                         "KV groups")
+        head = UnitKind("q_head", n_q, (Owned("q", 0, d), Owned("o", 1, d)), 2 * d * hidden, "attention",
+                        "query heads", parent="kv_group")
+        return {"kv_group": group, "q_head": head, "neuron": neuron}
 
     def after_cut(self, layer: nn.Module, keep: dict[str, list[int]]) -> None:
-        """Called by the cut after a layer's projections were sliced, with the kept units per kind (families whose
-        modules must know which units they kept, e.g. T5's relative-bias columns)."""
+        """Called by the cut after a layer's projections were sliced, with the kept units per kind: module
+        attributes follow the new tensors (families whose modules must know which units they kept, e.g. T5's
+        relative-bias columns, override this)."""
+        self.set_layer_widths(layer, *self.layer_widths(layer))
+
+    def layer_attributes(self, layer: nn.Module, n_kv_group: int, n_head: int, mlp_dim: int) -> dict:
+        """Module attributes (paths under the layer) that must follow the layer's widths: stock attention in
+        transformers 5.x infers head counts from tensor shapes, ``num_key_value_groups`` drives ``repeat_kv``, and
+        the other counts are kept in agreement for code that reads them. A path under a module's ``config`` gives
+        that module a config of its own (``remote_modeling.set_layer_attribute_``)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        out = {f"self_attn.{name}": value for name, value in (
+            ("num_heads", n_head), ("num_key_value_heads", n_kv_group), ("num_key_value_groups", n_head // n_kv_group))
+            if hasattr(attn, name)}
+        if hasattr(mlp, "intermediate_size"):
+            out["mlp.intermediate_size"] = mlp_dim
+        return out
 
     def set_layer_widths(self, layer: nn.Module, n_kv_group: int, n_head: int, mlp_dim: int) -> None:
-        """Update module attributes after the projections were sliced (stock attention in transformers 5.x
-        infers head counts from tensor shapes; these attributes are kept in agreement for code that reads them,
-        and ``num_key_value_groups`` drives ``repeat_kv``)."""
-        attn = layer.self_attn
-        for name, value in (("num_heads", n_head), ("num_key_value_heads", n_kv_group),
-                            ("num_key_value_groups", n_head // n_kv_group)):
-            if hasattr(attn, name):
-                setattr(attn, name, value)
-        if hasattr(layer.mlp, "intermediate_size"):
-            layer.mlp.intermediate_size = mlp_dim
+        """Update module attributes after the projections were sliced (:meth:`layer_attributes`)."""
+        for path, value in self.layer_attributes(layer, n_kv_group, n_head, mlp_dim).items():
+            set_layer_attribute_(layer, path, value)
 
     def layer_widths(self, layer: nn.Module) -> tuple[int, int, int]:
         """(KV groups, query heads, MLP neurons) of one layer as its tensors say."""
         kinds = self.unit_kinds(layer, "query_head")
-        return kinds["self_attn"].n_units, kinds["q_head"].n_units, kinds["mlp"].n_units
+        return kinds["kv_group"].n_units, kinds["q_head"].n_units, kinds["neuron"].n_units
 
     # ------------------------------------------------------------ scoring forward
     def model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -317,8 +358,9 @@ class ModelFamily:
     #: config attribute carrying per-layer widths after pruning (stock configs have one global value)
     LAYER_WIDTHS_KEY: ClassVar[str] = WIDTHS_KEY
 
-    def record_layer_widths(self, widths: list[tuple[int, int, int]]) -> None:
-        """Write per-layer ``(KV groups, query heads, MLP neurons)`` into the HF config so config and tensors agree.
+    def record_layer_widths(self) -> None:
+        """Write per-layer ``(KV groups, query heads, MLP neurons)``, as the tensors say, into the HF config so config
+        and tensors agree.
 
         ``head_dim`` is pinned explicitly (it must never be re-derived from hidden/heads). When
         every layer has the same widths, the global fields are updated too, so a stock config
@@ -326,9 +368,26 @@ class ModelFamily:
         lists in ``config.nirvana_layer_widths`` are authoritative.
         """
         self.config.head_dim = self.head_dim
+        widths = [self.layer_widths(layer) for layer in self.layers()]
+        setattr(self.config, MODULES_KEY, self.layer_modules_table(widths))
         n_kv, n_head, mlp = (list(x) for x in zip(*widths))
         table = {"num_key_value_heads": n_kv, "num_attention_heads": n_head, "intermediate_size": mlp}
         setattr(self.config, self.LAYER_WIDTHS_KEY, table)
         if all(len(set(v)) == 1 for v in table.values()):
             for key, values in table.items():
                 setattr(self.config, key, values[0])
+
+    #: path of the decoder layer list under the model (``remote_modeling`` reads it from the config)
+    LAYERS_PATH: ClassVar[str] = "model.layers"
+
+    def layer_modules_table(self, widths: list[tuple[int, int, int]]) -> dict:
+        """What a reload needs to rebuild the cut layers (``config.nirvana_layer_modules``): per layer the weight
+        shape of every module a unit kind owns slices of, and :meth:`layer_attributes`."""
+        modules, attributes = [], []
+        for layer, w in zip(self.layers(), widths):
+            names = {id(m): name for name, m in layer.named_modules()}
+            roles = dict.fromkeys(o.role for kind in self.unit_kinds(layer, "group").values() for o in kind.owns)
+            modules.append({names[id(self.projection(layer, role))]: list(self.projection(layer, role).weight.shape)
+                            for role in roles})
+            attributes.append(self.layer_attributes(layer, *w))
+        return {"layers": self.LAYERS_PATH, "modules": modules, "attributes": attributes}

@@ -8,9 +8,14 @@ package, so no code from the directory is executed.
 
 A pruned config is a stock config plus ``nirvana_layer_widths``:
 ``{"num_key_value_heads": [...], "num_attention_heads": [...], "intermediate_size": [...]}`` (one
-entry per layer) and an explicit ``head_dim``. Each class (``Nirvana<Stock>``, made from the stock
-transformers class of any family with the Llama layout on first use) builds the stock model, then replaces
-every layer's projections by linears of that layer's width before weights are loaded.
+entry per layer; what serving engines read) and an explicit ``head_dim``, plus ``nirvana_layer_modules``, the
+family's own description of what the cut changed, which is all this file reads for a decoder: ``layers`` (the
+path of the layer list), per layer ``modules`` (module path -> weight shape: a linear ``[out, in]``, a norm
+``[n]``) and ``attributes`` (attribute path -> value; an attribute under a module's ``config`` gives that module a
+config of its own). Each class (``Nirvana<Stock>``, made from the stock transformers class on first use) builds
+the stock model, then gives every layer those shapes and attributes before weights are loaded; no family's
+attribute names are written here. Exports of 0.2 (widths only, Llama layout) are read by the table
+:data:`LEGACY_LAYOUT`.
 
 T5 (``NirvanaT5ForConditionalGeneration``): ``nirvana_layer_widths`` holds, per stack (``encoder``, ``decoder``)
 and block, ``num_heads``, ``head_index`` (the original indices of the kept self-attention heads), ``d_ff`` and, in
@@ -21,10 +26,21 @@ its block's width; the relative-position bias table of block 0 keeps all of the 
 
 from __future__ import annotations
 
+import copy
+
+import torch
 import transformers
 from torch import nn
 
 WIDTHS_KEY = "nirvana_layer_widths"
+#: config key of the per-layer module shapes and attributes a cut leaves (written by the family)
+MODULES_KEY = "nirvana_layer_modules"
+#: how a 0.2 export (``nirvana_layer_widths`` only, every decoder with the Llama layout) maps widths to modules:
+#: module path -> (width key of its output rows or None for the hidden size, the same for its input columns)
+LEGACY_LAYOUT = {"self_attn.q_proj": ("num_attention_heads", None), "self_attn.k_proj": ("num_key_value_heads", None),
+                 "self_attn.v_proj": ("num_key_value_heads", None), "self_attn.o_proj": (None, "num_attention_heads"),
+                 "mlp.gate_proj": ("intermediate_size", None), "mlp.up_proj": ("intermediate_size", None),
+                 "mlp.down_proj": (None, "intermediate_size")}
 
 
 def _linear(template: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
@@ -122,34 +138,78 @@ def _resize_t5_(model: nn.Module, widths: dict, config) -> None:
             ffn.wo = _linear(ffn.wo, entry["d_ff"][i], ffn.wo.out_features)
 
 
+def _resolve(root, path: str):
+    """``(parent, name)`` of a dotted attribute path under ``root``."""
+    *parents, name = path.split(".")
+    for part in parents:
+        root = root[int(part)] if part.isdigit() else getattr(root, part)
+    return root, name
+
+
+def set_layer_attribute_(layer: nn.Module, path: str, value) -> None:
+    """Set ``layer.<path>``; a path through a module's ``config`` first gives that module a config of its own (a
+    shallow copy), so one layer's widths never change the model's config or another layer's."""
+    *head, name = path.split(".")
+    if "config" in head:
+        at = head.index("config")
+        owner, _ = _resolve(layer, ".".join(head[:at + 1]))
+        if not getattr(owner, "_nirvana_own_config", False):
+            owner.config = copy.copy(owner.config)
+            owner._nirvana_own_config = True
+    parent, name = _resolve(layer, path)
+    setattr(parent, name, value)
+
+
+def _resized(module: nn.Module, shape: list[int]) -> nn.Module:
+    """``module`` with a weight of ``shape``: a new linear ``[out, in]``, or a norm whose 1-D weight is replaced."""
+    if isinstance(module, nn.Linear):
+        return _linear(module, shape[1], shape[0])
+    weight = module.weight
+    module.weight = nn.Parameter(torch.empty(shape, device=weight.device, dtype=weight.dtype),
+                                 requires_grad=weight.requires_grad)
+    return module
+
+
+def _legacy_table(model: nn.Module, widths: dict, config) -> dict:
+    """The modules table of a 0.2 export (Llama layout, widths only)."""
+    n_layer = len(model.model.layers)
+    for key in ("num_key_value_heads", "num_attention_heads", "intermediate_size"):
+        if len(widths[key]) != n_layer:
+            raise ValueError(f"{WIDTHS_KEY}[{key!r}] has {len(widths[key])} entries for {n_layer} layers")
+    d, hidden = config.head_dim, config.hidden_size
+    width = {"num_attention_heads": d, "num_key_value_heads": d, "intermediate_size": 1}
+    modules, attributes = [], []
+    for i in range(n_layer):
+        size = {key: widths[key][i] * width[key] for key in width}
+        modules.append({path: [size[out] if out else hidden, size[inp] if inp else hidden]
+                        for path, (out, inp) in LEGACY_LAYOUT.items()})
+        attributes.append({"self_attn.num_key_value_groups": widths["num_attention_heads"][i]
+                           // widths["num_key_value_heads"][i], "mlp.intermediate_size": widths["intermediate_size"][i]})
+    return {"layers": "model.layers", "modules": modules, "attributes": attributes}
+
+
 def resize_layers_(model: nn.Module, config) -> None:
-    """Give every decoder layer the widths recorded in ``config.nirvana_layer_widths`` (in place)."""
+    """Give every layer the shapes and attributes the config records (in place): ``nirvana_layer_modules``, or a
+    0.2 export's widths (:data:`LEGACY_LAYOUT`), or T5's table."""
+    table = getattr(config, MODULES_KEY, None)
     widths = getattr(config, WIDTHS_KEY, None)
-    if not widths:
+    if not table and not widths:
         return
-    if getattr(config, "model_type", None) == "t5":
+    if not table and getattr(config, "model_type", None) in SEQ2SEQ_TYPES:
         _resize_t5_(model, widths, config)
         return
-    layers = model.model.layers
-    for key in ("num_key_value_heads", "num_attention_heads", "intermediate_size"):
-        if len(widths[key]) != len(layers):
-            raise ValueError(f"{WIDTHS_KEY}[{key!r}] has {len(widths[key])} entries for {len(layers)} layers")
-    d = config.head_dim
-    for i, layer in enumerate(layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        n_q, n_kv, n_mlp = (widths[k][i] for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size"))
-        hidden = attn.q_proj.in_features
-        attn.q_proj = _linear(attn.q_proj, hidden, n_q * d)
-        attn.k_proj = _linear(attn.k_proj, hidden, n_kv * d)
-        attn.v_proj = _linear(attn.v_proj, hidden, n_kv * d)
-        attn.o_proj = _linear(attn.o_proj, n_q * d, hidden)
-        mlp.gate_proj = _linear(mlp.gate_proj, hidden, n_mlp)
-        mlp.up_proj = _linear(mlp.up_proj, hidden, n_mlp)
-        mlp.down_proj = _linear(mlp.down_proj, n_mlp, hidden)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = n_mlp
-        if hasattr(attn, "num_key_value_groups"):  # repeat_kv: query heads per KV head of THIS layer
-            attn.num_key_value_groups = n_q // n_kv
+    table = table or _legacy_table(model, widths, config)
+    parent, name = _resolve(model, table["layers"])
+    layers = getattr(parent, name)
+    for key in ("modules", "attributes"):
+        if len(table[key]) != len(layers):
+            raise ValueError(f"{MODULES_KEY}[{key!r}] has {len(table[key])} entries for {len(layers)} layers")
+    for layer, modules, attributes in zip(layers, table["modules"], table["attributes"]):
+        for path, shape in modules.items():
+            owner, name = _resolve(layer, path)
+            setattr(owner, name, _resized(getattr(owner, name), shape))
+        for path, value in attributes.items():
+            set_layer_attribute_(layer, path, value)
 
 
 _PRUNED: dict[str, type] = {}

@@ -3,10 +3,10 @@
 Pruning layers are the encoder blocks followed by the decoder blocks. Unit kinds, in plain multi-head attention
 (a unit is one head: its q/k/v rows and o columns, ``d_kv`` each; no biases, no attention scaling):
 
-* ``self_attn``: the self-attention heads of an encoder or a decoder block;
-* ``cross_attn``: the decoder's cross-attention heads (their k/v read the encoder output, so a removed head also
+* ``kv_group``: the self-attention heads of an encoder or a decoder block (multi-head: a group is one head);
+* ``cross_head``: the decoder's cross-attention heads (their k/v read the encoder output, so a removed head also
   shrinks the cross-attention cache); encoder blocks have none (width 0 in a plan);
-* ``mlp``: FFN neurons (``wi_0`` row + ``wi_1`` row + ``wo`` column gated; ``wi`` row + ``wo`` column in v1.0).
+* ``neuron``: FFN neurons (``wi_0`` row + ``wi_1`` row + ``wo`` column gated; ``wi`` row + ``wo`` column in v1.0).
 
 Relative position bias: block 0 of each stack owns ``relative_attention_bias`` (one column per head) and every
 later block reuses block 0's bias. The full table is kept; every self-attention records the original indices of
@@ -100,9 +100,9 @@ class T5Family(ModelFamily):
 
     def attention_modules(self, layer: nn.Module) -> dict[str, nn.Module]:
         """The T5Attention modules of a block by unit kind."""
-        out = {"self_attn": layer.layer[0].SelfAttention}
+        out = {"kv_group": layer.layer[0].SelfAttention}
         if self.is_decoder_layer(layer):
-            out["cross_attn"] = layer.layer[1].EncDecAttention
+            out["cross_head"] = layer.layer[1].EncDecAttention
         return out
 
     # ------------------------------------------------------------------- spec
@@ -113,21 +113,24 @@ class T5Family(ModelFamily):
         d = self.head_dim
         hidden = self.hidden_dim
         kinds = {}
-        for name, prefix in (("self_attn", ""), ("cross_attn", "cross_")):
-            if name == "cross_attn" and not self.is_decoder_layer(layer):
+        for name, prefix, label in (("kv_group", "", "self-attention heads"),
+                                    ("cross_head", "cross_", "cross-attention heads")):
+            if name == "cross_head" and not self.is_decoder_layer(layer):
                 continue
             n = self.projection(layer, f"{prefix}q").weight.shape[0] // d
             kinds[name] = UnitKind(name, n, (Owned(f"{prefix}q", 0, d), Owned(f"{prefix}k", 0, d),
-                                             Owned(f"{prefix}v", 0, d), Owned(f"{prefix}o", 1, d)), 4 * d * hidden)
+                                             Owned(f"{prefix}v", 0, d), Owned(f"{prefix}o", 1, d)), 4 * d * hidden,
+                                   "attention", label)
         ffn = (("gate", 0), ("up", 0), ("down", 1)) if self.config.is_gated_act else (("up", 0), ("down", 1))
         n_mlp = self.projection(layer, "down").weight.shape[1]
-        kinds["mlp"] = UnitKind("mlp", n_mlp, tuple(Owned(r, a, 1) for r, a in ffn), len(ffn) * hidden)
+        kinds["neuron"] = UnitKind("neuron", n_mlp, tuple(Owned(r, a, 1) for r, a in ffn), len(ffn) * hidden, "mlp",
+                                   "FFN neurons")
         return kinds
 
     def layer_widths(self, layer: nn.Module) -> tuple[int, int, int]:
         """(self-attention heads, self-attention heads, FFN neurons): multi-head, one head per group."""
         kinds = self.unit_kinds(layer)
-        return kinds["self_attn"].n_units, kinds["self_attn"].n_units, kinds["mlp"].n_units
+        return kinds["kv_group"].n_units, kinds["kv_group"].n_units, kinds["neuron"].n_units
 
     def after_cut(self, layer: nn.Module, keep: dict[str, list[int]]) -> None:
         """Every attention of the block computes with its kept heads only; self-attention keeps reading the bias
@@ -139,10 +142,7 @@ class T5Family(ModelFamily):
             before = list(range(attn.n_heads)) if before is None else before
             head_selecting(attn, [before[j] for j in keep[name]])
 
-    def set_layer_widths(self, layer: nn.Module, *_widths) -> None:
-        """Nothing left to do: :meth:`after_cut` gave every attention its head count (``head_selecting``)."""
-
-    def record_layer_widths(self, _widths=None) -> None:
+    def record_layer_widths(self) -> None:
         """Per stack and block: self-attention heads and their original indices, cross-attention heads (decoder),
         and FFN neurons, in ``config.nirvana_layer_widths`` (the dense globals stay: the table is authoritative)."""
         table = {}
@@ -153,12 +153,12 @@ class T5Family(ModelFamily):
                 entry["cross_num_heads"] = []
             for block in blocks:
                 attn = self.attention_modules(block)
-                index = getattr(attn["self_attn"], "nirvana_head_index", None)
-                entry["num_heads"].append(attn["self_attn"].n_heads)
-                entry["head_index"].append(list(range(attn["self_attn"].n_heads)) if index is None else list(index))
-                entry["d_ff"].append(self.unit_kinds(block)["mlp"].n_units)
+                index = getattr(attn["kv_group"], "nirvana_head_index", None)
+                entry["num_heads"].append(attn["kv_group"].n_heads)
+                entry["head_index"].append(list(range(attn["kv_group"].n_heads)) if index is None else list(index))
+                entry["d_ff"].append(self.unit_kinds(block)["neuron"].n_units)
                 if stack == "decoder":
-                    entry["cross_num_heads"].append(attn["cross_attn"].n_heads)
+                    entry["cross_num_heads"].append(attn["cross_head"].n_heads)
             table[stack] = entry
         setattr(self.config, self.LAYER_WIDTHS_KEY, table)
 

@@ -13,6 +13,7 @@ with nothing skipped this is docs/method.md's ``p_attn = s (A + M) / (A + gamma 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ class Allocation:
     n_attn_requested: int
     n_mlp_requested: int
     q_head_keep: list[torch.Tensor] | None = None  # per layer (n_head_kept,) int64, query_head granularity only
+    #: allocation roles that take no share of the target because no unit of theirs is removable, with why
+    unpruned: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def validate_targets(sparsity: float, gamma: float, round_to: int, mode: str = "global") -> None:
@@ -117,11 +120,17 @@ class UnitCosts:
         return cls([2 * (n_query_per_kv + 1) * head_dim] * n_layer, [3] * n_layer)
 
     def fractions(self, sparsity: float, gamma: float, n_attn: Sequence[int], n_mlp: Sequence[int],
-                  skip: set[int]) -> tuple[Fraction, Fraction]:
+                  skip: set[int], unpruned: Sequence[str] = ()) -> tuple[Fraction, Fraction]:
+        """``(p_attn, p_mlp)``; a role in ``unpruned`` (``attention`` / ``mlp``: none of its units is removable)
+        takes no share: the whole target goes to the other role and gamma does not apply."""
         total = self.fixed + sum(a * c for a, c in zip(n_attn, self.attention)) + sum(
             m * c for m, c in zip(n_mlp, self.mlp))
         attn = sum(a * c for i, (a, c) in enumerate(zip(n_attn, self.attention)) if i not in skip)
         mlp = sum(m * c for i, (m, c) in enumerate(zip(n_mlp, self.mlp)) if i not in skip)
+        if "attention" in unpruned:
+            return Fraction(0), _exact_prune_fractions(sparsity, 1.0, total, 0, mlp)[1]
+        if "mlp" in unpruned:
+            return _exact_prune_fractions(sparsity, 1.0, total, attn, 0)[0], Fraction(0)
         return _exact_prune_fractions(sparsity, gamma, total, attn, mlp)
 
 
@@ -198,7 +207,9 @@ def removal_counts(
     """
     skip = set(skip_layers)
     costs = costs or UnitCosts.of_groups(len(n_kv_group), n_query_per_kv, head_dim)
-    p_attn, p_mlp = costs.fractions(sparsity, gamma, n_kv_group, mlp_dim, skip)
+    # a layer keeps at least one attention unit: with one per layer, attention takes no share (as in allocate)
+    unpruned = ["attention"] if all(a <= 1 for i, a in enumerate(n_kv_group) if i not in skip) else []
+    p_attn, p_mlp = costs.fractions(sparsity, gamma, n_kv_group, mlp_dim, skip, unpruned)
     n_attn_prunable = sum(a for i, a in enumerate(n_kv_group) if i not in skip)
     n_mlp_prunable = sum(m for i, m in enumerate(mlp_dim) if i not in skip)
     return math.floor(n_attn_prunable * p_attn), math.floor(n_mlp_prunable * p_mlp)
@@ -340,9 +351,21 @@ def allocate(
     n_attn_per_layer = [0] * n_layer
     for s, i in zip(attention_scores, layer_of):
         n_attn_per_layer[i] += s.numel()
-    p_attn, p_mlp = costs.fractions(sparsity, gamma, n_attn_per_layer, [s.numel() for s in mlp_scores], skip)
-    segment_costs = [costs.attention[i] for i in layer_of]
     kind = "query heads" if heads else "attention groups"
+    # a role with no removable unit by construction takes no share (Gemma-3-270M: one KV group per layer, and every
+    # layer keeps one); a guard setting that leaves none removable (tp_size, round_to) is named by the checks below
+    unpruned = {}
+    attn_widths = [s.numel() for i, s in enumerate(attention_scores) if i not in attn_skip]
+    if sparsity > 0 and counts is None and attn_widths and max(attn_widths) <= 1:
+        unpruned["attention"] = (f"no removable {kind}: every layer has one and keeps at least one; the target goes "
+                                 "to the MLP neurons alone (gamma does not apply)")
+    mlp_widths = [s.numel() for i, s in enumerate(mlp_scores) if i not in skip]
+    if sparsity > 0 and counts is None and mlp_widths and max(mlp_widths) <= 1 and not unpruned:
+        unpruned["mlp"] = (f"no removable MLP neurons: every layer has one and keeps at least one; the target goes to "
+                           f"the {kind} alone (gamma does not apply)")
+    p_attn, p_mlp = costs.fractions(sparsity, gamma, n_attn_per_layer, [s.numel() for s in mlp_scores], skip,
+                                    list(unpruned))
+    segment_costs = [costs.attention[i] for i in layer_of]
     if counts is not None and mode != "global":
         raise ConfigError("target.allocation", mode, "'global' when explicit removal counts are given (iterative schedules)")
     if mode == "global":
@@ -385,9 +408,10 @@ def allocate(
             groups.append(grp)
             kept_heads.append(head)
         return Allocation(groups, mlp_keep, float(p_attn), float(p_mlp), n_attn_remove, n_mlp_remove,
-                          q_head_keep=kept_heads)
+                          q_head_keep=kept_heads, unpruned=unpruned)
     attention_keep = [_round_up_keep(s, r, tp_size) for s, r in zip(attention_scores, attn_remove)]
-    return Allocation(attention_keep, mlp_keep, float(p_attn), float(p_mlp), n_attn_remove, n_mlp_remove)
+    return Allocation(attention_keep, mlp_keep, float(p_attn), float(p_mlp), n_attn_remove, n_mlp_remove,
+                      unpruned=unpruned)
 
 
 def sparsity_for_param_budget(n_param_total: int, n_param_block: int, budget: int) -> float:

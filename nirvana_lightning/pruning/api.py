@@ -30,20 +30,19 @@ def count_parameters(model: nn.Module, family: ModelFamily | None = None) -> dic
     return {"total": total, "block": block, "other": total - block}
 
 
-#: attention unit kinds a layer may have at ``group`` granularity, in plan order (T5's decoder has both)
-ATTENTION_KINDS = ("self_attn", "cross_attn")
-
-
 @dataclasses.dataclass(frozen=True)
 class UnitLayout:
-    """What the family declares for allocation: per layer its unit kinds; the unit costs (weights) the formula
-    reads; at ``query_head`` granularity the query heads per KV group of each layer; and the attention blocks
-    allocation ranks together, as ``(layer, unit kind)`` (one per layer, two in a T5 decoder layer)."""
+    """What the family declares for allocation, read from its unit kinds: per layer its kinds; the unit costs
+    (weights) the formula reads; the attention units allocation ranks, as ``(layer, kind)`` segments (one per
+    layer, two in a T5 decoder layer: self- and cross-attention heads); at ``query_head`` granularity (a nested
+    attention kind) the parent kind and the children per parent unit of each layer; and the MLP kind."""
 
     kinds: list[dict]
     costs: UnitCosts
-    heads: list[int] | None
     segments: list[tuple[int, str]]
+    mlp: str
+    parent: str | None = None
+    heads: list[int] | None = None
 
     def attention_widths(self) -> list[int]:
         """Attention units per layer (every attention block of the layer)."""
@@ -52,33 +51,45 @@ class UnitLayout:
             out[i] += self.kinds[i][kind].n_units
         return out
 
+    def mlp_widths(self) -> list[int]:
+        return [k[self.mlp].n_units if self.mlp in k else 0 for k in self.kinds]
+
     def allocation_args(self) -> dict:
         return {"costs": self.costs, "heads_per_group": self.heads,
                 "attention_layers": [i for i, _ in self.segments]}
+
+    def specs(self) -> dict[str, dict]:
+        """Every kind's declaration, attention kinds first (the plan's order)."""
+        specs = {name: kind.spec() for k in self.kinds for name, kind in k.items()}
+        return dict(sorted(specs.items(), key=lambda item: item[1]["allocation"] == "mlp"))
 
 
 def unit_layout(family: ModelFamily, granularity: str = "group") -> UnitLayout:
     """The family's declaration, read once for allocation (see :class:`UnitLayout`)."""
     kinds = [family.unit_kinds(layer, granularity) for layer in family.layers()]
-    if granularity == "group":
-        segments = [(i, name) for i, k in enumerate(kinds) for name in ATTENTION_KINDS if name in k]
+    names = list(dict.fromkeys(name for k in kinds for name in k))
+    spec = {name: next(k[name] for k in kinds if name in k) for name in names}
+    mlp = [n for n in names if spec[n].allocation == "mlp"]
+    nested = [n for n in names if spec[n].allocation == "attention" and spec[n].parent]
+    if len(mlp) != 1 or len(nested) > 1 or any(spec[n].parent for n in mlp):
+        raise ValueError(f"{type(family).__name__} declares unit kinds {names}: allocation ranks one MLP kind and "
+                         "attention kinds, at most one of them nested")
+    if not nested:
+        ranked = [n for n in names if spec[n].allocation == "attention"]
+        segments = [(i, name) for i, k in enumerate(kinds) for name in ranked if name in k]
         attn_cost = []
         for i, k in enumerate(kinds):
-            costs = {k[name].cost for name in ATTENTION_KINDS if name in k}
-            if len(costs) != 1:
+            costs = {k[name].cost for name in ranked if name in k}
+            if len(costs) > 1:
                 raise ValueError(f"layer {i}: attention blocks with different unit costs {sorted(costs)} cannot share "
                                  "one per-layer cost")
-            attn_cost.append(costs.pop())
-        return UnitLayout(kinds, UnitCosts(attn_cost, [k["mlp"].cost for k in kinds]), None, segments)
-    heads = [k["q_head"].n_units // k["self_attn"].n_units for k in kinds]
-    costs = UnitCosts.of_query_heads([k["q_head"].cost for k in kinds], [k["self_attn"].cost for k in kinds], heads,
-                                     [k["mlp"].cost for k in kinds])
-    return UnitLayout(kinds, costs, heads, [(i, "q_head") for i in range(len(kinds))])
-
-
-def attention_unit_kind(granularity: str) -> str:
-    """The unit kind allocation ranks as attention: KV groups (`self_attn`) or query heads (`q_head`)."""
-    return "q_head" if granularity == "query_head" else "self_attn"
+            attn_cost.append(costs.pop() if costs else 0)
+        return UnitLayout(kinds, UnitCosts(attn_cost, [k[mlp[0]].cost for k in kinds]), segments, mlp[0])
+    head, parent = nested[0], spec[nested[0]].parent
+    heads = [k[head].n_units // k[parent].n_units for k in kinds]
+    costs = UnitCosts.of_query_heads([k[head].cost for k in kinds], [k[parent].cost for k in kinds], heads,
+                                     [k[mlp[0]].cost for k in kinds])
+    return UnitLayout(kinds, costs, [(i, head) for i in range(len(kinds))], mlp[0], parent, heads)
 
 
 def plan_from_scores(
@@ -107,20 +118,21 @@ def plan_from_scores(
         check_finite(per_layer, kind)
     layout = unit_layout(family, target.attention_granularity)
     kinds = layout.kinds
-    result = allocate([scores.by_kind[name][i] for i, name in layout.segments], scores.mlp, sparsity=target.sparsity,
-                      gamma=target.gamma, n_query_per_kv=family.n_query_per_kv, head_dim=family.head_dim,
-                      round_to=target.round_to, skip_layers=target.skip_layers, mode=target.allocation, counts=counts,
-                      tp_size=target.tp_size, **layout.allocation_args())
+    result = allocate([scores.by_kind[name][i] for i, name in layout.segments], scores.by_kind[layout.mlp],
+                      sparsity=target.sparsity, gamma=target.gamma, n_query_per_kv=family.n_query_per_kv,
+                      head_dim=family.head_dim, round_to=target.round_to, skip_layers=target.skip_layers,
+                      mode=target.allocation, counts=counts, tp_size=target.tp_size, **layout.allocation_args())
     keep: dict[str, list[list[int]]] = {}
-    if result.q_head_keep is not None:
-        keep["self_attn"] = [k.tolist() for k in result.attention_keep]
-        keep["q_head"] = [k.tolist() for k in result.q_head_keep]
+    if layout.parent is not None:
+        keep[layout.parent] = [k.tolist() for k in result.attention_keep]
+        keep[layout.segments[0][1]] = [k.tolist() for k in result.q_head_keep]
     else:  # one entry per attention block: scattered back to (kind, layer); a kind a layer lacks keeps nothing
         for name in dict.fromkeys(name for _, name in layout.segments):
             keep[name] = [[] for _ in kinds]
         for (i, name), kept in zip(layout.segments, result.attention_keep):
             keep[name][i] = kept.tolist()
-    keep["mlp"] = [k.tolist() for k in result.mlp_keep]
+    keep[layout.mlp] = [k.tolist() for k in result.mlp_keep]
+    keep = {name: keep[name] for name in layout.specs()}  # the family's order
     plan = PruningPlan(
         keep=keep,
         width_before={name: [k[name].n_units if name in k else 0 for k in kinds] for name in keep},
@@ -129,6 +141,7 @@ def plan_from_scores(
         n_query_per_kv=family.n_query_per_kv,
         head_dim=family.head_dim,
         hidden_dim=family.hidden_dim,
+        kinds=layout.specs(),
     )
     plan.provenance = {
         **(provenance or {}),
@@ -136,12 +149,14 @@ def plan_from_scores(
         "allocation": target.allocation, "attention_granularity": target.attention_granularity,
         "skip_layers": sorted(target.skip_layers), "p_attn": result.p_attn, "p_mlp": result.p_mlp,
         "n_attn_removed_requested": result.n_attn_requested, "n_mlp_removed_requested": result.n_mlp_requested,
-        "realised_sparsity": plan.realised_sparsity,
+        "realised_sparsity": plan.realised_sparsity, **({"unpruned": result.unpruned} if result.unpruned else {}),
         "model_type": family.config.model_type,
         "model_identity": model_identity(model),
         "model_source": getattr(family.config, "_name_or_path", "") or "",
         "versions": library_versions(),
     }
+    for role, why in result.unpruned.items():
+        rank_zero_info(f"note: {role} units take no share of the target: {why}")
     if counts is None and target.sparsity > 0 and abs(plan.realised_sparsity - target.sparsity) > 0.02:
         rank_zero_info(f"note: realised block-weight sparsity {plan.realised_sparsity:.4f} vs target "
                        f"{target.sparsity} ({target.allocation} allocation floors per-unit counts and rounds MLP "
@@ -202,7 +217,7 @@ def make_plan(
 
     def allocation_check(g: float) -> None:
         allocate([torch.zeros(layout.kinds[i][name].n_units) for i, name in layout.segments],
-                 [torch.zeros(k["mlp"].n_units) for k in layout.kinds],
+                 [torch.zeros(n) for n in layout.mlp_widths()],
                  sparsity=sparsity, gamma=g, n_query_per_kv=family.n_query_per_kv, head_dim=family.head_dim,
                  round_to=target.round_to, skip_layers=target.skip_layers, mode=target.allocation, counts=counts,
                  tp_size=target.tp_size, **layout.allocation_args())

@@ -59,37 +59,28 @@ ACCUMULATE = ("gradient", "saliency")
 
 @dataclass
 class UnitScores:
-    """Per unit kind (``self_attn``, ``mlp``, and ``q_head`` at ``query_head`` granularity), per layer, the
-    scores of that layer's units (layers may differ in width after pruning), float32."""
+    """Per unit kind (the family's names: ``kv_group``, ``neuron``, ``q_head`` at ``query_head`` granularity, T5's
+    ``cross_head``), per layer, the scores of that layer's units (layers may differ in width after pruning; a kind
+    a layer lacks has 0 units there), float32; ``kinds``: what the family declares of each kind
+    (:meth:`~nirvana_lightning.families.UnitKind.spec`)."""
 
-    attention: list[torch.Tensor]  # per layer (n_kv_group_l,): KV groups
-    mlp: list[torch.Tensor]  # per layer (mlp_dim_l,): neurons
-    q_head: list[torch.Tensor] | None = None  # per layer (n_head_l,): query heads (query_head granularity)
-    cross_attn: list[torch.Tensor] | None = None  # per layer: T5 cross-attention heads (empty in encoder layers)
+    by_kind: dict[str, list[torch.Tensor]]
+    kinds: dict[str, dict]
 
     @property
     def granularity(self) -> str:
-        return "group" if self.q_head is None else "query_head"
-
-    @property
-    def by_kind(self) -> dict[str, list[torch.Tensor]]:
-        out = {"self_attn": self.attention, "mlp": self.mlp}
-        for name in ("q_head", "cross_attn"):
-            if getattr(self, name) is not None:
-                out[name] = getattr(self, name)
-        return out
-
-    @classmethod
-    def from_kinds(cls, by_kind: dict[str, list[torch.Tensor]]) -> UnitScores:
-        return cls(by_kind["self_attn"], by_kind["mlp"], by_kind.get("q_head"), by_kind.get("cross_attn"))
+        return "query_head" if any(spec["parent"] for spec in self.kinds.values()) else "group"
 
     def as_groups(self) -> UnitScores:
-        """The ``group`` granularity scores of the same pass: a KV group's score is its k/v part plus its heads'
-        (every saliency is a sum over weights, so the parts add up exactly; the criterion ``random`` aside)."""
-        if self.q_head is None:
-            return self
-        groups = [kv + heads.reshape(kv.numel(), -1).sum(1) for kv, heads in zip(self.attention, self.q_head)]
-        return UnitScores(groups, self.mlp)
+        """The ``group`` granularity scores of the same pass: a parent unit's score is its own part plus its
+        children's (every saliency is a sum over weights, so the parts add up exactly; the criterion ``random``
+        aside)."""
+        by_kind = {name: list(per_layer) for name, per_layer in self.by_kind.items() if not self.kinds[name]["parent"]}
+        for name, spec in self.kinds.items():
+            if spec["parent"]:
+                by_kind[spec["parent"]] = [own + kids.reshape(own.numel(), -1).sum(1) if own.numel() else own
+                                           for own, kids in zip(by_kind[spec["parent"]], self.by_kind[name])]
+        return UnitScores(by_kind, {name: spec for name, spec in self.kinds.items() if name in by_kind})
 
 
 def as_batches(calibration: torch.Tensor | Iterable[torch.Tensor], micro_batch_size: int | None) -> list[torch.Tensor]:
@@ -347,25 +338,30 @@ def compute_unit_scores(
     family = family or get_family(model)
     linears = list(family.block_linears())
     kinds = [family.unit_kinds(layer, granularity) for layer in family.layers()]
-    owner = {(i, o.role): (name, o) for i, layer_kinds in enumerate(kinds)
-             for name, kind in layer_kinds.items() for o in kind.owns}
+    owners: dict[tuple[int, str], list] = {}  # (layer, projection) -> the kinds owning parts of it
+    for i, layer_kinds in enumerate(kinds):
+        for name, kind in layer_kinds.items():
+            for o in kind.owns:
+                owners.setdefault((i, o.role), []).append((name, kind.n_units, o))
+    specs = {name: kind.spec() for k in kinds for name, kind in k.items()}
     home = next(model.parameters()).device
     device = torch.device(compute_device) if compute_device is not None else home  # where the maths runs
     names = list(dict.fromkeys(name for k in kinds for name in k))  # a kind some layers lack scores 0 units there
     scores = {name: [torch.zeros(k[name].n_units if name in k else 0, device=device) for k in kinds]
               for name in names}
 
-    def add(i: int, role: str, saliency: torch.Tensor) -> None:
-        name, owned = owner[(i, role)]
-        scores[name][i] += reduce_owned(saliency, owned.axis, owned.block).to(device)  # no sync per hook
+    def add(i: int, role: str, saliency: torch.Tensor, axis: int | None = None) -> None:
+        for name, n_units, owned in owners[(i, role)]:
+            if axis is None or owned.axis == axis:  # no sync per hook
+                scores[name][i] += reduce_owned(saliency, owned.axis, owned.block, owned.offset, n_units).to(device)
 
     def result() -> UnitScores:
-        return UnitScores.from_kinds({name: [s.cpu() for s in per_layer] for name, per_layer in scores.items()})
+        return UnitScores({name: [s.cpu() for s in per_layer] for name, per_layer in scores.items()}, specs)
 
     if criterion == "random":
         gen = torch.Generator().manual_seed(seed)
-        return UnitScores.from_kinds({name: [torch.rand(s.numel(), generator=gen) for s in per_layer]
-                                      for name, per_layer in scores.items()})
+        return UnitScores({name: [torch.rand(s.numel(), generator=gen) for s in per_layer]
+                           for name, per_layer in scores.items()}, specs)
     if criterion == "magnitude":
         for i, role, lin in linears:
             add(i, role, compute_weight_saliency(lin.weight, None))
@@ -375,13 +371,13 @@ def compute_unit_scores(
     if criterion in ("wanda_sp", "flap"):
         stats = input_statistics(model, family, batches)
         for i, role, lin in linears:
+            if not any(owned.axis == 1 for _, _, owned in owners[(i, role)]):
+                continue  # both score the output projections' input channels only
             count, total, sq = stats[id(lin)]
-            if owner[(i, role)][1].axis != 1:  # both score the output projections' input channels only
-                continue
             if criterion == "wanda_sp":
-                add(i, role, wanda_saliency(lin.weight, sq))
+                add(i, role, wanda_saliency(lin.weight, sq), axis=1)
             else:
-                add(i, role, flap_saliency(lin.weight, total / count, sq / count))
+                add(i, role, flap_saliency(lin.weight, total / count, sq / count), axis=1)
         return result()
     n_total = sum(b.shape[0] for b in batches)
     model_dtype = next(model.parameters()).dtype

@@ -69,14 +69,19 @@ def flap_saliency(weight: torch.Tensor, input_mean: torch.Tensor, input_sq_mean:
     return weight.detach().float() ** 2 * var[None, :]
 
 
-def reduce_owned(saliency: torch.Tensor, axis: int, block: int) -> torch.Tensor:
-    """Sum one projection's weight saliencies ``(out, in)`` over the slices its units own: ``block`` consecutive
-    rows (``axis`` 0) or columns (``axis`` 1) per unit. Returns ``(n_unit,)`` float32."""
+def reduce_owned(saliency: torch.Tensor, axis: int, block: int, offset: int = 0,
+                 n_units: int | None = None) -> torch.Tensor:
+    """Sum one projection's weight saliencies ``(out, in)`` (or a 1-D weight's ``(out,)``) over the slices its
+    units own: ``block`` consecutive rows (``axis`` 0) or columns (``axis`` 1) per unit, from ``offset`` (a kind
+    inside a fused weight; ``n_units`` then says where it ends, default: to the end). Returns ``(n_unit,)``
+    float32."""
+    if axis not in (0, 1):
+        raise ValueError(f"axis must be 0 (rows) or 1 (columns), got {axis!r}")
+    stop = saliency.shape[axis] if n_units is None else offset + n_units * block
+    part = saliency.narrow(axis, offset, stop - offset)
     if axis == 0:
-        return saliency.reshape(saliency.shape[0] // block, -1).sum(1).float()
-    if axis == 1:
-        return saliency.reshape(saliency.shape[0], saliency.shape[1] // block, block).sum((0, 2)).float()
-    raise ValueError(f"axis must be 0 (rows) or 1 (columns), got {axis!r}")
+        return part.reshape(part.shape[0] // block, -1).sum(1).float()
+    return part.reshape(part.shape[0], part.shape[1] // block, block).sum((0, 2)).float()
 
 
 def reduce_attention_scores(

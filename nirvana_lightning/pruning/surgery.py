@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..families import ModelFamily, get_family, unwrap_model
+from ..families import ModelFamily, Owned, get_family, unwrap_model
 from .plan import PruningPlan
 
 
@@ -55,8 +55,10 @@ def check_plan_matches(model: nn.Module, plan: PruningPlan, family: ModelFamily 
     if set(plan.keep) != model_kinds:
         raise ValueError(f"plan has unit kinds {sorted(plan.keep)}; the model's are {sorted(model_kinds)}")
 
+    labels = {name: kind.label for kinds in per_layer for name, kind in kinds.items()}
+
     def units(widths: dict[str, int], heads: int) -> str:
-        return ", ".join(f"{n} {_UNIT_NAMES.get(k, k)}" for k, n in widths.items()) + f", {heads} query heads"
+        return ", ".join(f"{n} {labels.get(k, k)}" for k, n in widths.items()) + f", {heads} query heads"
 
     for i, (layer, kinds) in enumerate(zip(layers, per_layer)):
         have = {name: kinds[name].n_units if name in kinds else 0 for name in plan.keep}
@@ -72,62 +74,75 @@ def check_plan_matches(model: nn.Module, plan: PruningPlan, family: ModelFamily 
             raise ValueError(f"plan layer {i}: unit_cost {written} differs from the family's cost per unit {cost} "
                              "(plan.json was edited, or made by another version; every reported sparsity would "
                              "be wrong)")
+        # labels are for reports (a converted 0.2 plan carries the old ones); roles and nesting must agree
+        roles = {name: (kind.allocation, kind.parent) for name, kind in kinds.items()}
+        written = {name: (plan.kinds[name]["allocation"], plan.kinds[name]["parent"]) for name in roles}
+        if roles != written:
+            raise ValueError(f"plan layer {i}: unit kinds (allocation, parent) {written} differ from the family's "
+                             f"{roles}")
 
 
-#: how errors name the unit kinds
-_UNIT_NAMES = {"self_attn": "self-attention KV groups", "q_head": "query-head units", "cross_attn": "cross-attention heads",
-               "mlp": "MLP neurons"}
-
-
-def _slice_linear_(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
-    """Keep ``index`` along ``dim`` of the weight (0 = output rows, with the bias; 1 = input columns)."""
-    index = index.to(linear.weight.device)
-    weight = linear.weight.detach().index_select(dim, index).clone()
-    linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+def _slice_(module: nn.Module, index: torch.Tensor, dim: int) -> None:
+    """Keep ``index`` along ``dim`` of a projection's weight (0 = output rows, with the bias; 1 = input columns), or
+    of a norm's 1-D weight (its entries)."""
+    index = index.to(module.weight.device)
+    weight = module.weight.detach().index_select(dim, index).clone()
+    module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+    if weight.dim() == 1:
+        if hasattr(module, "normalized_shape"):
+            module.normalized_shape = (weight.shape[0],)
+        return
     if dim == 0:
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.detach().index_select(0, index).clone(),
-                                       requires_grad=linear.bias.requires_grad)
-        linear.out_features = weight.shape[0]
+        if getattr(module, "bias", None) is not None:
+            module.bias = nn.Parameter(module.bias.detach().index_select(0, index).clone(),
+                                       requires_grad=module.bias.requires_grad)
+        module.out_features = weight.shape[0]
     else:
-        linear.in_features = weight.shape[1]
+        module.in_features = weight.shape[1]
 
 
 def expand_group_index(groups: list[int] | torch.Tensor, block: int) -> torch.Tensor:
     """Row indices of whole blocks: groups [0, 2], block 3 -> [0, 1, 2, 6, 7, 8]."""
-    groups = torch.as_tensor(groups, dtype=torch.long)
-    return (groups[:, None] * block + torch.arange(block)).reshape(-1)
+    return Owned("", 0, block).index(groups)
 
 
-def _owned_keeps(family, layer, plan: PruningPlan, i: int) -> list[tuple[str, int, torch.Tensor]]:
-    """``(role, axis, kept indices)`` for every slice the plan's unit kinds own in layer ``i`` (a kind that keeps
-    every unit is left out)."""
-    out = []
-    for name, kind in family.unit_kinds(layer, plan.granularity).items():
-        keep = plan.keep[name][i]
-        if len(keep) == kind.n_units:
+def kept_slices(family: ModelFamily, layer: nn.Module, keep: dict[str, list[int]],
+                granularity: str) -> dict[tuple[str, int], torch.Tensor]:
+    """Per ``(projection role, axis)`` the indices a layer keeps: every index a removed unit owns goes, the rest
+    stays (rows or columns no kind owns, e.g. a fused weight's unowned part, are kept). Projections no kind cuts
+    are left out."""
+    gone: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for name, kind in family.unit_kinds(layer, granularity).items():
+        dropped = sorted(set(range(kind.n_units)) - set(keep[name]))
+        if not dropped:
             continue
         for owned in kind.owns:
-            out.append((owned.role, owned.axis, expand_group_index(keep, owned.block)))
+            gone.setdefault((owned.role, owned.axis), []).append(owned.index(dropped))
+    out = {}
+    for (role, axis), parts in gone.items():
+        size = family.projection(layer, role).weight.shape[axis]
+        mask = torch.ones(size, dtype=torch.bool)
+        mask[torch.cat(parts)] = False
+        out[(role, axis)] = mask.nonzero().squeeze(1)
     return out
 
 
 def cut_model(model: nn.Module, plan: PruningPlan, family: ModelFamily | None = None) -> nn.Module:
     """Physically remove the units the plan does not keep (in place); returns the model.
 
-    Every slice comes from the family's unit kinds (which rows or columns of which projection a unit owns).
-    Everything is checked before the first tensor changes, so a mismatched plan leaves the
-    model untouched. head_dim never changes, so RoPE and per-head norms are unaffected.
+    Every slice comes from the family's unit kinds (which rows or columns of which projection a unit owns, at
+    which offset inside a fused weight). Everything is checked before the first tensor changes, so a mismatched
+    plan leaves the model untouched. head_dim never changes, so RoPE and per-head norms are unaffected.
     """
     model_ = unwrap_model(model)
     family = family or get_family(model_)
     check_plan_matches(model_, plan, family)
-    for i, (layer, widths) in enumerate(zip(family.layers(), plan.widths_after())):
-        for role, axis, index in _owned_keeps(family, layer, plan, i):
-            _slice_linear_(family.projection(layer, role), index, axis)
-        family.after_cut(layer, {name: plan.keep[name][i] for name in family.unit_kinds(layer, plan.granularity)})
-        family.set_layer_widths(layer, *widths)
-    family.record_layer_widths(plan.widths_after())
+    for i, layer in enumerate(family.layers()):
+        keep = {name: plan.keep[name][i] for name in family.unit_kinds(layer, plan.granularity)}
+        for (role, axis), index in kept_slices(family, layer, keep, plan.granularity).items():
+            _slice_(family.projection(layer, role), index, axis)
+        family.after_cut(layer, keep)
+    family.record_layer_widths()
     return model
 
 
@@ -139,11 +154,11 @@ def kept_inputs(family, layer, plan: PruningPlan, i: int) -> dict[str, torch.Ten
         owned = kind.gate
         if owned is None:
             continue
-        mask = masks.setdefault(owned.role, torch.ones(family.projection(layer, owned.role).in_features,
+        mask = masks.setdefault(owned.role, torch.ones(family.projection(layer, owned.role).weight.shape[1],
                                                        dtype=torch.bool))
-        unit = torch.zeros(kind.n_units, dtype=torch.bool)
-        unit[torch.as_tensor(plan.keep[name][i], dtype=torch.long)] = True
-        mask &= unit.repeat_interleave(owned.block)
+        dropped = sorted(set(range(kind.n_units)) - set(plan.keep[name][i]))
+        if dropped:
+            mask[owned.index(dropped)] = False
     return masks
 
 

@@ -300,10 +300,8 @@ def check_plan_is_models(model: nn.Module, plan) -> None:
             raise ConfigError("save_gguf: plan", fingerprint, f"the plan this model was cut with (the plan was made "
                               f"for {field}={identity[field]!r}, the model has {have!r})")
     heads, kv_heads, ffn, _ = _layer_widths(model)
-    planned = {"KV groups": ([len(k) for k in plan.keep.get("self_attn", [])], kv_heads),
-               "MLP neurons": ([len(k) for k in plan.keep.get("mlp", [])], ffn)}
-    if "q_head" in plan.keep:
-        planned["query heads"] = ([len(k) for k in plan.keep["q_head"]], heads)
+    planned = {"KV groups": (plan.n_kv_group_after, kv_heads), "MLP neurons": (plan.mlp_dim_after, ffn),
+               "query heads": (plan.n_head_after, heads)}
     for what, (want, have) in planned.items():
         if want and list(want) != list(have):
             raise ConfigError("save_gguf: plan", fingerprint, f"the plan this model was cut with (the plan keeps "
