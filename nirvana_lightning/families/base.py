@@ -309,6 +309,13 @@ class ModelFamily:
             out["mlp.intermediate_size"] = mlp_dim
         return out
 
+    def masking_hooks(self, layer: nn.Module, kept: dict[tuple[str, int], torch.Tensor]) -> list:
+        """Hooks (removable handles) that make ``layer`` compute as if cut, beyond zeroing the removed units'
+        inputs to their output projections (``surgery.masked_units`` does that): for modules that mix units,
+        e.g. a norm over the full width of a projection. ``kept``: per ``(role, axis)`` the indices the cut keeps.
+        None by default: every unit of a Llama-layout layer is independent of the others."""
+        return []
+
     def set_layer_widths(self, layer: nn.Module, n_kv_group: int, n_head: int, mlp_dim: int) -> None:
         """Update module attributes after the projections were sliced (:meth:`layer_attributes`)."""
         for path, value in self.layer_attributes(layer, n_kv_group, n_head, mlp_dim).items():

@@ -168,7 +168,8 @@ def masked_units(model: nn.Module, plan: PruningPlan) -> Iterator[None]:
 
     Each unit kind with an output projection (a KV group's or a query head's o columns, a neuron's down
     column) is masked by zeroing that projection's inputs at the columns of removed units. Every head's
-    attention is independent, so this is exact; a KV group goes only with all its heads. Hooks are removed
+    attention is independent, so this is exact; a KV group goes only with all its heads. A family whose modules
+    mix units (OLMo-2's q/k norms over the full width) adds its own hooks (``masking_hooks``). Hooks are removed
     on exit.
     """
     model_ = unwrap_model(model)
@@ -186,6 +187,8 @@ def masked_units(model: nn.Module, plan: PruningPlan) -> Iterator[None]:
         for i, layer in enumerate(family.layers()):
             for role, kept in kept_inputs(family, layer, plan, i).items():
                 handles.append(family.projection(layer, role).register_forward_pre_hook(gate(kept.float())))
+            keep = {name: plan.keep[name][i] for name in family.unit_kinds(layer, plan.granularity)}
+            handles += family.masking_hooks(layer, kept_slices(family, layer, keep, plan.granularity))
         yield
     finally:
         for h in handles:
