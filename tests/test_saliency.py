@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import build_tiny_model
+from projections import projections
 
 from nirvana_lightning.errors import ConfigError
 from nirvana_lightning.families import get_family
@@ -59,8 +60,8 @@ def _straightforward_scores(model, ids, loss_fn):
     g, d = family.n_query_per_kv, family.head_dim
     attn, mlp = [], []
     for layer in family.layers():
-        a, m = family.attention(layer), family.mlp(layer)
-        sal = {n: (p.weight * p.weight.grad).abs() for n, p in
+        a, m = projections(layer)
+        sal = {n: (p.weight * p.grad).abs() for n, p in
                (("q", a.q), ("k", a.k), ("v", a.v), ("o", a.o), ("gate", m.gate), ("up", m.up), ("down", m.down))}
         n_group = a.k.weight.shape[0] // d
         attn.append(torch.stack([
@@ -82,8 +83,8 @@ def _straightforward_head_scores(model, ids, loss_fn):
     d = family.head_dim
     groups, heads = [], []
     for layer in family.layers():
-        a = family.attention(layer)
-        sal = {n: (p.weight * p.weight.grad).abs() for n, p in (("q", a.q), ("k", a.k), ("v", a.v), ("o", a.o))}
+        a, _ = projections(layer)
+        sal = {n: (p.weight * p.grad).abs() for n, p in (("q", a.q), ("k", a.k), ("v", a.v), ("o", a.o))}
         groups.append(torch.stack([sal["k"][h * d:(h + 1) * d].sum() + sal["v"][h * d:(h + 1) * d].sum()
                                    for h in range(a.k.weight.shape[0] // d)]))
         heads.append(torch.stack([sal["q"][j * d:(j + 1) * d].sum() + sal["o"][:, j * d:(j + 1) * d].sum()
@@ -135,8 +136,8 @@ def test_scoring_leaves_model_state_alone(tiny, calib):
 def test_magnitude_and_random(tiny):
     mag = compute_unit_scores(tiny, None, criterion="magnitude")
     layer = get_family(tiny).layers()[0]
-    expected = layer.mlp.gate_proj.weight.abs().sum(1) + layer.mlp.up_proj.weight.abs().sum(1) \
-        + layer.mlp.down_proj.weight.abs().sum(0)
+    _, m = projections(layer)
+    expected = m.gate.weight.abs().sum(1) + m.up.weight.abs().sum(1) + m.down.weight.abs().sum(0)
     torch.testing.assert_close(mag.by_kind["neuron"][0], expected.detach())
     r1 = compute_unit_scores(tiny, None, criterion="random", seed=3)
     r2 = compute_unit_scores(tiny, None, criterion="random", seed=3)
@@ -192,14 +193,14 @@ def test_activation_baselines_equal_a_straightforward_computation(family, calib,
     got = compute_unit_scores(model, calib, criterion=criterion, micro_batch_size=3)
     g, d = family.n_query_per_kv, family.head_dim
     for li, layer in enumerate(family.layers()):
-        attn, mlp = family.attention(layer), family.mlp(layer)
-        n_group, n_neuron = family.layer_geometry(layer)
+        attn, mlp = projections(layer)
+        n_group, _, n_neuron = family.layer_widths(layer)
 
         def w_score(role, lin, rows=None, cols=None, _li=li):
-            x = inputs[(_li, role)]
-            w = lin.weight.detach().double()
             if role not in ("o", "down"):
                 return 0.0
+            x = inputs[(_li, role)]
+            w = lin.weight.detach().double()
             if criterion == "wanda_sp":
                 s = w.abs() * x.pow(2).sum(0).sqrt()[None, :]
             else:

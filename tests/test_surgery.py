@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from projections import projections
 
 from nirvana_lightning import PruningPlan, apply_plan, count_parameters, cut, make_plan, masked_units, prune
 from nirvana_lightning.errors import ConfigError
@@ -78,7 +79,7 @@ def test_slices_move_in_whole_group_blocks(tiny, calib):
     g, d = family.n_query_per_kv, family.head_dim
     dense = copy.deepcopy(tiny)
     # force group 0 out of layer 0 by giving it the lowest score
-    n_group, mlp_dim = family.layer_geometry(family.layers()[0])
+    n_group, _, mlp_dim = family.layer_widths(family.layers()[0])
     scores = UnitScores({"kv_group": [torch.tensor([0.0] + [1.0] * (n_group - 1)), torch.ones(n_group)],
                          "neuron": [torch.rand(mlp_dim), torch.rand(mlp_dim)]},
                         {"kv_group": {"allocation": "attention", "label": "KV groups", "parent": None},
@@ -87,7 +88,7 @@ def test_slices_move_in_whole_group_blocks(tiny, calib):
     assert 0 not in plan.attention_keep[0]
     cut(tiny, plan)
     kept = plan.attention_keep[0]
-    a_new, a_old = family.attention(family.layers()[0]), get_family(dense).attention(get_family(dense).layers()[0])
+    (a_new, _), (a_old, _) = projections(family.layers()[0]), projections(get_family(dense).layers()[0])
     for j, h in enumerate(kept):
         assert torch.equal(a_new.q.weight[j * g * d:(j + 1) * g * d], a_old.q.weight[h * g * d:(h + 1) * g * d])
         assert torch.equal(a_new.k.weight[j * d:(j + 1) * d], a_old.k.weight[h * d:(h + 1) * d])
@@ -104,7 +105,7 @@ def test_modules_config_and_tensors_agree_and_generate_works(tiny, calib, granul
     widths = tiny.config.nirvana_layer_widths
     assert tiny.config.head_dim == family.head_dim
     for i, layer in enumerate(family.layers()):
-        a, m = family.attention(layer), family.mlp(layer)
+        a, m = projections(layer)
         n_group = plan.n_kv_group_after[i]
         assert widths["num_key_value_heads"][i] == n_group
         assert a.k.out_features == a.k.weight.shape[0] == n_group * family.head_dim == a.v.out_features
@@ -184,9 +185,9 @@ def test_bad_input_leaves_model_untouched(tiny, calib, kw, match):
 
 
 def test_nan_saliency_is_rejected_before_any_cut(tiny, calib):
-    layer = get_family(tiny).layers()[1]
+    _, mlp = projections(get_family(tiny).layers()[1])
     with torch.no_grad():
-        layer.mlp.up_proj.weight[3, 0] = float("nan")
+        mlp.up.weight[3, 0] = float("nan")
     shapes = {k: v.shape for k, v in tiny.state_dict().items()}
     with pytest.raises(FloatingPointError, match="layer"):
         prune(tiny, None, sparsity=0.3, criterion="magnitude")

@@ -87,10 +87,9 @@ def flops_per_token(model: nn.Module, seq_len: int) -> dict[str, float]:
     model = unwrap_model(model)
     family = get_family(model)
     linear = 2 * sum(lin.weight.numel() for _, _, lin in family.block_linears())
-    attention = 0.0
-    for _, role, lin in family.block_linears():
-        if role in ("q", "cross_q"):  # every attention block (T5's decoder: cross-attention over ctx keys too)
-            attention += 2 * 2 * lin.weight.shape[0] * ctx  # n_head_l * head_dim query rows
+    # every attention block of every layer (T5's decoder: cross-attention over ctx keys too)
+    attention = sum(2 * 2 * heads * family.head_dim * ctx for layer in family.layers()
+                    for heads, _ in family.attention_widths(layer))
     head = model.get_output_embeddings()
     lm_head = 2 * head.weight.numel() if head is not None else 0
     return {"linear": float(linear), "attention": attention, "lm_head": float(lm_head),
@@ -106,10 +105,9 @@ def kv_cache_bytes(model: nn.Module, batch_size: int, n_token: int) -> int:
     is concatenated, and sliding-window caches (Mistral) can be smaller.
     """
     family = get_family(model)
-    total = 0
-    for _, role, lin in family.block_linears():
-        if role == "k":  # self-attention keys (T5's cross-attention cache holds the encoder's length instead)
-            total += lin.weight.shape[0] * lin.weight.element_size()
+    size = next(lin for _, _, lin in family.block_linears()).weight.element_size()
+    # self-attention keys (the first block; T5's cross-attention cache holds the encoder's length instead)
+    total = sum(family.attention_widths(layer)[0][1] * family.head_dim * size for layer in family.layers())
     return 2 * batch_size * n_token * total
 
 

@@ -326,6 +326,12 @@ class ModelFamily:
         kinds = self.unit_kinds(layer, "query_head")
         return kinds["kv_group"].n_units, kinds["q_head"].n_units, kinds["neuron"].n_units
 
+    def attention_widths(self, layer: nn.Module) -> list[tuple[int, int]]:
+        """``(query heads, KV heads)`` of every attention block of the layer, its self-attention first (what
+        FLOP and cache estimates read)."""
+        n_kv, n_head, _ = self.layer_widths(layer)
+        return [(n_head, n_kv)]
+
     # ------------------------------------------------------------ scoring forward
     def model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      labels: torch.Tensor | None = None) -> tuple[dict, torch.Tensor | None]:

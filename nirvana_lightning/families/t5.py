@@ -132,6 +132,10 @@ class T5Family(ModelFamily):
         kinds = self.unit_kinds(layer)
         return kinds["kv_group"].n_units, kinds["kv_group"].n_units, kinds["neuron"].n_units
 
+    def attention_widths(self, layer: nn.Module) -> list[tuple[int, int]]:
+        """Self-attention heads, and the decoder's cross-attention heads (multi-head: as many KV heads)."""
+        return [(attn.n_heads, attn.n_heads) for attn in self.attention_modules(layer).values()]
+
     def after_cut(self, layer: nn.Module, keep: dict[str, list[int]]) -> None:
         """Every attention of the block computes with its kept heads only; self-attention keeps reading the bias
         columns of its original heads (``head_index`` composes over successive cuts)."""

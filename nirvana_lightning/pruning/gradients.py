@@ -350,12 +350,20 @@ def compute_unit_scores(
     scores = {name: [torch.zeros(k[name].n_units if name in k else 0, device=device) for k in kinds]
               for name in names}
 
+    # each owned slice's sum is kept apart and the slices are added in the family's declared order at the end: the
+    # order gradients arrive in (hooks, offloaded copies) never changes a score's rounding
+    parts: dict[tuple[str, int, int], torch.Tensor] = {}
+
     def add(i: int, role: str, saliency: torch.Tensor, axis: int | None = None) -> None:
         for name, n_units, owned in owners[(i, role)]:
             if axis is None or owned.axis == axis:  # no sync per hook
-                scores[name][i] += reduce_owned(saliency, owned.axis, owned.block, owned.offset, n_units).to(device)
+                key = (name, i, kinds[i][name].owns.index(owned))
+                part = reduce_owned(saliency, owned.axis, owned.block, owned.offset, n_units).to(device)
+                parts[key] = parts[key] + part if key in parts else part
 
     def result() -> UnitScores:
+        for (name, i, _), part in sorted(parts.items(), key=lambda item: item[0][2]):
+            scores[name][i] += part
         return UnitScores({name: [s.cpu() for s in per_layer] for name, per_layer in scores.items()}, specs)
 
     if criterion == "random":
