@@ -12,7 +12,7 @@ from nirvana_lightning.recovery import apply_recovery
 def test_contract(tiny):
     family = get_family(tiny)
     cfg = tiny.config
-    assert family.n_layer == cfg.num_hidden_layers == len(family.layers())
+    assert cfg.num_hidden_layers == len(family.layers())
     assert family.head_dim == cfg.head_dim  # read from the config, never hidden/heads
     assert family.n_kv_head < family.n_head  # GQA on in every fixture
     g, d, hidden = family.n_query_per_kv, family.head_dim, family.hidden_dim

@@ -115,7 +115,7 @@ class UnitKind:
 class ModelFamily:
     """Maps one model family's modules to roles and keeps module, config and tensors in agreement.
 
-    Subclasses set ``model_types`` and the attribute names; everything outside ``adapters/``
+    Subclasses set ``model_types`` and the attribute names; everything outside ``families/``
     talks in roles (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``).
     """
 
@@ -222,10 +222,6 @@ class ModelFamily:
 
     # ------------------------------------------------------------------ geometry
     @property
-    def n_layer(self) -> int:
-        return int(self.config.num_hidden_layers)
-
-    @property
     def n_head(self) -> int:
         return int(self.config.num_attention_heads)
 
@@ -244,18 +240,9 @@ class ModelFamily:
         return int(self.config.hidden_size)
 
     @property
-    def intermediate_dim(self) -> int:
-        return int(self.config.intermediate_size)
-
-    @property
     def n_query_per_kv(self) -> int:
         """g: query heads per KV head of the dense config (a ``query_head`` cut changes it per layer)."""
         return self.n_head // self.n_kv_head
-
-    def layer_geometry(self, layer: nn.Module) -> tuple[int, int]:
-        """(n_kv_group, mlp_dim) of one layer as its tensors say (layers differ after pruning)."""
-        parts = self.attention(layer)
-        return parts.k.weight.shape[0] // self.head_dim, self.mlp(layer).gate.weight.shape[0]
 
     # ------------------------------------------------------------------- spec
     def projection(self, layer: nn.Module, role: str) -> nn.Linear:

@@ -61,17 +61,9 @@ class T5Family(ModelFamily):
         """Encoder blocks, then decoder blocks."""
         return [*self.model.encoder.block, *self.model.decoder.block]
 
-    @property
-    def n_layer(self) -> int:
-        return len(self.model.encoder.block) + len(self.model.decoder.block)
-
     @staticmethod
     def is_decoder_layer(layer: nn.Module) -> bool:
         return len(layer.layer) == 3
-
-    @property
-    def intermediate_dim(self) -> int:
-        return int(self.config.d_ff)
 
     def body(self) -> nn.Module:
         return self.model.decoder
