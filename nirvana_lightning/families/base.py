@@ -41,7 +41,8 @@ class MLPParts:
 
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
-#: attention granularities: whole KV groups (the paper), or single query heads inside each group as well
+#: attention granularities (the first is the default): whole KV groups (the paper), or single query heads inside each
+#: group as well
 GRANULARITIES = ("group", "query_head")
 
 
@@ -249,7 +250,7 @@ class ModelFamily:
         """The linear of ``role`` in ``layer``."""
         return getattr(self.attention(layer) if role in ("q", "k", "v", "o") else self.mlp(layer), role)
 
-    def unit_kinds(self, layer: nn.Module, granularity: str = "group") -> dict[str, UnitKind]:
+    def unit_kinds(self, layer: nn.Module, granularity: str = GRANULARITIES[0]) -> dict[str, UnitKind]:
         """The prunable unit kinds of ``layer`` as its tensors are now (layers differ after pruning).
 
         ``group``: a KV group owns its g query heads (q rows, o columns) and its k/v rows; ``query_head``: a KV

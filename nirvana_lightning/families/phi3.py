@@ -40,7 +40,7 @@ class Phi3Family(ModelFamily):
             for role in PROJECTIONS:
                 yield i, role, self.projection(layer, role)
 
-    def unit_kinds(self, layer: nn.Module, granularity: str = "group") -> dict[str, UnitKind]:
+    def unit_kinds(self, layer: nn.Module, granularity: str = GRANULARITIES[0]) -> dict[str, UnitKind]:
         check_choice("target.attention_granularity", granularity, GRANULARITIES)
         d = self.head_dim
         o, qkv, down = (self.projection(layer, r) for r in ("o", "qkv", "down"))

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import ModelFamily, Owned, UnitKind
+from .base import GRANULARITIES, ModelFamily, Owned, UnitKind
 
 ATTENTION_ROLES = ("q", "k", "v", "o")
 #: encoder fraction of a calibration window when the config does not set ``nirvana_encoder_fraction``
@@ -98,7 +98,7 @@ class T5Family(ModelFamily):
         return out
 
     # ------------------------------------------------------------------- spec
-    def unit_kinds(self, layer: nn.Module, granularity: str = "group") -> dict[str, UnitKind]:
+    def unit_kinds(self, layer: nn.Module, granularity: str = GRANULARITIES[0]) -> dict[str, UnitKind]:
         if granularity != "group":
             raise ConfigError("target.attention_granularity", granularity,
                               "'group' for t5: its attention is multi-head, one head is already one unit")

@@ -22,9 +22,9 @@ from fractions import Fraction
 import torch
 
 from ..errors import ConfigError
+from .settings import MODES, ROUND_TO_CHOICES, PruningTarget
 
-MODES = ("global", "uniform")
-ROUND_TO_CHOICES = (1, 8, 16, 32, 64, 128, 256)
+_DEFAULT = PruningTarget()  # the defaults below are the typed settings' own
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Allocation:
     unpruned: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def validate_targets(sparsity: float, gamma: float, round_to: int, mode: str = "global") -> None:
+def validate_targets(sparsity: float, gamma: float, round_to: int, mode: str = _DEFAULT.allocation) -> None:
     """Check target settings; raises :class:`ConfigError` naming the key."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0 \
             or math.isnan(sparsity):
@@ -264,14 +264,14 @@ def allocate(
     mlp_scores: Sequence[torch.Tensor],
     *,
     sparsity: float,
-    gamma: float = 1.0,
+    gamma: float = _DEFAULT.gamma,
     n_query_per_kv: int,
     head_dim: int,
-    round_to: int = 8,
+    round_to: int = _DEFAULT.round_to,
     skip_layers: Sequence[int] = (),
-    mode: str = "global",
+    mode: str = _DEFAULT.allocation,
     counts: tuple[int, int] | None = None,
-    tp_size: int = 1,
+    tp_size: int = _DEFAULT.tp_size,
     costs: UnitCosts | None = None,
     heads_per_group: Sequence[int] | None = None,
     attention_layers: Sequence[int] | None = None,

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..devices import resolve_device
 from ..errors import ConfigError
-from ..families import ModelFamily, get_family, unwrap_model
+from ..families import GRANULARITIES, ModelFamily, get_family, unwrap_model
 from .allocation import UnitCosts, allocate, sparsity_for_param_budget
 from .gamma import search_gamma
 from .gradients import UnitScores, as_batches, check_token_ids, compute_unit_scores, fingerprint
@@ -64,7 +64,7 @@ class UnitLayout:
         return dict(sorted(specs.items(), key=lambda item: item[1]["allocation"] == "mlp"))
 
 
-def unit_layout(family: ModelFamily, granularity: str = "group") -> UnitLayout:
+def unit_layout(family: ModelFamily, granularity: str = GRANULARITIES[0]) -> UnitLayout:
     """The family's declaration, read once for allocation (see :class:`UnitLayout`)."""
     kinds = [family.unit_kinds(layer, granularity) for layer in family.layers()]
     names = list(dict.fromkeys(name for k in kinds for name in k))

@@ -53,8 +53,9 @@ from .saliency import (
     reduce_owned,
     wanda_saliency,
 )
+from .settings import ACCUMULATE, PruningTarget, Scoring
 
-ACCUMULATE = ("gradient", "saliency")
+_SCORING, _TARGET = Scoring(), PruningTarget()  # the defaults below are the typed settings' own
 
 
 @dataclass
@@ -289,17 +290,17 @@ def compute_unit_scores(
     model: nn.Module,
     calibration: torch.Tensor | Iterable[torch.Tensor],
     *,
-    criterion: str = "nirvana",
-    functional: str = "max_over_seq",
+    criterion: str = _SCORING.criterion,
+    functional: str = _SCORING.functional,
     micro_batch_size: int | None = None,
-    accumulate: str = "gradient",
+    accumulate: str = _SCORING.accumulate,
     lean: bool = True,
-    checkpointing: bool = True,
+    checkpointing: bool = _SCORING.checkpointing,
     head_chunk: int | None = 8192,
-    seed: int = 0,
+    seed: int = _SCORING.seed,
     compute_dtype: torch.dtype | None = None,
     compute_device: torch.device | str | None = None,
-    granularity: str = "group",
+    granularity: str = _TARGET.attention_granularity,
     family: ModelFamily | None = None,
 ) -> UnitScores:
     """Score every attention group and MLP neuron of ``model`` (weights are not modified).

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .allocation import UnitCosts, removal_counts
-
-SCHEDULES = ("once", "constant", "linear", "cubic")
+from .settings import SCHEDULES
 
 
 def cumulative_sparsity(schedule: str, final: float, step: int, n_step: int) -> float:

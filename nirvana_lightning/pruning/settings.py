@@ -23,11 +23,14 @@ from typing import Any
 
 from ..errors import ConfigError, check_choice, check_positive_int
 from ..families.base import GRANULARITIES
-from .allocation import MODES, ROUND_TO_CHOICES
-from .gradients import ACCUMULATE
 from .saliency import CRITERIA, DATA_CRITERIA, FUNCTIONALS
-from .schedule import SCHEDULES
 
+#: allocation modes: ``global`` ranks units of all layers together; ``uniform`` the same fraction per layer
+MODES = ("global", "uniform")
+ROUND_TO_CHOICES = (1, 8, 16, 32, 64, 128, 256)
+#: micro-batch accumulation: exact gradient sums, or lean per-micro-batch saliency sums
+ACCUMULATE = ("gradient", "saliency")
+SCHEDULES = ("once", "constant", "linear", "cubic")
 SCORING_DTYPES = ("float32", "model")
 SELECTION_METHODS = ("none", "kl")
 CANDIDATE_MODES = ("random", "document")
@@ -80,7 +83,7 @@ class PruningTarget:
     tp_size: int = 1
     skip_layers: tuple[int, ...] = ()
     allocation: str = "global"
-    attention_granularity: str = "group"
+    attention_granularity: str = GRANULARITIES[0]
 
     def __post_init__(self) -> None:
         if (self.sparsity is None) == (self.param_budget is None):
