@@ -13,11 +13,12 @@ import re
 from pathlib import Path
 
 #: axis -> values. Families: one per distinct code path (llama: GQA and tied embeddings; qwen3: explicit
-#: head_dim and q/k norms; gemma3: soft-capping, one KV group per layer; t5: encoder-decoder). Mistral and
+#: head_dim and q/k norms; gemma3: soft-capping, one KV group per layer; t5: encoder-decoder; phi3: fused
+#: projections, units at offsets; olmo2: full-width q/k norms cut with their heads, masking hooks). Mistral and
 #: Qwen2 are Llama's code path with other names (families/mistral.py, qwen2.py): their invariants are in
 #: tests/test_families.py.
 AXES: dict[str, list[str]] = {
-    "family": ["tiny-llama", "tiny-qwen3", "tiny-gemma3", "tiny-t5"],
+    "family": ["tiny-llama", "tiny-qwen3", "tiny-gemma3", "tiny-t5", "tiny-phi3", "tiny-olmo2"],
     "strategy": ["single", "ddp", "fsdp2"],
     "granularity": ["group", "query_head"],
     "selection": ["none", "kl"],
@@ -35,8 +36,8 @@ REFUSALS: list[tuple[str, object, str]] = [
     ("KL selection ranks calibration sets; data-free criteria read none",
      lambda c: c.get("selection") == "kl" and c.get("criterion") in ("magnitude", "random"),
      r"NirvanaPruningCallback\.selection\.method='kl' .*'none' with scoring\.criterion"),
-    ("GGUF holds the Llama-like graphs only (llama.cpp has no per-layer Gemma 3 or T5 graph here)",
-     lambda c: c.get("export") == "gguf" and c.get("family") in ("tiny-gemma3", "tiny-t5"),
+    ("GGUF holds the Llama-like graphs only (llama.cpp has no per-layer Gemma 3, T5, Phi-3 or OLMo-2 graph here)",
+     lambda c: c.get("export") == "gguf" and c.get("family") in ("tiny-gemma3", "tiny-t5", "tiny-phi3", "tiny-olmo2"),
      r"ExportCallback\.format='gguf' .*hf only for model_type"),
     ("a qwen3 GGUF needs equal widths in every layer (llama.cpp's per-layer graph has no q/k norms); the "
      "widths exist once the plan does: refused after scoring, before any training step",
@@ -109,6 +110,8 @@ BASE_CELL = {"family": "tiny-llama", "strategy": "single", "granularity": "group
 REFUSAL_CELLS = [BASE_CELL | {"selection": "kl", "criterion": "magnitude"},
                  BASE_CELL | {"export": "gguf", "family": "tiny-t5"},
                  BASE_CELL | {"export": "gguf", "family": "tiny-gemma3"},
+                 BASE_CELL | {"export": "gguf", "family": "tiny-phi3"},
+                 BASE_CELL | {"export": "gguf", "family": "tiny-olmo2"},
                  BASE_CELL | {"export": "gguf", "family": "tiny-qwen3"},
                  BASE_CELL | {"gamma": "auto", "schedule": "iterative"},
                  BASE_CELL | {"family": "tiny-t5", "granularity": "query_head"},
