@@ -412,7 +412,8 @@ def compose_plans(first: PruningPlan, second: PruningPlan, kinds: list[dict] | N
             raise ValueError("steps at different attention granularities compose only with the family's query-head "
                              "unit kinds (compose_plans(first, second, kinds))")
         first, second = as_query_heads(first, kinds), as_query_heads(second, kinds)
-    if (set(first.keep) != set(second.keep) or first.kinds != second.kinds
+    roles = [{k: (spec["allocation"], spec["parent"]) for k, spec in plan.kinds.items()} for plan in (first, second)]
+    if (set(first.keep) != set(second.keep) or roles[0] != roles[1]
             or any(second.width_before[kind] != [len(k) for k in first.keep[kind]] for kind in first.keep)
             or second.n_head_before != first.n_head_after
             or (second.head_dim, second.hidden_dim) != (first.head_dim, first.hidden_dim)):
