@@ -133,9 +133,6 @@ def _chain(err: BaseException) -> list[BaseException]:
     return out
 
 
-_SECTIONS = ("target.", "scoring.", "calibration.", "selection.", "schedule.")
-
-
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -248,13 +245,13 @@ def explain(err: BaseException, argv: list[str] | None = None) -> str | None:
     """
     import re
 
-    from .pruning.settings import RENAMED_KEYS
+    from .pruning.settings import RENAMED_KEYS, SECTIONS
 
     chain = _chain(err)
     for e in chain:
         if isinstance(e, ConfigError):
             key = e.key
-            if key.startswith(_SECTIONS) or key in ("plan_path", "bias_compensation"):
+            if key.partition(".")[0] in SECTIONS or key in ("plan_path", "bias_compensation"):
                 key = "NirvanaPruningCallback." + key
             return str(ConfigError(key, e.value, e.expected))
     if not any(isinstance(e, ArgumentError) or type(e).__name__ == "ArgumentError" for e in chain):

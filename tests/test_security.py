@@ -184,7 +184,7 @@ def test_sizes_beyond_the_text_are_refused_before_scoring(tmp_path):
     dm.setup("fit")
     n_val = dm._probe_stream.numel()
     with pytest.raises(ConfigError, match=rf"probe_samples=500 .*at most {n_val // 64} windows of 64 tokens"):
-        dm.probe_windows(500, 64)
+        dm.probe_windows(500, 64, 0)
     n_cal = dm._calibration_stream.numel()
     with pytest.raises(ConfigError, match=rf"^calibration\.samples=1000 .*at most {n_cal // 16}"):
         dm.calibration_windows(1000, 16, 0)
