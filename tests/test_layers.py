@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("eval", ["eval"]),
     ("export", ["export", "serving"]),
     ("loading", ["loading"]),
-    ("module", ["contract", "sharding", "module", "data", "data.datamodule"]),
+    ("module", ["contract", "sharding", "restore", "module", "data", "data.datamodule"]),
     ("callbacks", ["callbacks"]),
     ("cli", ["cli", "__main__", "configs_doc", ""]),
 ]
