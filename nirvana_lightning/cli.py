@@ -86,10 +86,12 @@ class NirvanaCLI(LightningCLI):
             return
         from transformers import AutoConfig
 
+        from .families import FAMILIES
         from .loading import resolve_source
 
         source = self.model.hparams.source
-        if getattr(AutoConfig.from_pretrained(resolve_source(source)), "is_encoder_decoder", False):
+        family = FAMILIES.get(AutoConfig.from_pretrained(resolve_source(source)).model_type)
+        if family is not None and not family.sft_data:
             raise ConfigError("data.task", "sft", f"'lm' for model.source={source!r}, an encoder-decoder: its pairs "
                               "split packed windows at a fixed fraction (prefix -> continuation); instruction "
                               "examples would need a split at each response (not implemented)")

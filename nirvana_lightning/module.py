@@ -13,7 +13,7 @@ from torchmetrics.aggregation import MeanMetric
 from . import restore
 from .devices import resolve_device
 from .errors import ConfigError, check_choice, check_positive
-from .families import ROLES, remote_modeling, unwrap_model
+from .families import ROLES, get_family, remote_modeling, unwrap_model
 from .loading import DTYPES, load_model, validate_source
 from .pruning import PruningPlan
 from .pruning.api import cut
@@ -239,13 +239,13 @@ class NirvanaModule(L.LightningModule):
         if self._context_checked:
             return
         self._context_checked = True
-        limit = getattr(self.base_model.config, "max_position_embeddings", None)
+        limit = get_family(self.base_model).max_sequence_length
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if limit is None or datamodule is None:
             return
         value = getattr(datamodule, "seq_len", None)
         if isinstance(value, int) and value > limit:
-            rank_zero_warn(f"data.seq_len={value} exceeds the model's max_position_embeddings={limit}: positions "
+            rank_zero_warn(f"data.seq_len={value} exceeds the model's context of {limit} positions: positions "
                            "beyond it were never trained and quality will suffer (lower data.seq_len)")
 
     def merge_recovery_adapters(self) -> None:

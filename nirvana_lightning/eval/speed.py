@@ -92,9 +92,9 @@ def flops_per_token(model: nn.Module, seq_len: int) -> dict[str, float]:
         if role in ("q", "cross_q"):  # every attention block (T5's decoder: cross-attention over ctx keys too)
             attention += 2 * 2 * lin.weight.shape[0] * ctx  # n_head_l * head_dim query rows
     head = model.get_output_embeddings()
-    lm_head = 2 * head.weight.numel() if head is not None else 0
-    return {"linear": float(linear), "attention": attention, "lm_head": float(lm_head),
-            "total": linear + attention + lm_head}
+    head_flops = 2 * head.weight.numel() if head is not None else 0
+    return {"linear": float(linear), "attention": attention, "lm_head": float(head_flops),
+            "total": linear + attention + head_flops}
 
 
 def kv_cache_bytes(model: nn.Module, batch_size: int, n_token: int) -> int:

@@ -122,34 +122,51 @@ def _resize_t5_(model: nn.Module, widths: dict, config) -> None:
             ffn.wo = _linear(ffn.wo, entry["d_ff"][i], ffn.wo.out_features)
 
 
-def resize_layers_(model: nn.Module, config) -> None:
-    """Give every decoder layer the widths recorded in ``config.nirvana_layer_widths`` (in place)."""
-    widths = getattr(config, WIDTHS_KEY, None)
-    if not widths:
-        return
-    if getattr(config, "model_type", None) == "t5":
-        _resize_t5_(model, widths, config)
-        return
-    layers = model.model.layers
-    for key in ("num_key_value_heads", "num_attention_heads", "intermediate_size"):
+#: the Llama layout (llama, mistral, qwen2, qwen3, gemma3_text): where the decoder layers are, the attention and MLP
+#: modules of a layer, and each role's projection (the families' ``role_names``; tests/test_family_seam.py checks
+#: they agree: this file cannot import them)
+LLAMA_LAYOUT: dict[str, str] = {"layers": "model.layers", "attention": "self_attn", "mlp": "mlp",
+                                "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+                                "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+#: the per-layer widths table's keys of the Llama layout: query heads, KV groups, MLP neurons
+LLAMA_WIDTH_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def _resize_llama_layout_(model: nn.Module, widths: dict, config) -> None:
+    """Give every decoder layer of a Llama-layout model its widths from the table (:data:`LLAMA_LAYOUT`)."""
+    names = LLAMA_LAYOUT
+    layers = model
+    for part in names["layers"].split("."):
+        layers = getattr(layers, part)
+    for key in LLAMA_WIDTH_KEYS:
         if len(widths[key]) != len(layers):
             raise ValueError(f"{WIDTHS_KEY}[{key!r}] has {len(widths[key])} entries for {len(layers)} layers")
     d = config.head_dim
     for i, layer in enumerate(layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        n_q, n_kv, n_mlp = (widths[k][i] for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size"))
-        hidden = attn.q_proj.in_features
-        attn.q_proj = _linear(attn.q_proj, hidden, n_q * d)
-        attn.k_proj = _linear(attn.k_proj, hidden, n_kv * d)
-        attn.v_proj = _linear(attn.v_proj, hidden, n_kv * d)
-        attn.o_proj = _linear(attn.o_proj, n_q * d, hidden)
-        mlp.gate_proj = _linear(mlp.gate_proj, hidden, n_mlp)
-        mlp.up_proj = _linear(mlp.up_proj, hidden, n_mlp)
-        mlp.down_proj = _linear(mlp.down_proj, n_mlp, hidden)
+        attn, mlp = getattr(layer, names["attention"]), getattr(layer, names["mlp"])
+        n_q, n_kv, n_mlp = (widths[k][i] for k in LLAMA_WIDTH_KEYS)
+        hidden = getattr(attn, names["q"]).in_features
+        shapes = {"q": (hidden, n_q * d), "k": (hidden, n_kv * d), "v": (hidden, n_kv * d), "o": (n_q * d, hidden),
+                  "gate": (hidden, n_mlp), "up": (hidden, n_mlp), "down": (n_mlp, hidden)}
+        for role, (n_in, n_out) in shapes.items():
+            owner = attn if role in ("q", "k", "v", "o") else mlp
+            setattr(owner, names[role], _linear(getattr(owner, names[role]), n_in, n_out))
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = n_mlp
         if hasattr(attn, "num_key_value_groups"):  # repeat_kv: query heads per KV head of THIS layer
             attn.num_key_value_groups = n_q // n_kv
+
+
+#: model_type -> how a stock model of that type takes its per-layer widths; any other type: the Llama layout
+RESIZERS = {"t5": _resize_t5_}
+
+
+def resize_layers_(model: nn.Module, config) -> None:
+    """Give every layer the widths recorded in ``config.nirvana_layer_widths`` (in place)."""
+    widths = getattr(config, WIDTHS_KEY, None)
+    if not widths:
+        return
+    RESIZERS.get(getattr(config, "model_type", None), _resize_llama_layout_)(model, widths, config)
 
 
 _PRUNED: dict[str, type] = {}
