@@ -54,9 +54,10 @@ from torch import nn
 
 from nirvana_lightning import compute_unit_scores, load_model, masked_units
 from nirvana_lightning.data import pack_documents, read_records, sample_windows
+from nirvana_lightning.divergence import summed_kl
 from nirvana_lightning.pruning import plan_from_scores
+from nirvana_lightning.pruning.api import cut
 from nirvana_lightning.pruning.gamma import GAMMA_GRID, search_gamma
-from nirvana_lightning.pruning.surgery import apply_plan
 
 GROUPS = {
     "press": ("news", "editorial", "reviews"),
@@ -101,14 +102,14 @@ def evaluate(model: nn.Module, windows: torch.Tensor, dense: list[torch.Tensor] 
     """(perplexity, mean per-token KL to the dense log-probs, and the log-probs when ``dense`` is None)."""
     nll, n_nll, kl, n_kl, logprobs = 0.0, 0, 0.0, 0, []
     for k, ids in enumerate(windows.split(batch)):
-        log_q = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+        logits = model(input_ids=ids).logits.float()
+        log_q = torch.log_softmax(logits, dim=-1)
         nll -= float(log_q[:, :-1].gather(-1, ids[:, 1:, None]).sum())
         n_nll += ids[:, 1:].numel()
         if dense is None:
             logprobs.append(log_q)
         else:
-            log_p = dense[k]
-            kl += float((log_p.exp() * (log_p - log_q)).sum())
+            kl += float(summed_kl(dense[k], logits, reference_is_logprobs=True))
             n_kl += log_q.shape[0] * log_q.shape[1]
     return math.exp(nll / n_nll), (kl / n_kl if dense is not None else 0.0), logprobs
 
@@ -118,7 +119,7 @@ def recover(model: nn.Module, plan, batches: list[torch.Tensor], steps: int, lr:
     from nirvana_lightning.recovery import apply_recovery
 
     pruned = copy.deepcopy(model)
-    apply_plan(pruned, plan)
+    cut(pruned, plan)
     torch.manual_seed(0)  # the same LoRA initialisation (of the shapes this plan leaves) and dropout stream
     peft_model = apply_recovery(pruned, "lora", lora_r=8, lora_alpha=16, lora_dropout=0.05)
     params = [p for p in peft_model.parameters() if p.requires_grad]

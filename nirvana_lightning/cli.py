@@ -86,10 +86,12 @@ class NirvanaCLI(LightningCLI):
             return
         from transformers import AutoConfig
 
+        from .families import FAMILIES
         from .loading import resolve_source
 
         source = self.model.hparams.source
-        if getattr(AutoConfig.from_pretrained(resolve_source(source)), "is_encoder_decoder", False):
+        family = FAMILIES.get(AutoConfig.from_pretrained(resolve_source(source)).model_type)
+        if family is not None and not family.sft_data:
             raise ConfigError("data.task", "sft", f"'lm' for model.source={source!r}, an encoder-decoder: its pairs "
                               "split packed windows at a fixed fraction (prefix -> continuation); instruction "
                               "examples would need a split at each response (not implemented)")
@@ -131,9 +133,6 @@ def _chain(err: BaseException) -> list[BaseException]:
         out.append(err)
         err = err.__cause__ or err.__context__
     return out
-
-
-_SECTIONS = ("target.", "scoring.", "calibration.", "selection.", "schedule.")
 
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -248,13 +247,13 @@ def explain(err: BaseException, argv: list[str] | None = None) -> str | None:
     """
     import re
 
-    from .pruning.settings import RENAMED_KEYS
+    from .pruning.settings import RENAMED_KEYS, SECTIONS
 
     chain = _chain(err)
     for e in chain:
         if isinstance(e, ConfigError):
             key = e.key
-            if key.startswith(_SECTIONS) or key in ("plan_path", "bias_compensation"):
+            if key.partition(".")[0] in SECTIONS or key in ("plan_path", "bias_compensation"):
                 key = "NirvanaPruningCallback." + key
             return str(ConfigError(key, e.value, e.expected))
     if not any(isinstance(e, ArgumentError) or type(e).__name__ == "ArgumentError" for e in chain):

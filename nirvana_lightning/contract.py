@@ -101,7 +101,7 @@ class CalibrationData(Protocol):
                             sources: tuple[str, ...] | None = None) -> torch.Tensor:
         """Seeded calibration windows ``(N, T)``."""
 
-    def calibration_candidates(self, n_candidate: int, n_window: int, seq_len: int, seed: int, mode: str = "random",
+    def calibration_candidates(self, n_candidate: int, n_window: int, seq_len: int, seed: int, mode: str,
                                sources: tuple[str, ...] | None = None) -> tuple[list, list]:
         """Candidate calibration sets for KL selection, with their spans."""
 

@@ -38,7 +38,7 @@ def _serving_report(model: nn.Module) -> dict[str, Any]:
 
     heads, kv_heads, ffn, _ = _layer_widths(model)
     report = serving_constraints(model.config.model_type, heads, kv_heads, ffn)
-    if getattr(model.config, "mlp_bias", False):  # bias compensation: save_gguf refuses MLP biases
+    if get_family(model).has_mlp_biases:  # bias compensation: save_gguf refuses MLP biases
         report["gguf_architecture"] = "refused"
         report["broken"].append("GGUF: the model has MLP biases (bias compensation); serve it with vLLM or transformers")
     return report
@@ -67,28 +67,23 @@ def _engine_lines(model: nn.Module) -> list[str]:
 
 def _model_card(model: nn.Module, plan: PruningPlan | None, extra: dict[str, Any]) -> str:
     p = plan.provenance if plan is not None else {}
-    counts = count_parameters(model)
+    family = get_family(model)
+    counts = count_parameters(model, family)
     lines = [
         "---", "library_name: transformers", "tags: [pruned, nirvana-lightning, structured-pruning]", "---", "",
         "# Structurally pruned model (nirvana-lightning)", "",
-        "Pruned with NIRVANA-style structured pruning: " + (
-            "attention heads (encoder and decoder self-attention, decoder cross-attention) and FFN neurons removed."
-            if model.config.is_encoder_decoder else "whole GQA attention groups and MLP neurons removed."),
+        "Pruned with NIRVANA-style structured pruning: " + family.pruned_units_text,
     ]
     if extra.get("quantize"):
         lines += [f"Weights quantised with torchao ({extra['quantize']}, `model_int8.pt`): load with "
                   "`nirvana_lightning.load_pruned(path)` (executes no code from this directory); vLLM and "
                   "`trust_remote_code` read the float export only.", ""]
-    elif model.config.is_encoder_decoder:
-        lines += [
-            "Reload without nirvana-lightning: `AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=True)`;",
-            "with it: `nirvana_lightning.load_pruned(path)` (executes no code from this directory).",
-            "No serving engine path (vLLM plugin, GGUF) exists for encoder-decoders here: serve it with transformers.", ""]
     else:
         lines += [
-            "Reload without nirvana-lightning: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`;",
+            f"Reload without nirvana-lightning: `{family.auto_class_name}.from_pretrained(path, trust_remote_code=True)`;",
             "with it: `nirvana_lightning.load_pruned(path)` (executes no code from this directory)."]
-        lines += _engine_lines(model) + [""]
+        lines += (_engine_lines(model) + [""]) if family.servable else [
+            "No serving engine path (vLLM plugin, GGUF) exists for this family here: serve it with transformers.", ""]
     lines += [
         "| field | value |", "|---|---|",
     ]
@@ -201,7 +196,7 @@ def save_pruned(
             cls_name = remote_modeling.pruned_class(config.model_type).__name__
             # transformers with trust_remote_code follows auto_map; vLLM (with our plugin installed) follows
             # architectures, which names the class the plugin registers (the same name as ours here).
-            auto = "AutoModelForSeq2SeqLM" if config.is_encoder_decoder else "AutoModelForCausalLM"
+            auto = get_family(merged).auto_class_name
             config.auto_map = {auto: f"modeling_nirvana.{cls_name}"}
             try:
                 if quantize is None:
@@ -219,7 +214,7 @@ def save_pruned(
             serving = None
             if quantize is None:
                 shutil.copyfile(remote_modeling.__file__, tmp / REMOTE_FILE)
-                if not config.is_encoder_decoder:  # no serving engine path for encoder-decoders (transformers only)
+                if get_family(merged).servable:  # no serving engine path for encoder-decoders (transformers only)
                     serving = _serving_report(merged)
                     (tmp / SERVING_FILE).write_text(json.dumps(serving, indent=1) + "\n")
             else:  # torchao weights: neither remote code nor vLLM reads them, so do not point there
@@ -297,39 +292,10 @@ def _check_plan_against_config(plan: PruningPlan, config) -> None:
     widths = getattr(config, remote_modeling.WIDTHS_KEY, None)
     if widths is None:
         return
-    if getattr(config, "is_encoder_decoder", False):
-        _check_seq2seq_plan(plan, widths)
-        return
-    for i in range(max(plan.n_layer, len(widths["intermediate_size"]))):
-        if i >= plan.n_layer or i >= len(widths["intermediate_size"]):
-            raise ValueError(f"plan.json has {plan.n_layer} layers, config.json {len(widths['intermediate_size'])}")
-        plan_widths = (plan.n_kv_group_after[i], plan.n_head_after[i], plan.mlp_dim_after[i])
-        config_widths = tuple(widths[k][i] for k in ("num_key_value_heads", "num_attention_heads", "intermediate_size"))
-        if plan_widths != config_widths:
-            raise ValueError(
-                f"plan.json and config.json disagree at layer {i}: plan keeps {plan_widths[0]} KV groups, "
-                f"{plan_widths[1]} query heads and {plan_widths[2]} neurons, config says {config_widths[0]}, "
-                f"{config_widths[1]} and {config_widths[2]}"
-            )
-
-
-def _check_seq2seq_plan(plan: PruningPlan, widths: dict) -> None:
-    """T5: the plan's kept heads and neurons per block against ``config.json``'s per-stack table."""
-    try:
-        rows = [("encoder", i, widths["encoder"]["num_heads"][i], 0, widths["encoder"]["d_ff"][i])
-                for i in range(len(widths["encoder"]["num_heads"]))]
-        rows += [("decoder", i, widths["decoder"]["num_heads"][i], widths["decoder"]["cross_num_heads"][i],
-                  widths["decoder"]["d_ff"][i]) for i in range(len(widths["decoder"]["num_heads"]))]
-    except (KeyError, TypeError, IndexError) as err:
-        raise ValueError(f"config.json {remote_modeling.WIDTHS_KEY} is not a T5 table: {err!r}") from None
-    if len(rows) != plan.n_layer or len(plan.kinds_of("attention", nested=False)) != 2:
-        raise ValueError(f"plan.json has {plan.n_layer} layers ({sorted(plan.keep)}), config.json {len(rows)} T5 blocks")
-    for i, (stack, block, heads, cross, ffn) in enumerate(rows):
-        have = tuple(len(plan.keep[kind][i]) for kind in (*plan.kinds_of("attention", nested=False), *plan.kinds_of("mlp")))
-        if have != (heads, cross, ffn):
-            raise ValueError(f"plan.json and config.json disagree at {stack} block {block}: plan keeps {have[0]} "
-                             f"self-attention heads, {have[1]} cross-attention heads and {have[2]} neurons, config "
-                             f"says {heads}, {cross} and {ffn}")
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        raise ConfigError("model_type", config.model_type, sorted(FAMILIES))
+    family.check_plan_widths(plan, widths)
 
 
 def load_pruned(path: str | Path, dtype: str | None = None, *, verify: bool = True):

@@ -10,10 +10,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import MeanMetric
 
+from . import restore
 from .devices import resolve_device
 from .errors import ConfigError, check_choice, check_positive
 from .families import ROLES, get_family, remote_modeling, unwrap_model
-from .io import checkpoint_file, load_checkpoint
 from .loading import DTYPES, load_model, validate_source
 from .pruning import PruningPlan
 from .pruning.api import cut
@@ -63,6 +63,24 @@ class NirvanaModule(L.LightningModule):
             (single process only: under DDP every rank's teacher would land on that one GPU).
         teacher_dtype: teacher weight dtype (default: ``dtype``), e.g. ``bfloat16`` to halve its memory.
     """
+
+    # ------------------------------------------------ state: plain attributes (never submodules), declared once
+    #: recovery (LoRA adapters, or full recovery's trainable flags) is applied to ``model``
+    recovery_applied: bool = False
+    #: the base weights are no longer ``source`` + plan (adapters merged into them): checkpoints carry the base
+    base_modified: bool = False
+    #: this process read the weights from ``source`` (False before loading and on sharding's other ranks)
+    read_weights: bool = False
+    #: the frozen dense model (:meth:`dense_reference`), kept out of ``_modules`` (checkpoints, optimizers)
+    _dense_reference: torch.nn.Module | None = None
+    #: the model's float32 buffers as loaded (None: not taken yet), put back after every precision conversion
+    _float32_buffers: dict[str, torch.Tensor] | None = None
+    #: the data's sequence length was compared with the model's context (warned once)
+    _context_checked: bool = False
+    #: the half-precision full-recovery warning was given
+    _warned_half: bool = False
+    #: the long-warmup warning was given
+    _warned_warmup: bool = False
 
     def __init__(
         self,
@@ -117,7 +135,6 @@ class NirvanaModule(L.LightningModule):
         self.pruning_plan: PruningPlan | None = None
         #: checkpoint the Trainer will restore (set through :meth:`resume_from`)
         self.resume_ckpt_path: str | None = None
-        self._recovery_applied = False
         self.val_nll = MeanMetric()
 
     # ------------------------------------------------------------ lifecycle
@@ -130,10 +147,9 @@ class NirvanaModule(L.LightningModule):
                 self._check_callbacks_before_load(self._trainer)
             device = self._load_device()
             self.model, self.tokenizer = load_model(hp.source, hp.dtype, cache_dir=hp.cache_dir, device=device)
-            #: whether this process read the weights from ``source`` (not under sharding's other ranks)
             self.read_weights = device != "meta"
-            self._keep_float32_buffers()
-            self._restore_plan_from_checkpoint()
+            self.keep_float32_buffers()
+            restore.restore_plan_from_checkpoint(self)
         return self.base_model
 
     def _check_callbacks_before_load(self, trainer) -> None:
@@ -167,14 +183,14 @@ class NirvanaModule(L.LightningModule):
         module's device. It is not a submodule: it is never in checkpoints, optimizers,
         distributed wrappers or ``parameters()``. Later calls return the same object.
         """
-        teacher = self.__dict__.get("_dense_reference")
+        teacher = self._dense_reference
         if teacher is None:
             hp = self.hparams
             teacher, _ = load_model(hp.source, hp.teacher_dtype or hp.dtype, cache_dir=hp.cache_dir)
             teacher.requires_grad_(False)
             teacher.eval()
             teacher.to(self._teacher_device() if hp.teacher_device else (device or self.device))
-            self.__dict__["_dense_reference"] = teacher  # bypasses nn.Module registration on purpose
+            object.__setattr__(self, "_dense_reference", teacher)  # bypasses nn.Module registration on purpose
             rank_zero_info(f"dense reference loaded on {next(teacher.parameters()).device} "
                            f"({next(teacher.parameters()).dtype})")
         return teacher
@@ -200,113 +216,36 @@ class NirvanaModule(L.LightningModule):
         world = trainer.world_size if trainer is not None else 1
         return resolve_device(self.hparams.teacher_device, root, world, key="model.teacher_device")
 
-    def _restore_plan_from_checkpoint(self) -> None:
-        """When the Trainer resumes from a checkpoint written after pruning, cut the same units now.
-
-        Lightning loads checkpoint weights after ``setup``/``configure_model``; the pruned shapes
-        must exist by then, and pruning must not be recomputed (calibration or code may differ).
-        """
-        if not self.resume_ckpt_path:
-            return
-        ckpt_path = checkpoint_file(self.resume_ckpt_path)  # a sharded checkpoint keeps the plan in meta.pt
-        if not ckpt_path.is_file():
-            return  # "last"/"best"/URLs: on_load_checkpoint rebuilds the shapes instead
-        checkpoint = load_checkpoint(ckpt_path)  # weights_only: never runs code from the file
-        self._cut_saved_plan(checkpoint.get(self.PLAN_KEY), ckpt_path)
-
-    def _cut_saved_plan(self, data: dict | None, origin: str) -> None:
-        if data is None:
-            return
-        self.pruning_plan = PruningPlan.from_dict(data)
-        cut(self.base_model, self.pruning_plan)
-        if self.pruning_plan.provenance.get("bias_compensation"):  # the biases' values come with the checkpoint
-            from .pruning.compensation import add_biases
-
-            add_biases(self.base_model, None)
-        rank_zero_info(f"restored pruning plan {self.pruning_plan.fingerprint()} from {origin}")
-
-    PLAN_KEY = "nirvana_pruning_plan"
-    #: set in checkpoints whose state_dict holds the trainable (LoRA) parameters only
-    BASE_OMITTED_KEY = "nirvana_base_omitted"
-    #: set in checkpoints whose base weights are no longer ``source`` + plan (adapters merged into them)
-    BASE_MODIFIED_KEY = "nirvana_base_modified"
+    PLAN_KEY = restore.PLAN_KEY
+    BASE_OMITTED_KEY = restore.BASE_OMITTED_KEY
+    BASE_MODIFIED_KEY = restore.BASE_MODIFIED_KEY
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Add the plan; with LoRA, leave out the frozen base weights (rebuilt from ``source`` and the plan).
-
-        An 8B model's checkpoint would otherwise write its 12 GiB base at every save, for a few MiB of
-        adapters. Only while the base is still ``source`` + plan: after an iterative step merged the
-        adapters into it (or bias compensation changed it), the base is state to keep and is written in full.
-        Sharded checkpoints keep the
-        base too (the distributed checkpoint loader restores every key of the module, each rank its shard).
-        """
-        if self.pruning_plan is not None:
-            checkpoint[self.PLAN_KEY] = self.pruning_plan.to_dict()
-        state = checkpoint.get("state_dict")
-        if (self.hparams.recovery == "lora" and self._recovery_applied and state is not None
-                and not self.__dict__.get("_base_modified") and not is_sharded(self.trainer.strategy)
-                and not (self.pruning_plan is not None and self.pruning_plan.provenance.get("bias_compensation"))):
-            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-            frozen = [k for k in state if k.startswith("model.") and k not in trainable]
-            for k in frozen:
-                del state[k]
-            checkpoint[self.BASE_OMITTED_KEY] = len(frozen)
-        if self.__dict__.get("_base_modified"):
-            checkpoint[self.BASE_MODIFIED_KEY] = True
+        """Add the plan; with LoRA, leave out the frozen base (:func:`~nirvana_lightning.restore.annotate_checkpoint`)."""
+        restore.annotate_checkpoint(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Make the model's shapes those of the checkpoint before Lightning loads its weights.
-
-        Covers ``load_from_checkpoint``, ``--ckpt_path=last|best`` and Python ``trainer.fit(ckpt_path=...)``
-        without ``resume_ckpt_path``: when the model's plan differs from the saved one, the base
-        model is reloaded, the saved plan applied and the recovery adapters attached again.
-        Optimizers do not exist yet at this point, so nothing else holds the old parameters.
-        """
-        saved = checkpoint.get(self.PLAN_KEY)
-        current = self.pruning_plan.fingerprint() if self.pruning_plan is not None else None
-        wanted = PruningPlan.from_dict(saved).fingerprint() if saved is not None else None
-        # a base that recovery merged into stays "modified" in every later checkpoint (written in full)
-        self.__dict__["_base_modified"] = bool(checkpoint.get(self.BASE_MODIFIED_KEY))
-        if current != wanted and self._trainer is not None and is_sharded(self._trainer.strategy):
-            raise ConfigError("ckpt_path", "last/best", "an explicit checkpoint directory under a sharded strategy "
-                              "(it is restored after the model is sharded, too late to change its shapes; a path "
-                              "is read at setup)")
-        try:
-            if current == wanted:
-                return
-            recovery_applied = self._recovery_applied
-            self.model, self.pruning_plan, self._recovery_applied = None, None, False
-            hp = self.hparams
-            self.model, self.tokenizer = load_model(hp.source, hp.dtype, cache_dir=hp.cache_dir)
-            self._keep_float32_buffers()
-            self._cut_saved_plan(saved, "the checkpoint")
-            if recovery_applied or any(".lora_" in k for k in checkpoint.get("state_dict", {})):
-                self.configure_model()  # the checkpoint's adapters need their modules (load_from_checkpoint too)
-        finally:
-            self.fill_omitted_base(checkpoint)
+        """Make the model's shapes those of the checkpoint before Lightning loads its weights
+        (:func:`~nirvana_lightning.restore.restore_shapes`)."""
+        restore.restore_shapes(self, checkpoint)
 
     def fill_omitted_base(self, checkpoint: dict) -> None:
         """A LoRA checkpoint without its frozen base: take the base from the model as rebuilt (``source`` + plan),
         so the strict load that follows still checks every key and shape."""
-        if not checkpoint.get(self.BASE_OMITTED_KEY):
-            return
-        state = checkpoint["state_dict"]
-        for name, tensor in self.state_dict().items():
-            if name.startswith("model.") and name not in state:
-                state[name] = tensor
+        restore.fill_omitted_base(self, checkpoint)
 
     def _warn_beyond_context(self) -> None:
         """Windows longer than the model's context give positions it never saw: say so once, before training."""
-        if self.__dict__.get("_context_checked"):
+        if self._context_checked:
             return
-        self.__dict__["_context_checked"] = True
-        limit = getattr(self.base_model.config, "max_position_embeddings", None)
+        self._context_checked = True
+        limit = get_family(self.base_model).max_sequence_length
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if limit is None or datamodule is None:
             return
         value = getattr(datamodule, "seq_len", None)
         if isinstance(value, int) and value > limit:
-            rank_zero_warn(f"data.seq_len={value} exceeds the model's max_position_embeddings={limit}: positions "
+            rank_zero_warn(f"data.seq_len={value} exceeds the model's context of {limit} positions: positions "
                            "beyond it were never trained and quality will suffer (lower data.seq_len)")
 
     def merge_recovery_adapters(self) -> None:
@@ -318,10 +257,10 @@ class NirvanaModule(L.LightningModule):
         if is_fully_sharded(self.model):
             self._unshard_for_pruning()
             return
-        if self._recovery_applied and self.hparams.recovery == "lora":
+        if self.recovery_applied and self.hparams.recovery == "lora":
             self.model = merge_into_base(self.model)
-            self._recovery_applied = False
-            self.__dict__["_base_modified"] = True  # checkpoints must now carry the base
+            self.recovery_applied = False
+            self.base_modified = True  # checkpoints must now carry the base
 
     def _unshard_for_pruning(self) -> None:
         """Sharded (FSDP2): replace the sharded model by a plain one that can be scored and cut (a collective).
@@ -346,8 +285,8 @@ class NirvanaModule(L.LightningModule):
                 plain = remote_modeling.pruned_class(base.config.model_type)(base.config)
             plain.to(base.get_input_embeddings().weight.dtype)
         self.model = plain
-        self._recovery_applied = False
-        self.__dict__["_base_modified"] = True
+        self.recovery_applied = False
+        self.base_modified = True
 
     def cut_step(self, step: PruningPlan) -> PruningPlan:
         """Cut ``step`` (a plan made for the model as it is now) during training; returns the composed plan.
@@ -372,7 +311,7 @@ class NirvanaModule(L.LightningModule):
             kinds = [family.unit_kinds(layer, "query_head") for layer in family.layers()] \
                 if previous.granularity != step.granularity else None
             self.pruning_plan = compose_plans(previous, step, kinds)
-        if not self._recovery_applied:
+        if not self.recovery_applied:
             self.configure_model()
         self.model.to(self.device)
         return self.pruning_plan
@@ -387,10 +326,10 @@ class NirvanaModule(L.LightningModule):
     def configure_model(self) -> None:
         """Build the model and attach the recovery adapters (after any pruning at setup)."""
         self.build_model()
-        if "_float32_buffers" not in self.__dict__:  # a model handed in as module.model, not loaded by build_model
-            self._keep_float32_buffers()
+        if self._float32_buffers is None:  # a model handed in as module.model, not loaded by build_model
+            self.keep_float32_buffers()
         self._warn_beyond_context()
-        if self._recovery_applied:
+        if self.recovery_applied:
             return
         hp = self.hparams
         self.model = apply_recovery(self.model, hp.recovery, lora_r=hp.lora_r, lora_alpha=hp.lora_alpha,
@@ -404,7 +343,7 @@ class NirvanaModule(L.LightningModule):
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             self.base_model.config.use_cache = False
         self.model.train()  # loaded in eval mode; dropout (LoRA) must be live during recovery
-        self._recovery_applied = True
+        self.recovery_applied = True
         trainer = self._trainer
         if trainer is not None and getattr(self, "_device_mesh", None) is not None and is_sharded(trainer.strategy):
             # ModelParallelStrategy (FSDP2): after pruning and LoRA, so each rank keeps 1/N of the pruned model
@@ -418,7 +357,7 @@ class NirvanaModule(L.LightningModule):
             shard_model(self.model, mesh["data_parallel"])
             load_from_rank_zero(self.model, full, trainer.strategy.broadcast(buffers, src=0),
                                 trainer.strategy.root_device)
-            self._keep_float32_buffers()  # the other ranks' snapshot was taken of meta tensors
+            self.keep_float32_buffers()  # the other ranks' snapshot was taken of meta tensors
 
     def forward(self, **batch):
         return self.model(**batch)
@@ -512,21 +451,21 @@ class NirvanaModule(L.LightningModule):
         self._log_epoch_nll("test")
 
     # ------------------------------------------------------------ optimizer
-    def _keep_float32_buffers(self) -> None:
+    def keep_float32_buffers(self) -> None:
         """Remember the model's float32 buffers (RoPE ``inv_freq``) as loaded, before any precision plugin runs."""
-        self.__dict__["_float32_buffers"] = float32_buffers(self.base_model)
+        self._float32_buffers = float32_buffers(self.base_model)
 
     def _restore_float32_buffers(self) -> None:
         """Undo the precision plugin's conversion of float32 buffers (:func:`~.recovery.precision.restore_buffers`)."""
         if self.model is not None:
-            restore_buffers(self.base_model, self.__dict__.get("_float32_buffers", {}))
+            restore_buffers(self.base_model, self._float32_buffers or {})
 
     def _apply(self, fn, recurse: bool = True):
         """Every conversion of the module (``bf16-true``'s ``module.to(bfloat16)``, device moves) ends with the
         float32 buffers and LoRA adapters put back: here, not in a later hook, because DDP wraps the module
         right after the precision plugin converts it and builds its gradient buckets from the dtypes then."""
         super()._apply(fn, recurse)
-        if getattr(self, "model", None) is not None and "_float32_buffers" in self.__dict__:
+        if getattr(self, "model", None) is not None and self._float32_buffers is not None:
             self._restore_float32_buffers()
             self._trainable_in_float32([p for p in self.model.parameters() if p.requires_grad], strict=False)
         return self
@@ -538,8 +477,8 @@ class NirvanaModule(L.LightningModule):
             precision = str(self.trainer.precision) if strict else ""
             adapters_in_float32(params, strict=strict, precision=precision)
         elif strict and any(p.dtype in (torch.bfloat16, torch.float16) for p in params) \
-                and not self.__dict__.get("_warned_half"):
-            self.__dict__["_warned_half"] = True
+                and not self._warned_half:
+            self._warned_half = True
             rank_zero_warn("recovery 'full' with half-precision weights: weights and AdamW states are "
                            f"{params[0].dtype}, so small updates are lost; use trainer.precision bf16-mixed "
                            "with model.dtype float32 for float32 master weights")
@@ -553,8 +492,8 @@ class NirvanaModule(L.LightningModule):
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(hp.warmup_steps, total)
-        if hp.warmup_steps > total // 2 and not self.__dict__.get("_warned_warmup"):
-            self.__dict__["_warned_warmup"] = True
+        if hp.warmup_steps > total // 2 and not self._warned_warmup:
+            self._warned_warmup = True
             rank_zero_warn(f"model.warmup_steps={hp.warmup_steps} is more than half of this run's {total} optimizer "
                            "steps: the learning rate barely decays (lower model.warmup_steps)")
 

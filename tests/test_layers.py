@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nirvana_lightning"
 #: calibration) is below pruning, which validates calibration sources and masks labels with it. ``loading`` sits
 #: above the exports because an export is one of the model sources it reads.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("base", ["errors", "io", "dtypes", "devices"]),
+    ("base", ["errors", "io", "dtypes", "devices", "divergence"]),
     ("families", ["families", "debug_models"]),
     ("data", ["data.sources", "data.text", "data.sft", "data.calibration"]),
     ("pruning", ["pruning"]),
@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("eval", ["eval"]),
     ("export", ["export", "serving"]),
     ("loading", ["loading"]),
-    ("module", ["contract", "sharding", "module", "data", "data.datamodule"]),
+    ("module", ["contract", "sharding", "restore", "module", "data", "data.datamodule"]),
     ("callbacks", ["callbacks"]),
     ("cli", ["cli", "__main__", "configs_doc", ""]),
 ]

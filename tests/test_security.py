@@ -184,7 +184,7 @@ def test_sizes_beyond_the_text_are_refused_before_scoring(tmp_path):
     dm.setup("fit")
     n_val = dm._probe_stream.numel()
     with pytest.raises(ConfigError, match=rf"probe_samples=500 .*at most {n_val // 64} windows of 64 tokens"):
-        dm.probe_windows(500, 64)
+        dm.probe_windows(500, 64, 0)
     n_cal = dm._calibration_stream.numel()
     with pytest.raises(ConfigError, match=rf"^calibration\.samples=1000 .*at most {n_cal // 16}"):
         dm.calibration_windows(1000, 16, 0)
@@ -280,11 +280,11 @@ def test_windows_longer_than_the_context_warn():
     module = NirvanaModule(source="tiny-llama")
     module.build_model()  # max_position_embeddings 512
     module._trainer = MagicMock(datamodule=MagicMock(seq_len=1024))
-    with pytest.warns(UserWarning, match=r"data\.seq_len=1024 exceeds the model's max_position_embeddings=512"):
+    with pytest.warns(UserWarning, match=r"data\.seq_len=1024 exceeds the model's context of 512 positions"):
         module._warn_beyond_context()
     # the calibration windows are the pruning callback's setting, and it warns about them
     with pytest.warns(UserWarning, match=r"NirvanaPruningCallback\.calibration\.seq_len=1024 exceeds the model's "
-                                         r"max_position_embeddings=512"):
+                                         r"context of 512 positions"):
         NirvanaPruningCallback(calibration=Calibration(seq_len=1024))._warn_beyond_context(module.base_model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -65,12 +65,12 @@ def test_datamodule_candidates_and_probe_are_disjoint():
     from nirvana_lightning.data import NirvanaDataModule
 
     dm = NirvanaDataModule(tokenizer="tiny-llama", seq_len=32, val_fraction=0.1)
-    cands, spans = dm.calibration_candidates(3, 4, 32, 0)
+    cands, spans = dm.calibration_candidates(3, 4, 32, 0, "random")
     probe, probe_spans = dm.probe_windows(16, 32, 0)
     assert len(cands) == 3 and cands[0].shape == (4, 32) and probe.shape == (16, 32)
     assert not torch.equal(cands[0], cands[1])
     check_disjoint(cands, probe, spans, probe_spans)
-    again, _ = dm.calibration_candidates(3, 4, 32, 0)
+    again, _ = dm.calibration_candidates(3, 4, 32, 0, "random")
     assert all(torch.equal(a, b) for a, b in zip(cands, again))
     docs, doc_spans = dm.calibration_candidates(3, 4, 32, 0, mode="document")
     assert all(len({s for _, s, _ in sp}) == len(sp) for sp in doc_spans)

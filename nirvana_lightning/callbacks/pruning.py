@@ -355,11 +355,11 @@ class NirvanaPruningCallback(L.Callback):
 
     def _warn_beyond_context(self, model) -> None:
         """Calibration windows longer than the model's context give positions it never saw."""
-        limit = getattr(model.config, "max_position_embeddings", None)
+        limit = get_family(model).max_sequence_length
         seq_len = self.calibration.seq_len
         if self.scoring.needs_data and limit is not None and seq_len > limit:
             rank_zero_warn(f"NirvanaPruningCallback.calibration.seq_len={seq_len} exceeds the model's "
-                           f"max_position_embeddings={limit}: scores would come from positions it was never trained on")
+                           f"context of {limit} positions: scores would come from positions it was never trained on")
 
     def _on_rank_zero(self, trainer: L.Trainer, make) -> PruningPlan:
         """Rank 0 scores and plans; every other rank waits and cuts the same plan.

@@ -79,7 +79,7 @@ class RunSummaryCallback(StagedEvaluation):
                f"GFLOPs/token (prefill, {self.seq_len} tokens)": flops_per_token(base, self.seq_len)["total"] / 1e9}
         if n_adapter:
             row["LoRA adapter params (merged at export)"] = n_adapter
-        if self.speed and get_family(base).is_encoder_decoder:
+        if self.speed and not get_family(base).measures_throughput:
             raise ConfigError("RunSummaryCallback.speed", True, "false for an encoder-decoder model (T5): throughput "
                               "is measured for decoder-only models (parameters and FLOPs are still reported)")
         if self.speed:

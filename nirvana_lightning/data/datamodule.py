@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, check_choice, check_positive, check_positive_int
 from ..loading import load_tokenizer, validate_source
+from ..pruning.settings import CANDIDATE_MODES
 from .calibration import check_window_count, sample_window_starts, sample_windows
 from .sft import build_sft_example, collate_sft, format_prompt
 from .sources import read_records, validate_source_spec
@@ -222,7 +223,7 @@ class NirvanaDataModule(L.LightningDataModule):
         return start_with_bos(sample_windows(stream, n_window, seq_len, seed), self.bos)
 
     def calibration_candidates(self, n_candidate: int, n_window: int, seq_len: int, seed: int,
-                               mode: str = "random", sources: tuple[str, ...] | None = None):
+                               mode: str, sources: tuple[str, ...] | None = None):
         """Candidate calibration sets for KL selection, with their spans in the calibration stream.
 
         ``random``: candidate i is N seeded windows (seed + i) of the training-side text.
@@ -245,12 +246,17 @@ class NirvanaDataModule(L.LightningDataModule):
             order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed))[:n_candidate]
             starts = [list(range(usable[j][0], usable[j][1] - t + 1, t))[:n] for j in order.tolist()]
         else:
-            raise ConfigError("selection.candidate_mode", mode, ("random", "document"))
+            raise ConfigError("selection.candidate_mode", mode, CANDIDATE_MODES)
         candidates = [start_with_bos(torch.stack([stream[s:s + t] for s in st]), self.bos) for st in starts]
         return candidates, [[("calibration", s, t) for s in st] for st in starts]
 
-    def probe_windows(self, n_window: int = 128, seq_len: int = 64, seed: int = 0):
+    def probe_windows(self, n_window: int, seq_len: int, seed: int):
         """Probe windows for KL selection from the VALIDATION documents (disjoint from calibration).
+
+        Args:
+            n_window / seq_len: ``selection.probe_samples`` / ``selection.probe_seq_len`` (their defaults live
+                in :class:`~nirvana_lightning.pruning.settings.Selection`).
+            seed: ``calibration.seed``.
 
         Returns:
             ``(probe, spans)``: a ``(n_window, seq_len)`` LongTensor and its ``(stream, start, T)``.

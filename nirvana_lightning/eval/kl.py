@@ -6,56 +6,10 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..data.sft import IGNORE_INDEX
+from ..divergence import token_kl  # noqa: F401 - eval's name since 0.2
 from ..families import get_family
-
-
-def token_kl(
-    reference_logits: torch.Tensor,
-    logits: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    token_chunk: int = 1024,
-) -> tuple[torch.Tensor, int]:
-    """Summed per-token ``KL(P_ref || Q)`` with both distributions softened by ``temperature``.
-
-    Pure: tensors in, tensors out. Computed in fp32, ``token_chunk`` positions at a time, so
-    memory stays at ``token_chunk x V`` floats beyond the inputs. Differentiable in ``logits``
-    (the reference is detached), so it serves as the distillation loss too.
-
-    Args:
-        reference_logits / logits: ``(..., V)`` of the same shape.
-        mask: ``(...)`` bool, positions that count (default all).
-        temperature: softmax temperature ``tau`` applied to both.
-
-    Returns:
-        ``(sum of KL over counted positions, number of counted positions)``.
-    """
-    if reference_logits.shape != logits.shape:
-        raise ValueError(f"reference logits {tuple(reference_logits.shape)} vs logits {tuple(logits.shape)}")
-    vocab = logits.shape[-1]
-    ref = reference_logits.detach().reshape(-1, vocab)
-    out = logits.reshape(-1, vocab)
-    if mask is not None:
-        keep = mask.reshape(-1).to(out.device).bool()
-        ref, out = ref[keep.to(ref.device)], out[keep]
-    total = out.new_zeros((), dtype=torch.float32)
-    grad = torch.is_grad_enabled() and out.requires_grad
-    for s in range(0, out.shape[0], token_chunk):
-        args = (ref[s:s + token_chunk].to(out.device), out[s:s + token_chunk], temperature)
-        # with autograd, a chunk's float32 log-probs would be kept for backward (4x the logits in all):
-        # recompute them in backward instead
-        total = total + (checkpoint(_chunk_kl, *args, use_reentrant=False) if grad else _chunk_kl(*args))
-    return total, int(out.shape[0])
-
-
-def _chunk_kl(ref: torch.Tensor, out: torch.Tensor, temperature: float) -> torch.Tensor:
-    p = torch.log_softmax(ref.float() / temperature, dim=-1)
-    q = torch.log_softmax(out.float() / temperature, dim=-1)
-    return (p.exp() * (p - q)).sum()
 
 
 def target_mask(batch: dict) -> torch.Tensor:

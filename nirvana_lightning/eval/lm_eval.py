@@ -223,7 +223,7 @@ def run_lm_eval(
             # rounds every choice's score and flips close multiple-choice answers
             # an encoder-decoder (T5) runs lm-eval's seq2seq backend: the context goes to the encoder, each
             # choice is scored by the decoder
-            backend = "seq2seq" if get_family(model).is_encoder_decoder else "causal"
+            backend = get_family(model).lm_eval_backend
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype=torch.float32,
                       backend=backend)
             out = lm_eval.simple_evaluate(

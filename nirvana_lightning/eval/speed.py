@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import check_positive
 from ..families import get_family, unwrap_model
+from ..pruning.api import count_parameters
 
 
 def _distinct_parameters(module: nn.Module) -> dict[int, nn.Parameter]:
@@ -38,13 +39,12 @@ def count_parameters_detailed(model: nn.Module) -> dict[str, int]:
         every layer, weights only, no biases).
     """
     model = unwrap_model(model)
-    family = get_family(model)
-    total = sum(p.numel() for p in _distinct_parameters(model).values())
+    counts = count_parameters(model)
     embedding_modules = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
     embeddings = {id(p): p for m in embedding_modules for p in m.parameters()}
     n_embedding = sum(p.numel() for p in embeddings.values())
-    block = sum(lin.weight.numel() for _, _, lin in family.block_linears())
-    return {"total": total, "embeddings": n_embedding, "non_embedding": total - n_embedding, "block": block}
+    return {"total": counts["total"], "embeddings": n_embedding, "non_embedding": counts["total"] - n_embedding,
+            "block": counts["block"]}
 
 
 def average_causal_context(seq_len: int) -> float:
@@ -86,14 +86,14 @@ def flops_per_token(model: nn.Module, seq_len: int) -> dict[str, float]:
     ctx = average_causal_context(seq_len)
     model = unwrap_model(model)
     family = get_family(model)
-    linear = 2 * sum(lin.weight.numel() for _, _, lin in family.block_linears())
+    linear = 2 * count_parameters(model, family)["block"]
     # every attention block of every layer (T5's decoder: cross-attention over ctx keys too)
     attention = sum(2 * 2 * heads * family.head_dim * ctx for layer in family.layers()
                     for heads, _ in family.attention_widths(layer))
     head = model.get_output_embeddings()
-    lm_head = 2 * head.weight.numel() if head is not None else 0
-    return {"linear": float(linear), "attention": attention, "lm_head": float(lm_head),
-            "total": linear + attention + lm_head}
+    head_flops = 2 * head.weight.numel() if head is not None else 0
+    return {"linear": float(linear), "attention": attention, "lm_head": float(head_flops),
+            "total": linear + attention + head_flops}
 
 
 def kv_cache_bytes(model: nn.Module, batch_size: int, n_token: int) -> int:

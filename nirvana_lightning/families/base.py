@@ -392,3 +392,74 @@ class ModelFamily:
                             for role in roles})
             attributes.append(self.layer_attributes(layer, *w))
         return {"layers": self.LAYERS_PATH, "modules": modules, "attributes": attributes}
+
+    # ------------------------------------------------------------- capabilities
+    # What code outside ``families/`` may ask instead of reading Hugging Face names (tests/test_family_seam.py).
+    #: instruction (SFT) examples can train the family (an encoder-decoder's pairs split windows at a fixed fraction)
+    sft_data: ClassVar[bool] = True
+    #: lm-eval's model backend for the family (``causal`` or ``seq2seq``)
+    lm_eval_backend: ClassVar[str] = "causal"
+    #: throughput can be measured (a decoder-only generation loop)
+    measures_throughput: ClassVar[bool] = True
+    #: the transformers Auto class a reload of an export names
+    auto_class_name: ClassVar[str] = "AutoModelForCausalLM"
+    #: the export card's one-line description of what pruning removed
+    pruned_units_text: ClassVar[str] = "whole GQA attention groups and MLP neurons removed."
+
+    @classmethod
+    def carries_output_biases(cls, config) -> bool:
+        """Whether the family's config can switch on biases of every block linear (bias compensation needs them on
+        o/down, and a stock reload must build them)."""
+        return hasattr(config, "attention_bias") and hasattr(config, "mlp_bias")
+
+    @classmethod
+    def enable_output_biases(cls, config) -> None:
+        """Record in ``config`` that every block linear has a bias (after :meth:`carries_output_biases`)."""
+        config.attention_bias = True
+        config.mlp_bias = True
+
+    @property
+    def has_mlp_biases(self) -> bool:
+        """The model's MLP linears have biases (e.g. after bias compensation)."""
+        return bool(getattr(self.config, "mlp_bias", False))
+
+    @property
+    def max_sequence_length(self) -> int | None:
+        """Positions the model was trained on (None: no absolute limit, e.g. relative positions)."""
+        return getattr(self.config, "max_position_embeddings", None)
+
+    @property
+    def n_vocab(self) -> int:
+        """Rows of the LM head (the logits' last dimension)."""
+        return int(self.config.vocab_size)
+
+    @property
+    def ties_head_to_embeddings(self) -> bool:
+        """The LM head shares the input embedding's weight."""
+        return bool(getattr(self.config, "tie_word_embeddings", False))
+
+    def head_weight_name(self) -> str:
+        """The LM head weight's key in the model's state dict."""
+        head = self.model.get_output_embeddings()
+        return next(name for name, m in self.model.named_modules() if m is head) + ".weight"
+
+    #: an export of the family has a serving engine path (vLLM plugin, GGUF); else transformers only
+    servable: ClassVar[bool] = True
+
+    @classmethod
+    def check_plan_widths(cls, plan, widths: dict) -> None:
+        """Raise ``ValueError`` where an export's ``plan.json`` and its config's per-layer widths table
+        (``config.nirvana_layer_widths``) disagree: KV groups, query heads and MLP neurons per layer."""
+        n_layer = len(widths["intermediate_size"])
+        for i in range(max(plan.n_layer, n_layer)):
+            if i >= plan.n_layer or i >= n_layer:
+                raise ValueError(f"plan.json has {plan.n_layer} layers, config.json {n_layer}")
+            plan_widths = (plan.n_kv_group_after[i], plan.n_head_after[i], plan.mlp_dim_after[i])
+            config_widths = tuple(widths[k][i] for k in ("num_key_value_heads", "num_attention_heads",
+                                                         "intermediate_size"))
+            if plan_widths != config_widths:
+                raise ValueError(
+                    f"plan.json and config.json disagree at layer {i}: plan keeps {plan_widths[0]} KV groups, "
+                    f"{plan_widths[1]} query heads and {plan_widths[2]} neurons, config says {config_widths[0]}, "
+                    f"{config_widths[1]} and {config_widths[2]}"
+                )

@@ -209,3 +209,32 @@ class T5Family(ModelFamily):
     def lm_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
         kwargs, labels = self.model_inputs(input_ids, labels=input_ids)
         return self.model(**kwargs, labels=labels, use_cache=False).loss
+
+    # ------------------------------------------------------------- capabilities
+    sft_data = False
+    lm_eval_backend = "seq2seq"
+    measures_throughput = False
+    auto_class_name = "AutoModelForSeq2SeqLM"
+    pruned_units_text = ("attention heads (encoder and decoder self-attention, decoder cross-attention) and FFN "
+                         "neurons removed.")
+    servable = False
+
+    @classmethod
+    def check_plan_widths(cls, plan, widths: dict) -> None:
+        """The plan's kept heads and neurons per block against ``config.json``'s per-stack table."""
+        try:
+            rows = [("encoder", i, widths["encoder"]["num_heads"][i], 0, widths["encoder"]["d_ff"][i])
+                    for i in range(len(widths["encoder"]["num_heads"]))]
+            rows += [("decoder", i, widths["decoder"]["num_heads"][i], widths["decoder"]["cross_num_heads"][i],
+                      widths["decoder"]["d_ff"][i]) for i in range(len(widths["decoder"]["num_heads"]))]
+        except (KeyError, TypeError, IndexError) as err:
+            raise ValueError(f"config.json {cls.LAYER_WIDTHS_KEY} is not a T5 table: {err!r}") from None
+        if len(rows) != plan.n_layer or set(plan.keep) != {"kv_group", "cross_head", "neuron"}:
+            raise ValueError(f"plan.json has {plan.n_layer} layers ({sorted(plan.keep)}), config.json {len(rows)} "
+                             "T5 blocks")
+        for i, (stack, block, heads, cross, ffn) in enumerate(rows):
+            have = tuple(len(plan.keep[kind][i]) for kind in ("kv_group", "cross_head", "neuron"))
+            if have != (heads, cross, ffn):
+                raise ValueError(f"plan.json and config.json disagree at {stack} block {block}: plan keeps {have[0]} "
+                                 f"self-attention heads, {have[1]} cross-attention heads and {have[2]} neurons, "
+                                 f"config says {heads}, {cross} and {ffn}")

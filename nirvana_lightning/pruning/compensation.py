@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..families import get_family, unwrap_model
+from ..families import FAMILIES, get_family, unwrap_model
 from .gradients import input_statistics
 from .plan import PruningPlan
 from .surgery import kept_inputs
@@ -66,10 +66,11 @@ def bias_deltas(model: nn.Module, plan: PruningPlan, calibration: list[torch.Ten
 def check_family(model_or_config) -> None:
     """Refuse bias compensation for a family whose config cannot hold the biases (a model or its config)."""
     config = getattr(unwrap_model(model_or_config), "config", model_or_config)
-    if not (hasattr(config, "attention_bias") and hasattr(config, "mlp_bias")):
+    family = FAMILIES.get(config.model_type)
+    if family is not None and not family.carries_output_biases(config):  # unknown types: get_family lists the known
         raise ConfigError("bias_compensation", True, f"false for model_type {config.model_type!r}: its config cannot "
-                          "hold o_proj / down_proj biases, so stock transformers could not reload the model "
-                          "(llama can: attention_bias / mlp_bias)")
+                          "hold biases of the output projections (o, down), so stock transformers could not reload "
+                          "the model (llama can)")
 
 
 def add_biases(model: nn.Module, deltas: list[dict[str, torch.Tensor]] | None) -> dict[str, float]:
@@ -93,6 +94,5 @@ def add_biases(model: nn.Module, deltas: list[dict[str, torch.Tensor]] | None) -
             for role, lin in (("o", attn.o), ("down", mlp.down)):
                 lin.bias += deltas[i][role].to(lin.bias.device, lin.bias.dtype)
                 largest = max(largest, float(deltas[i][role].abs().max()))
-    model.config.attention_bias = True
-    model.config.mlp_bias = True
+    family.enable_output_biases(model.config)
     return {"max_abs_bias": largest, "layers": len(family.layers())}

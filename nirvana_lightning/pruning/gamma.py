@@ -57,11 +57,12 @@ def search_gamma(model: nn.Module, make, probe: torch.Tensor, grid: Sequence[flo
                  batch_size: int = 16):
     """Return ``(plan, GammaSearch)``: ``make(gamma)`` allocates a plan from fixed scores (ConfigError when
     infeasible); each is evaluated by masking on ``probe`` against the dense model's log-probabilities."""
+    from ..families import get_family
     from .probe import check_logprob_memory, compute_dense_logprobs, mean_token_kl
     from .surgery import masked_units
 
     start = time.perf_counter()
-    check_logprob_memory(probe.shape[0], probe.shape[1], int(model.config.vocab_size))
+    check_logprob_memory(probe.shape[0], probe.shape[1], get_family(model).n_vocab)
     was_training = model.training
     model.eval()
     try:

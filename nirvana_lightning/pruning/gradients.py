@@ -108,13 +108,13 @@ def as_batches(calibration: torch.Tensor | Iterable[torch.Tensor], micro_batch_s
     return batches
 
 
-def check_token_ids(batches: list[torch.Tensor], vocab_size: int) -> None:
+def check_token_ids(batches: list[torch.Tensor], n_vocab: int) -> None:
     """Token ids must index the vocabulary: refuse negative or too large ids before any forward pass."""
     low = min(int(b.min()) for b in batches)
     high = max(int(b.max()) for b in batches)
-    if low < 0 or high >= vocab_size:
+    if low < 0 or high >= n_vocab:
         raise ConfigError("calibration", f"token ids in [{low}, {high}]",
-                          f"ids in [0, {vocab_size - 1}] (the model's vocabulary; the same tokenizer as the model?)")
+                          f"ids in [0, {n_vocab - 1}] (the model's vocabulary; the same tokenizer as the model?)")
 
 
 def fingerprint(batches: list[torch.Tensor]) -> str:

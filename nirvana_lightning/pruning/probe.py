@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..data.sft import IGNORE_INDEX
+from ..divergence import token_kl
 from ..errors import ConfigError
 from ..families import get_family
 
@@ -107,13 +108,9 @@ def mean_token_kl(model: nn.Module, probe: torch.Tensor, dense_logprobs: list[to
     for batch, dense in zip(probe.split(batch_size), dense_logprobs):
         kwargs, aligned = family.model_inputs(batch.to(device), labels=batch.to(device))
         logits = model(**kwargs, use_cache=False).logits  # (b, T, V)
-        flat_logits = logits.reshape(-1, logits.shape[-1])
-        flat_dense = dense.reshape(-1, dense.shape[-1])
-        for s in range(0, flat_logits.shape[0], token_chunk):
-            q = torch.log_softmax(flat_logits[s:s + token_chunk].float(), dim=-1)
-            p = flat_dense[s:s + token_chunk].to(q.device)
-            kl_sum += float((p.exp() * (p - q)).sum())
-            n_kl += q.shape[0]
+        kl, n = token_kl(dense, logits, token_chunk=token_chunk, reference_is_logprobs=True)
+        kl_sum += float(kl)
+        n_kl += n
         scored = aligned != IGNORE_INDEX  # the positions that predict a token (all but the last of a causal window)
         targets = aligned[scored]
         nll = nn.functional.cross_entropy(logits[scored].float(), targets, reduction="sum")

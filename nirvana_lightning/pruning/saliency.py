@@ -22,8 +22,6 @@ FUNCTIONALS = ("max_over_seq", "max_over_vocab", "sum_logits")
 CRITERIA = ("nirvana", "magnitude", "taylor", "random", "wanda_sp", "flap")
 #: criteria that read calibration data
 DATA_CRITERIA = ("nirvana", "taylor", "wanda_sp", "flap")
-#: roles whose input channels wanda_sp and flap score (the output projections); the others add nothing
-FLAP_ROLES = ("o", "down")
 
 
 def compute_output_functional(logits: torch.Tensor, functional: str = "max_over_seq") -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..families import unwrap_model
+from ..families import get_family, unwrap_model
 from .api import make_plan
 from .gradients import fingerprint
 from .plan import PruningPlan
@@ -93,7 +93,7 @@ def select_calibration(
         raise ConfigError("selection.num_candidates", len(candidates), "at least 1 candidate")
     check_disjoint(candidates, probe, candidate_spans, probe_spans)
     model = unwrap_model(model)
-    check_logprob_memory(probe.shape[0], probe.shape[1], int(model.config.vocab_size))
+    check_logprob_memory(probe.shape[0], probe.shape[1], get_family(model).n_vocab)
     was_training = model.training
     model.eval()
     dense = compute_dense_logprobs(model, probe, probe_batch_size)

@@ -21,15 +21,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..families import remote_modeling, unwrap_model
+from ..families import get_family, remote_modeling, unwrap_model
 
 
 def attach_lora(model: nn.Module, *, r: int, alpha: int, dropout: float, roles: Sequence[str]) -> nn.Module:
     """Wrap ``model`` with LoRA adapters on the projections of ``roles`` (``q k v o gate up down``, resolved to
     module names by the model family); B = 0, so the function is unchanged."""
     from peft import LoraConfig, get_peft_model
-
-    from ..families import get_family
 
     targets = get_family(model).lora_target_modules(list(roles))
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
@@ -153,17 +151,19 @@ def merged_model(model: nn.Module, state: dict[str, torch.Tensor] | None = None)
     with torch.device("meta"):
         plain = cls(config)
     weights = merged_state_dict(model, state)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    family = get_family(base)
+    tied, head = family.ties_head_to_embeddings, family.head_weight_name()
     if tied:  # one tensor for both names: assigned once, then tied (two Parameters would untie them)
-        weights.pop("lm_head.weight", None)
+        weights.pop(head, None)
     missing, unexpected = plain.load_state_dict(weights, strict=False, assign=True)
-    if set(missing) - ({"lm_head.weight"} if tied else set()) or unexpected:
+    if set(missing) - ({head} if tied else set()) or unexpected:
         raise RuntimeError(f"merged state does not match the pruned model: missing {sorted(missing)}, "
                            f"unexpected {sorted(unexpected)}")
     if tied:
         plain.tie_weights()
         if plain.get_output_embeddings().weight is not plain.get_input_embeddings().weight:
-            raise RuntimeError("tie_word_embeddings is set but the merged model's head was not tied")
+            raise RuntimeError("the config ties the LM head to the input embedding, but the merged model's head "
+                               "was not tied")
     for name, buffer in base.named_buffers():
         owner, _, leaf = name.rpartition(".")
         module = plain.get_submodule(owner.replace(".base_layer", "")) if owner else plain

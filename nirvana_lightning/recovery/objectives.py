@@ -13,7 +13,7 @@ over labelled tokens) up to summation order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..data.sft import IGNORE_INDEX
+from ..divergence import summed_kl
 from ..families import get_family
 
 #: positions per chunk of logits (x vocabulary x 4 bytes is the extra memory)
@@ -55,29 +56,35 @@ def hidden_states(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[to
     return hidden, head
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cap: float | None) -> torch.Tensor:
-    """The family's logits from hidden states (``cap``: final-logit soft-capping, as the model's forward does)."""
+#: what the family's forward applies after its LM head (:meth:`~nirvana_lightning.families.base.ModelFamily.finalize_logits`)
+Finalize = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            finalize: Finalize | None) -> torch.Tensor:
+    """The family's logits from hidden states, float32 (``finalize``: e.g. Gemma's soft-capping, as its forward does)."""
     logits = nn.functional.linear(hidden, weight, bias).float()
-    return logits if not cap else cap * torch.tanh(logits / cap)
+    return logits if finalize is None else finalize(logits)
 
 
 def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-            cap: float | None = None) -> torch.Tensor:
-    logits = _logits(hidden, weight, bias, cap)
+            finalize: Finalize | None = None) -> torch.Tensor:
+    logits = _logits(hidden, weight, bias, finalize)
     return nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
-                    chunk: int = DEFAULT_CHUNK, cap: float | None = None) -> tuple[torch.Tensor, int]:
+                    chunk: int = DEFAULT_CHUNK, finalize: Finalize | None = None) -> tuple[torch.Tensor, int]:
     """``(sum of NLL, number of labelled tokens)`` from hidden states, ``chunk`` positions at a time; ``labels``
-    are aligned with the positions (``hidden[:, t]`` predicts ``labels[:, t]``: ``ModelFamily.model_inputs``)."""
+    are aligned with the positions (``hidden[:, t]`` predicts ``labels[:, t]``: ``ModelFamily.model_inputs``);
+    ``finalize`` is the family's :meth:`~nirvana_lightning.families.base.ModelFamily.finalize_logits`."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(h.device)
     keep = y != IGNORE_INDEX
     h, y = h[keep], y[keep]
     total = h.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[0], chunk):
-        args = (h[s:s + chunk], head.weight, head.bias, y[s:s + chunk], cap)
+        args = (h[s:s + chunk], head.weight, head.bias, y[s:s + chunk], finalize)
         total = total + (checkpoint(_ce_sum, *args, use_reentrant=False) if torch.is_grad_enabled() else _ce_sum(*args))
     return total, int(h.shape[0])
 
@@ -87,17 +94,17 @@ def lm_loss(model: nn.Module, batch: dict, chunk: int = DEFAULT_CHUNK) -> tuple[
     family = get_family(model)
     inputs, labels = family.model_inputs(batch["input_ids"], batch.get("attention_mask"), batch["labels"])
     hidden, head = hidden_states(model, inputs)
-    total, n = chunked_lm_loss(hidden, head, labels, chunk, family.logit_softcap)
+    total, n = chunked_lm_loss(hidden, head, labels, chunk, family.finalize_logits)
     return total / n if n else total * float("nan"), n
 
 
 def _kd_terms(h: torch.Tensor, weight, bias, t: torch.Tensor, t_weight, t_bias, y: torch.Tensor,
-              temperature: float, with_lm: bool, cap: float | None = None, t_cap: float | None = None) -> torch.Tensor:
-    logits = _logits(h, weight, bias, cap)
+              temperature: float, with_lm: bool, finalize: Finalize | None = None,
+              t_finalize: Finalize | None = None) -> torch.Tensor:
+    logits = _logits(h, weight, bias, finalize)
     with torch.no_grad():
-        p = torch.log_softmax(_logits(t, t_weight, t_bias, t_cap) / temperature, dim=-1)
-    q = torch.log_softmax(logits / temperature, dim=-1)
-    kl = (p.exp() * (p - q)).sum()
+        t_logits = _logits(t, t_weight, t_bias, t_finalize)
+    kl = summed_kl(t_logits, logits, temperature)
     ce = nn.functional.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum") if with_lm \
         else kl.new_zeros(())
     return torch.stack([kl, ce])
@@ -133,7 +140,7 @@ def distillation_loss(model: nn.Module, teacher: nn.Module, batch: dict, *, temp
     total = h.new_zeros(2, dtype=torch.float32)
     for s in range(0, h.shape[0], chunk):
         args = (h[s:s + chunk], head.weight, head.bias, t[s:s + chunk], t_weight, t_bias, y[s:s + chunk],
-                temperature, with_lm, get_family(model).logit_softcap, get_family(teacher).logit_softcap)
+                temperature, with_lm, get_family(model).finalize_logits, get_family(teacher).finalize_logits)
         total = total + (checkpoint(_kd_terms, *args, use_reentrant=False) if torch.is_grad_enabled() else _kd_terms(*args))
     n = int(h.shape[0])
     kd = total[0] / max(1, n) * temperature ** 2

@@ -6,7 +6,7 @@ transformers and this package without its training dependencies.
 """
 
 #: model_type -> the architecture name written into an export's config.json and registered with vLLM.
-#: The same names are the classes of ``adapters/remote_modeling.py`` (transformers, remote code).
+#: The same names are the classes of ``families/remote_modeling.py`` (transformers, remote code).
 SERVING_ARCHITECTURES: dict[str, str] = {
     "llama": "NirvanaLlamaForCausalLM",
     "mistral": "NirvanaMistralForCausalLM",

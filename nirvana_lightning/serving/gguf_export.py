@@ -174,7 +174,7 @@ def _tokenizer_json(tokenizer) -> dict:
     return data
 
 
-def _add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
+def _add_tokenizer(writer, tokenizer, n_vocab: int, pre: str | None) -> None:
     gguf = _gguf()
     data = _tokenizer_json(tokenizer)
     model = data["model"]
@@ -182,10 +182,10 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
     by_id = {int(i): t for t, i in model["vocab"].items()}
     for i, a in added.items():
         by_id[i] = a["content"]
-    if max(by_id) >= vocab_size:
-        raise ValueError(f"tokenizer has token id {max(by_id)} beyond the model's vocab_size {vocab_size}")
+    if max(by_id) >= n_vocab:
+        raise ValueError(f"tokenizer has token id {max(by_id)} beyond the model's vocabulary of {n_vocab}")
     tokens, types = [], []
-    for i in range(vocab_size):
+    for i in range(n_vocab):
         if i not in by_id:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
@@ -201,7 +201,7 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None) -> None:
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
+        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=n_vocab)
         special.add_to_gguf(writer, quiet=True)
 
 
@@ -214,7 +214,7 @@ def _tensors(model: nn.Module, arch: str) -> list[tuple[str, torch.Tensor]]:
     base = family.body()
     d = family.head_dim
     permute = arch in _PERMUTED
-    out: list[tuple[str, torch.Tensor]] = [("token_embd.weight", base.embed_tokens.weight)]
+    out: list[tuple[str, torch.Tensor]] = [("token_embd.weight", model.get_input_embeddings().weight)]
     for i, layer in enumerate(family.layers()):
         attn, mlp = family.attention(layer), family.mlp(layer)
         n_q, n_kv = attn.q.weight.shape[0] // d, attn.k.weight.shape[0] // d
@@ -238,7 +238,7 @@ def _tensors(model: nn.Module, arch: str) -> list[tuple[str, torch.Tensor]]:
                 raise ConfigError("save_gguf: model", f"{model.config.model_type} with MLP biases",
                                   "MLPs without biases (llama.cpp's Llama-family graphs read none)")
     out.append(("output_norm.weight", base.norm.weight))
-    if not getattr(model.config, "tie_word_embeddings", False):
+    if not family.ties_head_to_embeddings:
         out.append(("output.weight", family.lm_head().weight))
     return out
 
@@ -333,7 +333,7 @@ def save_gguf(model: nn.Module, tokenizer, path: str | Path, plan=None, dtype: s
         ConfigError: a family, setting or tokenizer the format cannot express, naming it and the reason.
     """
     from ..errors import check_choice
-    from ..families import unwrap_model
+    from ..families import get_family, unwrap_model
 
     gguf = _gguf()
     check_choice("save_gguf: dtype", dtype, GGUF_DTYPES)
@@ -352,8 +352,9 @@ def save_gguf(model: nn.Module, tokenizer, path: str | Path, plan=None, dtype: s
     arch = check_gguf_support(model, tokenizer, tokenizer_pre)
     heads, kv_heads, ffn, head_dim = _layer_widths(model)
     theta, rope_type, rope_params = _rope(config)
+    family = get_family(model)
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
+    if window and getattr(config, "use_sliding_window", True) and window < family.max_sequence_length:
         warnings.warn(f"{config.model_type} sliding_window={window}: llama.cpp attends over the whole context, so "
                       f"contexts longer than {window} tokens differ from transformers", stacklevel=2)
 
@@ -369,8 +370,8 @@ def save_gguf(model: nn.Module, tokenizer, path: str | Path, plan=None, dtype: s
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_name(name or str(getattr(config, "_name_or_path", "") or config.model_type))
         writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[dtype]))
-        writer.add_context_length(int(config.max_position_embeddings))
-        writer.add_embedding_length(int(config.hidden_size))
+        writer.add_context_length(int(family.max_sequence_length))
+        writer.add_embedding_length(family.hidden_dim)
         writer.add_block_count(len(heads))
         per_layer = arch == "deci"
         writer.add_feed_forward_length(ffn if per_layer else ffn[0])
@@ -386,11 +387,11 @@ def save_gguf(model: nn.Module, tokenizer, path: str | Path, plan=None, dtype: s
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(rope_params["factor"]))
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-        writer.add_vocab_size(int(config.vocab_size))
+        writer.add_vocab_size(family.n_vocab)
         if plan is not None:
             writer.add_string("nirvana.plan_fingerprint", plan.fingerprint())
             writer.add_float32("nirvana.realised_sparsity", float(plan.realised_sparsity))
-        _add_tokenizer(writer, tokenizer, int(config.vocab_size), tokenizer_pre)
+        _add_tokenizer(writer, tokenizer, family.n_vocab, tokenizer_pre)
         tensors = _tensors(model, arch)
         if rope_type == "llama3":
             tensors.append(("rope_freqs.weight", torch.from_numpy(_llama3_rope_factors(rope_params, head_dim, theta))))
