@@ -445,6 +445,11 @@ class ModelFamily:
 
     #: an export of the family has a serving engine path (vLLM plugin, GGUF); else transformers only
     servable: ClassVar[bool] = True
+    #: the vLLM plugin registers a per-layer-width class for the family (``serving/vllm_models.py``)
+    vllm_served: ClassVar[bool] = False
+    #: GGUF: (llama.cpp architecture when every layer is alike, architecture for per-layer widths or None), or None
+    #: when ``save_gguf`` has no llama.cpp graph for the family
+    gguf_architectures: ClassVar[tuple[str, str | None] | None] = None
 
     @classmethod
     def check_plan_widths(cls, plan, widths: dict) -> None:

@@ -6,3 +6,5 @@ from .base import ModelFamily
 class LlamaFamily(ModelFamily):
     model_types = ("llama",)
     tiny_models = {"tiny-llama": {}}
+    vllm_served = True
+    gguf_architectures = ("llama", "deci")

@@ -6,3 +6,5 @@ from .base import ModelFamily
 class MistralFamily(ModelFamily):
     model_types = ("mistral",)
     tiny_models = {"tiny-mistral": {"sliding_window": 64}}
+    vllm_served = True
+    gguf_architectures = ("llama", "deci")

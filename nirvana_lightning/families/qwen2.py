@@ -6,3 +6,5 @@ from .base import ModelFamily
 class Qwen2Family(ModelFamily):
     model_types = ("qwen2",)
     tiny_models = {"tiny-qwen2": {"attention_bias": True}}
+    vllm_served = True
+    gguf_architectures = ("qwen2", "deci")

@@ -5,16 +5,16 @@ imports only what it needs, so the vLLM plugin loads in a serving environment th
 transformers and this package without its training dependencies.
 """
 
-#: model_type -> the architecture name written into an export's config.json and registered with vLLM.
-#: The same names are the classes of ``families/remote_modeling.py`` (transformers, remote code).
-SERVING_ARCHITECTURES: dict[str, str] = {
-    "llama": "NirvanaLlamaForCausalLM",
-    "mistral": "NirvanaMistralForCausalLM",
-    "qwen2": "NirvanaQwen2ForCausalLM",
-    "qwen3": "NirvanaQwen3ForCausalLM",
-    "gemma3_text": "NirvanaGemma3ForCausalLM",
-}
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-#: the families whose per-layer-width classes exist for vLLM (:mod:`.vllm_models`); Gemma 3 exports reload in
-#: transformers (``load_pruned`` / remote code) but vLLM classes for them are not written yet
-VLLM_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
+from ..families import FAMILIES
+
+#: model_type -> the architecture name written into an export's config.json and registered with vLLM, for every
+#: family an engine may serve (``ModelFamily.servable``). The same names are the classes of
+#: ``families/remote_modeling.py`` (transformers, remote code).
+SERVING_ARCHITECTURES: dict[str, str] = {model_type: f"Nirvana{MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]}"
+                                         for model_type, family in FAMILIES.items() if family.servable}
+
+#: the families whose per-layer-width classes exist for vLLM (:mod:`.vllm_models`), as each declares
+#: (``ModelFamily.vllm_served``); the others' exports reload in transformers (``load_pruned`` / remote code)
+VLLM_FAMILIES: tuple[str, ...] = tuple(t for t, family in FAMILIES.items() if family.vllm_served)

@@ -34,17 +34,14 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..families import FAMILIES
 from ..io import file_mode, remove_leftovers
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 QUANT_BLOCK = 32
 #: family (model_type) -> (architecture when all layers are alike, architecture for per-layer widths or None)
-ARCHITECTURES: dict[str, tuple[str, str | None]] = {
-    "llama": ("llama", "deci"),
-    "mistral": ("llama", "deci"),
-    "qwen2": ("qwen2", "deci"),
-    "qwen3": ("qwen3", None),
-}
+ARCHITECTURES: dict[str, tuple[str, str | None]] = {t: family.gguf_architectures for t, family in FAMILIES.items()
+                                                    if family.gguf_architectures}
 #: graphs that use the interleaved rotary layout (q/k rows permuted); qwen2/qwen3 use the NeoX layout
 _PERMUTED = ("llama", "deci")
 _ROPE_TYPES = ("default", "linear", "llama3")
