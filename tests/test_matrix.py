@@ -100,9 +100,12 @@ def _check_export(cell: dict, export: Path, record: dict, plan: dict) -> None:
         logits = model(**kwargs).logits.float()
     # bit-identical to what was exported: the trained model with LoRA merged (and int8-quantised for int8)
     assert torch.equal(logits, torch.tensor(record["export_logits"]))
-    # the merged model is the trained one: unmerged LoRA differs in fp32 rounding only
+    # the merged model is the trained one: unmerged LoRA differs in fp32 rounding only, relative to the logits'
+    # scale (the tiny fixtures' weights have std 0.2, so their logits are large; T5's six blocks amplify most)
     if cell["export"] != "int8":
-        torch.testing.assert_close(logits, torch.tensor(record["logits"]), rtol=1e-4, atol=1e-4)
+        trained = torch.tensor(record["logits"])
+        scale = max(1.0, trained.abs().max().item())
+        torch.testing.assert_close(logits, trained, rtol=0, atol=1e-4 * scale)
     else:
         from nirvana_lightning.serving.quantize import block_linear_names
 
