@@ -138,7 +138,7 @@ def cut_model(model: nn.Module, plan: PruningPlan, family: ModelFamily | None = 
     family = family or get_family(model_)
     check_plan_matches(model_, plan, family)
     for i, layer in enumerate(family.layers()):
-        keep = {name: plan.keep[name][i] for name in family.unit_kinds(layer, plan.granularity)}
+        keep = _layer_keep(family, layer, plan, i)
         for (role, axis), index in kept_slices(family, layer, keep, plan.granularity).items():
             _slice_(family.projection(layer, role), index, axis)
         family.after_cut(layer, keep)
@@ -146,20 +146,34 @@ def cut_model(model: nn.Module, plan: PruningPlan, family: ModelFamily | None = 
     return model
 
 
+def _layer_keep(family, layer, plan: PruningPlan, i: int) -> dict[str, list[int]]:
+    """Layer ``i``'s kept units per kind the layer has."""
+    return {name: plan.keep[name][i] for name in family.unit_kinds(layer, plan.granularity)}
+
+
+def _gate_masks(family, layer, slices: dict[tuple[str, int], torch.Tensor],
+                granularity: str) -> dict[str, torch.Tensor]:
+    """The boolean input-column masks of the output projections the layer's unit kinds feed (``o``, ``down``),
+    from the layer's kept slices (:func:`kept_slices`); all true where nothing is cut."""
+    masks: dict[str, torch.Tensor] = {}
+    for kind in family.unit_kinds(layer, granularity).values():
+        owned = kind.gate
+        if owned is None or owned.role in masks:
+            continue
+        index = slices.get((owned.role, 1))
+        size = family.projection(layer, owned.role).weight.shape[1]
+        mask = torch.ones(size, dtype=torch.bool) if index is None else torch.zeros(size, dtype=torch.bool)
+        if index is not None:
+            mask[index] = True
+        masks[owned.role] = mask
+    return masks
+
+
 def kept_inputs(family, layer, plan: PruningPlan, i: int) -> dict[str, torch.Tensor]:
     """Per output projection a unit kind feeds (``o``, ``down``), the boolean mask of the input columns that
     survive layer ``i``'s cut: a column goes with any unit that owns it."""
-    masks: dict[str, torch.Tensor] = {}
-    for name, kind in family.unit_kinds(layer, plan.granularity).items():
-        owned = kind.gate
-        if owned is None:
-            continue
-        mask = masks.setdefault(owned.role, torch.ones(family.projection(layer, owned.role).weight.shape[1],
-                                                       dtype=torch.bool))
-        dropped = sorted(set(range(kind.n_units)) - set(plan.keep[name][i]))
-        if dropped:
-            mask[owned.index(dropped)] = False
-    return masks
+    slices = kept_slices(family, layer, _layer_keep(family, layer, plan, i), plan.granularity)
+    return _gate_masks(family, layer, slices, plan.granularity)
 
 
 @contextmanager
@@ -185,10 +199,10 @@ def masked_units(model: nn.Module, plan: PruningPlan) -> Iterator[None]:
 
     try:
         for i, layer in enumerate(family.layers()):
-            for role, kept in kept_inputs(family, layer, plan, i).items():
+            slices = kept_slices(family, layer, _layer_keep(family, layer, plan, i), plan.granularity)
+            for role, kept in _gate_masks(family, layer, slices, plan.granularity).items():
                 handles.append(family.projection(layer, role).register_forward_pre_hook(gate(kept.float())))
-            keep = {name: plan.keep[name][i] for name in family.unit_kinds(layer, plan.granularity)}
-            handles += family.masking_hooks(layer, kept_slices(family, layer, keep, plan.granularity))
+            handles += family.masking_hooks(layer, slices)
         yield
     finally:
         for h in handles:
